@@ -1,0 +1,38 @@
+"""Linear layers (``nn.Linear``, ``F.linear``): act on the last (channel) axis only.
+
+transpose: ``g @ W``; shadow: identity (a linear layer keeps positions; flattening space is
+the job of the flatten/reshape rule, which connects every position).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import Rule, register_rule
+
+
+def linear_T(g, weight):
+    return g.matmul(weight)
+
+
+class Linear(Rule):
+    def spec(self, b, node):
+        if node.op == "call_module":
+            return node.args[0], b.param(node, "weight"), b.module(node).bias is not None
+        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return node.args[0], b.val(w), bias is not None
+
+    def layout(self, b, node):
+        return (len(b.shape(node)) - 1,)
+
+    def transpose(self, b, node, g):
+        return [b.call(linear_T, g, self.spec(b, node)[1])]
+
+    def bias(self, b, node, zs):
+        if zs[0] is None and not self.spec(b, node)[2]:
+            return None
+        return b.apply_with_inputs(node, zs)
+
+
+register_rule(nn.Linear, Linear())
+register_rule(F.linear, Linear())

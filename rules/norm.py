@@ -1,0 +1,210 @@
+"""Normalisations with statistics taken as constants (SPEC §2, "Gates and data-dependent constants").
+
+BatchNorm (eval): a per-channel scale and shift.  LayerNorm, GroupNorm, ``F.normalize``: the
+statistics of the forward pass are recorded constants, so each is affine per position.
+All keep positions (shadow = identity).  Batch norm in training mode is refused.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import Rule, register_rule
+
+
+def _per_channel(t, rank, axis=1):
+    shape = [1] * rank
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def bn_scale(var, weight, eps, rank):
+    s = torch.rsqrt(var + eps)
+    if weight is not None:
+        s = s * weight
+    return _per_channel(s, rank)
+
+
+def bn_shift(mean, var, weight, bias, eps, rank):
+    shift = -mean * torch.rsqrt(var + eps)
+    if weight is not None:
+        shift = shift * weight
+    if bias is not None:
+        shift = shift + bias
+    return _per_channel(shift, rank)
+
+
+class BatchNorm(Rule):
+    def spec(self, b, node):
+        if node.op == "call_module":
+            m = b.module(node)
+            if m.training or not m.track_running_stats or m.running_var is None:
+                b.unsupported(node, "batch norm with batch statistics (call model.eval(); "
+                              "track_running_stats=False is not supported)")
+            return (node.args[0], b.param(node, "running_mean"), b.param(node, "running_var"),
+                    b.param(node, "weight"), b.param(node, "bias"), m.eps)
+        a = list(node.args) + [None] * 8
+        kw = node.kwargs
+        get = lambda i, k, d=None: a[i] if a[i] is not None else kw.get(k, d)
+        if get(5, "training", False):
+            b.unsupported(node, "F.batch_norm(training=True): put the model in eval mode")
+        return (node.args[0], b.val(get(1, "running_mean")), b.val(get(2, "running_var")),
+                b.val(get(3, "weight")), b.val(get(4, "bias")), get(7, "eps", 1e-5))
+
+    def layout(self, b, node):
+        return (1,)
+
+    def transpose(self, b, node, g):
+        _, mean, var, w, _, eps = self.spec(b, node)
+        scale = b.call(bn_scale, var, w, eps, len(b.shape(node)), name="bn_scale")
+        return [b.call(torch.mul, g, scale)]
+
+    def bias(self, b, node, zs):
+        _, mean, var, w, bias, eps = self.spec(b, node)
+        if zs[0] is None:
+            return b.call(bn_shift, mean, var, w, bias, eps, len(b.shape(node)), name="bn_shift")
+        return b.apply_with_inputs(node, zs)
+
+
+register_rule(nn.modules.batchnorm._BatchNorm, BatchNorm())
+register_rule(F.batch_norm, BatchNorm())
+
+
+# ----------------------------------------------------------------------- LayerNorm -------
+def ln_stats(x, ndim, eps):
+    dims = tuple(range(x.dim() - ndim, x.dim()))
+    mu = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, unbiased=False)
+    return mu, torch.rsqrt(var + eps)
+
+
+def ln_T(g, x, ndim, weight, eps):
+    _, inv = ln_stats(x, ndim, eps)
+    g = g * inv if weight is None else g * weight * inv
+    return g
+
+
+def ln_affine(z, x, ndim, weight, bias, eps):
+    mu, inv = ln_stats(x, ndim, eps)
+    y = (z - mu) * inv if z is not None else -mu * inv
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class LayerNorm(Rule):
+    linear = False
+
+    def spec(self, b, node):
+        if node.op == "call_module":
+            m = b.module(node)
+            return (node.args[0], len(m.normalized_shape), b.param(node, "weight"),
+                    b.param(node, "bias"), m.eps)
+        a = list(node.args) + [None] * 5
+        kw = node.kwargs
+        shape = a[1] if a[1] is not None else kw["normalized_shape"]
+        ndim = 1 if isinstance(shape, int) else len(shape)
+        w = a[2] if a[2] is not None else kw.get("weight")
+        bb = a[3] if a[3] is not None else kw.get("bias")
+        eps = a[4] if a[4] is not None else kw.get("eps", 1e-5)
+        return node.args[0], ndim, b.val(w), b.val(bb), eps
+
+    def transpose(self, b, node, g):
+        x, ndim, w, _, eps = self.spec(b, node)
+        return [b.call(ln_T, g, b.val(x), ndim, w, eps)]
+
+    def bias(self, b, node, zs):
+        x, ndim, w, bias, eps = self.spec(b, node)
+        return b.call(ln_affine, zs[0], b.val(x), ndim, w, bias, eps)
+
+
+register_rule(nn.LayerNorm, LayerNorm())
+register_rule(F.layer_norm, LayerNorm())
+
+
+# ----------------------------------------------------------------------- GroupNorm -------
+def gn_stats(x, groups, eps):
+    B, C = x.shape[:2]
+    xg = x.reshape(B, groups, -1)
+    mu = xg.mean(dim=2, keepdim=True)
+    inv = torch.rsqrt(xg.var(dim=2, keepdim=True, unbiased=False) + eps)
+    shape = (B, groups, 1) + (1,) * (x.dim() - 2)
+    mu = mu.reshape(shape).expand(B, groups, C // groups, *([1] * (x.dim() - 2))).reshape(B, C, *([1] * (x.dim() - 2)))
+    inv = inv.reshape(shape).expand(B, groups, C // groups, *([1] * (x.dim() - 2))).reshape(B, C, *([1] * (x.dim() - 2)))
+    return mu, inv
+
+
+def gn_T(g, x, groups, weight, eps):
+    _, inv = gn_stats(x, groups, eps)
+    g = g * inv
+    return g if weight is None else g * _per_channel(weight, x.dim())
+
+
+def gn_affine(z, x, groups, weight, bias, eps):
+    mu, inv = gn_stats(x, groups, eps)
+    y = (z - mu) * inv if z is not None else -mu * inv
+    if weight is not None:
+        y = y * _per_channel(weight, x.dim())
+    if bias is not None:
+        y = y + _per_channel(bias, x.dim())
+    return y
+
+
+class GroupNorm(Rule):
+    linear = False
+
+    def spec(self, b, node):
+        if node.op == "call_module":
+            m = b.module(node)
+            return node.args[0], m.num_groups, b.param(node, "weight"), b.param(node, "bias"), m.eps
+        a = list(node.args) + [None] * 5
+        kw = node.kwargs
+        g = a[1] if a[1] is not None else kw["num_groups"]
+        w = a[2] if a[2] is not None else kw.get("weight")
+        bb = a[3] if a[3] is not None else kw.get("bias")
+        eps = a[4] if a[4] is not None else kw.get("eps", 1e-5)
+        return node.args[0], g, b.val(w), b.val(bb), eps
+
+    def layout(self, b, node):
+        return (1,)
+
+    def transpose(self, b, node, g):
+        x, groups, w, _, eps = self.spec(b, node)
+        return [b.call(gn_T, g, b.val(x), groups, w, eps)]
+
+    def bias(self, b, node, zs):
+        x, groups, w, bias, eps = self.spec(b, node)
+        return b.call(gn_affine, zs[0], b.val(x), groups, w, bias, eps)
+
+
+register_rule(nn.GroupNorm, GroupNorm())
+register_rule(F.group_norm, GroupNorm())
+
+
+# ----------------------------------------------------------------------- F.normalize -----
+def normalize_scale(x, p, dim, eps):
+    return 1.0 / x.norm(p=p, dim=dim, keepdim=True).clamp_min(eps)
+
+
+class Normalize(Rule):
+    """``F.normalize(x, p, dim)``: x times the recorded 1/max(||x||, eps)."""
+
+    def _spec(self, node):
+        a = list(node.args) + [None] * 4
+        kw = node.kwargs
+        p = a[1] if a[1] is not None else kw.get("p", 2.0)
+        dim = a[2] if a[2] is not None else kw.get("dim", 1)
+        eps = a[3] if a[3] is not None else kw.get("eps", 1e-12)
+        return node.args[0], p, dim, eps
+
+    def transpose(self, b, node, g):
+        x, p, dim, eps = self._spec(node)
+        return [b.call(torch.mul, g, b.call(normalize_scale, b.val(x), p, dim, eps))]
+
+    def bias(self, b, node, zs):
+        return None if zs[0] is None else b.call(
+            torch.mul, zs[0], b.call(normalize_scale, b.val(self._spec(node)[0]), *self._spec(node)[1:]))
+
+
+register_rule(F.normalize, Normalize())

@@ -1,0 +1,18 @@
+"""srd_fx: compile a PyTorch CNN into its SRD (Sharing Ratio Decomposition) explainer.
+
+    import srd_fx
+    explainer = srd_fx.compile(model.eval())
+    out = explainer(x)            # out.logits, out.saliency (B, H, W), out.relevance[...]
+"""
+__version__ = "0.1.0"
+
+import rules  # noqa: F401  (populates the registry)
+from rules import Activation, Affine, Rule, register_rule  # noqa: F401
+
+from .compiler import Explainer, SRDOutput, compile  # noqa: F401
+from .errors import (InputError, NonFiniteError, SRDError, TraceError,  # noqa: F401
+                     TrainingModeError, UnsupportedOpError)
+
+__all__ = ["compile", "Explainer", "SRDOutput", "register_rule", "Rule", "Affine", "Activation",
+           "SRDError", "TraceError", "UnsupportedOpError", "TrainingModeError", "InputError",
+           "NonFiniteError", "__version__"]

@@ -1,0 +1,144 @@
+"""The whole compiler pipeline, in one place:
+
+    model --trace--> GraphModule --shape_prop--> shapes --analyse--> layers, L, blocks
+          --build_twin--> twin GraphModule: forward (recording constants) + SRD backward
+
+``compile(model)`` returns an :class:`Explainer`, an ``nn.Module`` whose ``forward(x, target)``
+returns an :class:`SRDOutput`.  The twin is built on the first call (or at once when an
+``example_input`` is given or the model is a timm model with a default input size), because
+layout and gate decisions use the shapes of one forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .analysis import GraphInfo
+from .errors import InputError, NonFiniteError, TrainingModeError
+from .trace import check_eval, shape_prop, trace
+from .twin import build_twin
+
+Head = Union[str, Callable]
+
+
+@dataclass
+class SRDOutput:
+    """What an explainer returns.
+
+    logits:     (B, K), equal to ``model(x)``;
+    saliency:   (B, H, W) relevance at the input ("SRD-input");
+    relevance:  requested layer -> (B, h, w) relevance maps;
+    R_L:        the initial relevance at the encoder output (B, h_L, w_L)."""
+    logits: torch.Tensor
+    saliency: torch.Tensor
+    relevance: Dict[str, torch.Tensor] = field(default_factory=dict)
+    R_L: Optional[torch.Tensor] = None
+
+
+class Explainer(nn.Module):
+    """A compiled SRD explainer (see :func:`compile`)."""
+
+    def __init__(self, model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
+                 encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
+                 example_input: Optional[torch.Tensor] = None, check: bool = True):
+        super().__init__()
+        if value not in ("pre", "post"):
+            raise ValueError("value must be 'pre' (SRD) or 'post' (ablation, SPEC §5)")
+        check_eval(model)
+        self.model = model
+        self.options = dict(head=head, layers=tuple(layers) if layers != "all" else "all",
+                            encoder_output=encoder_output, eps=eps, value=value, check=check)
+        self.graph_module = None
+        self.info: Optional[GraphInfo] = None
+        self.traced = trace(model)
+        if check:
+            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            bad += [n for n, p in model.named_buffers() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteError(f"the model has non-finite weights in {bad[:5]}: explanations would be NaN")
+        if example_input is None:
+            example_input = _default_example(model)
+        if example_input is not None:
+            self.build(example_input)
+
+    # ------------------------------------------------------------------ building ----------
+    def build(self, example: torch.Tensor) -> "Explainer":
+        """Analyse the traced graph with the shapes of ``example`` and generate the twin."""
+        ex = example[:1].detach()
+        shape_prop(self.traced, ex)
+        self.info = GraphInfo(self.traced, self.options["encoder_output"])
+        root = nn.Module()
+        for name, child in self.model.named_children():
+            root.add_module(name, child)
+        for name, p in self.model.named_parameters(recurse=False):
+            root.register_parameter(name, p)
+        for name, buf in self.model.named_buffers(recurse=False):
+            root.register_buffer(name, buf)
+        o = self.options
+        self.graph_module, self.layer_nodes = build_twin(
+            self.info, root, head=o["head"], layers=o["layers"], eps=o["eps"], value=o["value"],
+            check=o["check"], input_channels=ex.shape[1] if ex.dim() > 1 else None)
+        return self
+
+    @property
+    def code(self) -> str:
+        """The generated forward + SRD backward, as Python source."""
+        if self.graph_module is None:
+            raise RuntimeError("the explainer is built on its first call: call it once, or pass "
+                               "example_input= to srd_fx.compile, before reading .code")
+        return self.graph_module.code
+
+    @property
+    def activation_layers(self):
+        return [l.name for l in self.info.layers] if self.info else []
+
+    @property
+    def encoder_output(self) -> str:
+        return self.info.L.name if self.info else None
+
+    # ------------------------------------------------------------------ calling -----------
+    def forward(self, x: torch.Tensor, target: Union[None, int, torch.Tensor] = None) -> SRDOutput:
+        if self.options["check"]:
+            if any(m.training for m in self.model.modules()):
+                raise TrainingModeError("the model was put back in training mode after compile; call "
+                                        "model.eval() before explaining")
+            if isinstance(x, torch.Tensor) and self.graph_module is not None and x.dim() != len(self.info.shape(self.info.input)):
+                raise InputError(f"expected an input of rank {len(self.info.shape(self.info.input))}, got "
+                                 f"shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+        if self.graph_module is None:
+            if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                raise InputError(f"expected a batched tensor input (B, C, ...), got "
+                                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            self.build(x)
+        out = self.graph_module(x, target)
+        return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"])
+
+
+def _default_example(model):
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        p = next(model.parameters(), None)
+        kw = dict(dtype=p.dtype, device=p.device) if p is not None else {}
+        return torch.zeros((1,) + tuple(cfg["input_size"]), **kw)
+    return None
+
+
+def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
+            encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
+            example_input: Optional[torch.Tensor] = None, check: bool = True) -> Explainer:
+    """Compile ``model`` (in eval mode) into its SRD explainer.
+
+    head:           "gradcam" (Eq. 4, default), "ones" (Sec. 4.3) or ``f(A, logits, target) -> R``;
+    layers:         relevance maps to return: "input", "low" (L), "high" (4x L's resolution),
+                    activation module/node names, or "all";
+    encoder_output: module or node name of L (default: timm's forward_features, else the input
+                    of the global pooling);
+    eps:            positions with ||v||^2 <= eps pass no relevance;
+    value:          "pre" (SRD) or "post" (ablation, SPEC §5);
+    example_input:  build now instead of on the first call;
+    check:          validate inputs/outputs (finite, ranks, training mode)."""
+    return Explainer(model, head=head, layers=layers, encoder_output=encoder_output, eps=eps,
+                     value=value, example_input=example_input, check=check)

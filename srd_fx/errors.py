@@ -1,0 +1,25 @@
+"""Exceptions raised by srd_fx.  Every message says what was wrong and what to do."""
+
+
+class SRDError(Exception):
+    """Base class of srd_fx errors."""
+
+
+class TraceError(SRDError):
+    """The model cannot be traced by torch.fx."""
+
+
+class UnsupportedOpError(SRDError):
+    """A node of the model has no rule (or a rule that refuses this use of the op)."""
+
+
+class TrainingModeError(SRDError):
+    """The model (or one of its modules) is in training mode."""
+
+
+class InputError(SRDError, ValueError):
+    """The input or the target is not acceptable (rank, channels, range, finiteness)."""
+
+
+class NonFiniteError(SRDError, FloatingPointError):
+    """A NaN or Inf appeared (in the input, the weights or a computed map)."""

@@ -1,0 +1,88 @@
+"""Initial relevance at the encoder output L (SPEC §2, Eq. 4)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .errors import InputError
+
+
+def resolve_target(logits: torch.Tensor, target) -> torch.Tensor:
+    """None -> predicted class; int -> the same class for every sample; LongTensor (B,)."""
+    B, K = logits.shape[0], logits.shape[-1]
+    if target is None:
+        return logits.argmax(dim=-1)
+    if isinstance(target, int):
+        t = torch.full((B,), target, dtype=torch.long, device=logits.device)
+    elif isinstance(target, torch.Tensor):
+        if target.dim() == 0:
+            target = target.expand(B)
+        if target.shape != (B,) or target.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16):
+            raise InputError(f"target must be an int or an integer tensor of shape ({B},), got "
+                             f"{target.dtype} {tuple(target.shape)}")
+        t = target.to(device=logits.device, dtype=torch.long)
+    else:
+        raise InputError(f"target must be None, an int or a LongTensor of shape ({B},), got {type(target).__name__}")
+    if (t < 0).any() or (t >= K).any():
+        raise InputError(f"target class out of range: got {t.tolist()}, the model has {K} classes (0..{K - 1})")
+    return t
+
+
+def extract_head(info) -> fx.GraphModule:
+    """The part of the model after L as its own GraphModule ``head(A) -> logits``."""
+    g = fx.Graph()
+    env = {info.L: g.placeholder("A")}
+    for n in info.head_nodes():
+        env[n] = g.node_copy(n, lambda a: env[a] if a in env else _const(g, env, a))
+    g.output(env[info.output.args[0]])
+    return fx.GraphModule(info.gm, g, "SRDHead")
+
+
+def _const(g, env, a):
+    if a.op == "get_attr":
+        env[a] = g.get_attr(a.target)
+        return env[a]
+    raise KeyError(a.name)
+
+
+def _spatial(A, caxes):
+    return tuple(d for d in range(1, A.dim()) if d not in caxes)
+
+
+def gradcam(head, A, logits, target, caxes):
+    """R^L_i = max(Phi^c_i - mean_c' Phi^c'_i, 0) with Grad-CAM weights (Eq. 4).
+
+    One vector-Jacobian product of the head with (onehot(c) - 1/K) gives both terms at once."""
+    t = resolve_target(logits, target)
+    K = logits.shape[-1]
+    w = F.one_hot(t, K).to(logits.dtype) - 1.0 / K
+    create = torch.is_grad_enabled() and A.requires_grad
+    with torch.enable_grad():
+        A_ = A if create else A.detach().requires_grad_()
+        y = head(A_)
+        (grad,) = torch.autograd.grad(y, A_, w, create_graph=create)
+    sp = _spatial(A, caxes)
+    alpha = grad.mean(dim=sp, keepdim=True) if sp else grad
+    phi = (alpha * A).sum(dim=caxes, keepdim=True)
+    return torch.relu(phi)
+
+
+def ones(A, caxes):
+    """R^L_i = 1 (the attack setting of Sec. 4.3)."""
+    shape = list(A.shape)
+    for a in caxes:
+        shape[a] = 1
+    return A.new_ones(shape)
+
+
+def user_head(fn, A, logits, target, caxes):
+    """A callable head ``(A, logits, target) -> R^L`` of shape (B, H, W)."""
+    r = fn(A, logits, target)
+    shape = list(A.shape)
+    for a in caxes:
+        shape[a] = 1
+    want = tuple(s for i, s in enumerate(shape) if i not in caxes)
+    if tuple(r.shape) != want:
+        raise InputError(f"the head returned a map of shape {tuple(r.shape)}; expected {want}")
+    return r.reshape(shape)

@@ -1,0 +1,239 @@
+"""Tensor helpers called by the generated SRD backward (SPEC.md §7).
+
+Conventions: a *map* of a tensor is the tensor's shape with every channel axis set to size 1
+(``(B, 1, H, W)`` for NCHW).  Relevances, PFV norms and the bias-share quantities are maps.
+Everything here is batched, loop-free over positions and channels, and differentiable (the
+attack of Sec. 4.3 differentiates the saliency map with respect to the input).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Axes = Tuple[int, ...]
+
+
+# ------------------------------------------------------------------ PFV algebra ------------
+def sq_norm(v: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """||v_j||^2 per position j (a map)."""
+    return (v * v).sum(dim=caxes, keepdim=True)
+
+
+def pfv_norm(x: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """||x_i|| per position i, with a zero (not NaN) gradient where the norm is zero."""
+    sq = sq_norm(x, caxes)
+    pos = sq > 0
+    return torch.where(pos, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+
+
+def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """<x_i, g_i> per position (the linear share R_lin = sum_c x * Lin^T s)."""
+    return (x * g).sum(dim=caxes, keepdim=True)
+
+
+def safe_div(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """a / d, and 0 where d == 0 (zero gradient there too)."""
+    zero = d == 0
+    return torch.where(zero, torch.zeros_like(a), a / torch.where(zero, torch.ones_like(d), d))
+
+
+def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float) -> torch.Tensor:
+    """s_j = R_j v_j / ||v_j||^2 (0 where ||v_j||^2 <= eps): Eq. 6 folded with Eq. 7."""
+    nv2 = sq_norm(v, caxes)
+    ok = nv2 > eps
+    inv = torch.where(ok, R / torch.where(ok, nv2, torch.ones_like(nv2)), torch.zeros_like(nv2))
+    return v * inv
+
+
+def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes,
+                 eps: float) -> torch.Tensor:
+    """Ablation value="post" (SPEC §5): s_j = R_j a_j / <v_j, a_j>, a = act(v)."""
+    va = pfv_dot(v, a, caxes)
+    ok = va.abs() > eps
+    inv = torch.where(ok, R / torch.where(ok, va, torch.ones_like(va)), torch.zeros_like(va))
+    return a * inv
+
+
+def lost_relevance(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float) -> torch.Tensor:
+    """Relevance that sits on zero-norm PFVs (it cannot be propagated: SPEC §2)."""
+    return torch.where(sq_norm(v, caxes) > eps, torch.zeros_like(R), R)
+
+
+def squeeze_map(m: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """A map without its channel axes: ``(B, 1, H, W) -> (B, H, W)``."""
+    return m.squeeze(tuple(caxes)) if caxes else m
+
+
+def unbroadcast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a gradient back to the shape of an input that was broadcast."""
+    if g.shape == like.shape:
+        return g
+    return g.sum_to_size(like.shape)
+
+
+def map_like(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """Bring a map to the map shape of ``like`` (sum over broadcast positions)."""
+    target = list(like.shape)
+    for a in caxes:
+        target[a] = 1
+    if list(m.shape) == target:
+        return m
+    if m.dim() != len(target):
+        m = m.reshape([1] * (len(target) - m.dim()) + list(m.shape))
+    try:
+        return m.sum_to_size(target)
+    except RuntimeError:
+        return m.expand(target)
+
+
+def expand_map(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """Broadcast an output map back onto the positions of an input of shape ``like``."""
+    target = list(like.shape)
+    for a in caxes:
+        target[a] = 1
+    if list(m.shape) == target:
+        return m
+    # positions of the input that were broadcast (size 1 in the input) received the sum
+    out = m
+    for d, (ms, ts) in enumerate(zip(m.shape, target)):
+        if ts == 1 and ms != 1:
+            out = out.sum(dim=d, keepdim=True)
+    return out.expand(target) if list(out.shape) != target else out
+
+
+# ------------------------------------------------------------ structural windows ------------
+def _ones(nd: int, kernel: Sequence[int], ref: torch.Tensor) -> torch.Tensor:
+    return torch.ones((1, 1, *kernel), dtype=ref.dtype, device=ref.device)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _tuple(v, nd):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, out_like) -> torch.Tensor:
+    """Shadow of a sliding-window op: sum of the input map over each output window.
+
+    Zero padding (padded positions are not PFVs); extra right padding reproduces ceil_mode;
+    the result is cropped to ``out_size`` (the forward output's spatial size)."""
+    nd = m.dim() - 2
+    k, s, p, d = (_tuple(v, nd) for v in (kernel, stride, padding, dilation))
+    out_size = tuple(out_like.shape[-nd:])
+    pads = []
+    for i in reversed(range(nd)):
+        need = (out_size[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1
+        have = m.shape[2 + i] + 2 * p[i]
+        pads += [p[i], p[i] + max(0, need - have)]
+    mp = F.pad(m, pads)
+    out = _CONV[nd](mp, _ones(nd, k, m), stride=s, dilation=d)
+    sl = (slice(None), slice(None)) + tuple(slice(0, o) for o in out_size)
+    return out[sl]
+
+
+def window_sum_T(m: torch.Tensor, kernel, stride, padding, dilation, in_like) -> torch.Tensor:
+    """Transpose of :func:`window_sum`: scatter each output value back over its window."""
+    nd = m.dim() - 2
+    k, s, p, d = (_tuple(v, nd) for v in (kernel, stride, padding, dilation))
+    in_size = tuple(in_like.shape[-nd:])
+    full = _CONV_T[nd](m, _ones(nd, k, m), stride=s, dilation=d)
+    pads = []
+    for i in reversed(range(nd)):
+        have = full.shape[2 + i] - p[i]
+        pads += [-p[i], in_size[i] - have]
+    return F.pad(full, pads)
+
+
+def adaptive_windows(n_in: int, n_out: int, ref: torch.Tensor) -> torch.Tensor:
+    """0/1 matrix (n_out, n_in) of adaptive pooling windows (PyTorch's start/end rule)."""
+    i = torch.arange(n_out, device=ref.device)
+    start = torch.div(i * n_in, n_out, rounding_mode="floor")
+    end = torch.div((i + 1) * n_in + n_out - 1, n_out, rounding_mode="floor")
+    j = torch.arange(n_in, device=ref.device)
+    return ((j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])).to(ref.dtype)
+
+
+def interp_support(n_in: int, n_out: int, mode: str, align_corners, scale, ref) -> torch.Tensor:
+    """0/1 matrix (n_out, n_in): source positions each output position is interpolated from."""
+    eye = torch.eye(n_in, dtype=torch.float64, device=ref.device)[None]  # (1, n_in, n_in)
+    kw = {} if mode == "nearest" else {"align_corners": align_corners}
+    w = F.interpolate(eye, size=n_out, mode="linear" if mode in ("bilinear", "linear") else mode, **kw)
+    return (w[0].abs() > 0).to(ref.dtype).t()  # (n_out, n_in)
+
+
+def separable_apply(m: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Apply one matrix per spatial axis of a map ``(B, 1, *spatial)``."""
+    out = m
+    nd = len(mats)
+    for i, A in enumerate(mats):
+        ax = 2 + i
+        out = torch.movedim(torch.movedim(out, ax, -1) @ A.t(), -1, ax)
+    return out
+
+
+# ------------------------------------------------------------------ max pooling ------------
+def max_pool_record(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
+                    ceil_mode=False):
+    """Max pooling that also returns the arg-max indices (recorded constants)."""
+    nd = x.dim() - 2
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        stride = kernel_size
+    return fn(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+
+
+def adaptive_max_pool_record(x: torch.Tensor, output_size):
+    nd = x.dim() - 2
+    fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[nd]
+    return fn(x, output_size, return_indices=True)
+
+
+def gather_T(g: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Transpose of a max-pool with fixed indices: scatter-add (windows may overlap)."""
+    B, C = like.shape[:2]
+    out = torch.zeros((B, C, math.prod(like.shape[2:])), dtype=g.dtype, device=g.device)
+    out = out.scatter_add(2, idx.flatten(2), g.flatten(2))
+    return out.view(like.shape)
+
+
+def gather(z: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A max-pool with fixed indices applied to ``z`` (shape broadcastable to ``like``)."""
+    z = z.expand(idx.shape[0], *like.shape[1:]) if z.shape[0] != idx.shape[0] or z.shape[2:] != like.shape[2:] \
+        else z
+    z = z.expand(like.shape) if z.shape != like.shape else z
+    return z.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+
+
+# --------------------------------------------------------------------- linear algebra ------
+def conv_T(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+           groups: int) -> torch.Tensor:
+    """Transpose of a convolution: conv_transpose with the output padding that restores x's size."""
+    nd = x.dim() - 2
+    s, d = _tuple(stride, nd), _tuple(dilation, nd)
+    k = weight.shape[2:]
+    if isinstance(padding, str):
+        raise ValueError("string padding is canonicalised before the transpose")
+    p = _tuple(padding, nd)
+    op = []
+    for i in range(nd):
+        full = (g.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + 1
+        op.append(x.shape[2 + i] - full)
+    return _CONV_T[nd](g, weight, None, stride=s, padding=p, output_padding=tuple(op),
+                       groups=groups, dilation=d)
+
+
+def same_padding(x: torch.Tensor, kernel, stride, dilation) -> Tuple[int, ...]:
+    """TF 'SAME' padding amounts (F.pad order) — used by conv rules for padding='same'."""
+    nd = x.dim() - 2
+    k, s, d = (_tuple(v, nd) for v in (kernel, stride, dilation))
+    pads = []
+    for i in reversed(range(nd)):
+        n = x.shape[2 + i]
+        total = max((math.ceil(n / s[i]) - 1) * s[i] + (k[i] - 1) * d[i] + 1 - n, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)

@@ -1,0 +1,101 @@
+"""Tracing: torch.fx with timm's no-trace lists, activation modules kept as leaves, and the
+timm ``forward_features`` boundary tagged as the encoder output (SPEC §1)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError, TrainingModeError
+
+ENCODER_TAG = "srd_encoder_output"
+
+
+def _timm_lists():
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+        return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    except Exception:  # timm absent or too old
+        return (), ()
+
+
+class SRDTracer(fx.Tracer):
+    """fx tracer: torch.nn modules, activation modules with a rule and timm's no-trace modules
+    are leaves; timm's no-trace functions are wrapped."""
+
+    def __init__(self):
+        import rules.activations as A
+        self._timm_modules, fns = _timm_lists()
+        self._act_modules = A.activation_module_types()
+        super().__init__(autowrap_functions=tuple(f for f in fns if callable(f)))
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self._act_modules) or isinstance(m, self._timm_modules):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+@contextlib.contextmanager
+def _tag_forward_features(model: nn.Module):
+    """Make ``model.forward_features`` tag its output node while tracing (timm convention)."""
+    ff = getattr(model, "forward_features", None)
+    has_head = callable(getattr(model, "forward_head", None))
+    if not (callable(ff) and has_head):
+        yield
+        return
+
+    def tagged(*args, **kwargs):
+        out = ff(*args, **kwargs)
+        if isinstance(out, fx.Proxy):
+            out.node.meta[ENCODER_TAG] = True
+        return out
+
+    model.forward_features = tagged
+    try:
+        yield
+    finally:
+        del model.forward_features
+
+
+def check_eval(model: nn.Module) -> None:
+    bad = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
+    if bad:
+        raise TrainingModeError(
+            f"the model is in training mode ({len(bad)} module(s), e.g. {bad[:3]}): batch-norm "
+            "statistics and dropout would change the explained function. Call model.eval() "
+            "before srd_fx.compile(model).")
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule, or raise TraceError saying how to fix it."""
+    check_eval(model)
+    tracer = SRDTracer()
+    try:
+        with _tag_forward_features(model):
+            graph = tracer.trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ...
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
+            "srd_fx needs a model whose forward has no data-dependent Python control flow "
+            "(if/for on tensor values, .item(), len() of a tensor, ...). Fix: move the "
+            "data-dependent part out of forward, make the offending submodule a leaf with a rule "
+            "(srd_fx.register_rule(ThatModule, rules.Affine(...))) or wrap the function with "
+            "torch.fx.wrap.") from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def shape_prop(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Record every node's tensor metadata (shapes drive layout and gate analysis)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+
+
+def encoder_node(gm: fx.GraphModule) -> Optional[fx.Node]:
+    for n in gm.graph.nodes:
+        if n.meta.get(ENCODER_TAG):
+            return n
+    return None

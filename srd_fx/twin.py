@@ -1,0 +1,426 @@
+"""The twin-graph builder: forward with recorded constants, then the SRD backward, as one fx graph.
+
+For every affine block (SPEC §7), in reverse order of the activation layers:
+
+    s      = R * v / ||v||^2                          ops.sharing
+    g      = Lin^T s                                  rule.transpose, node by node
+    R_lin  = <x, g>                                   ops.pfv_dot
+    b      = F(0, ..., 0)                             rule.bias, only where it is not zero
+    D      = S(||x||)                                 rule.shadow
+    R_bias = ||x|| * S^T(<b, s> / D)                  rule.shadow_T
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import rules as R
+
+from . import heads, ops
+from .analysis import GraphInfo, Layer
+from .errors import UnsupportedOpError
+
+_INPLACE_FN = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+               operator.itruediv: operator.truediv}
+
+
+# ----------------------------------------------------------------------- runtime helpers ----
+def _call(fn, args, kwargs):
+    if isinstance(fn, str):  # a tensor method
+        return getattr(args[0], fn)(*args[1:], **kwargs)
+    return fn(*args, **kwargs)
+
+
+def linear_vjp(g, fn, args, kwargs, mains):
+    """Lin^T g for an op linear in ``mains`` (autograd's VJP, differentiable in g)."""
+    with torch.enable_grad():
+        leaves = [m.detach().requires_grad_() for m in mains]
+        swap = {id(m): l for m, l in zip(mains, leaves)}
+        sub = lambda t: swap.get(id(t), t) if isinstance(t, torch.Tensor) else t
+        a = torch.utils._pytree.tree_map(sub, args)
+        k = torch.utils._pytree.tree_map(sub, kwargs)
+        out = _call(fn, a, k)
+        grads = torch.autograd.grad(out, leaves, g, create_graph=g.requires_grad, allow_unused=True)
+    return [torch.zeros_like(m) if gr is None else gr for m, gr in zip(mains, grads)]
+
+
+def shadow_vjp(m, fn, fn_args, like, caxes):
+    """Transpose of a shadow ``fn(map, *fn_args)`` (linear in the map) by autograd."""
+    shape = list(like.shape)
+    for a in caxes:
+        shape[a] = 1
+    with torch.enable_grad():
+        z = torch.zeros(shape, dtype=m.dtype, device=m.device, requires_grad=True)
+        (gr,) = torch.autograd.grad(fn(z, *fn_args), z, m, create_graph=m.requires_grad)
+    return gr
+
+
+def zeros1(like):
+    """A structurally-zero input materialised with batch size 1 (biases are broadcast)."""
+    return like.new_zeros((1,) + tuple(like.shape[1:]))
+
+
+def materialize(z, like):
+    """A bias flowing into an op, broadcast to the op input's shape (batch kept as it is)."""
+    if tuple(z.shape[1:]) == tuple(like.shape[1:]):
+        return z
+    return z.expand((z.shape[0],) + tuple(like.shape[1:]))
+
+
+def check_input(x, rank, channels):
+    from .errors import InputError, NonFiniteError
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"expected a tensor input, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise InputError(f"expected an input of rank {rank} (batch, channels, ...), got shape "
+                         f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+    if channels is not None and x.shape[1] != channels:
+        raise InputError(f"expected {channels} input channels, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise NonFiniteError("the input contains NaN or Inf values; SRD maps would be meaningless. "
+                             "Clean the input (torch.nan_to_num) before explaining it.")
+    return x
+
+
+def check_finite(t, what):
+    from .errors import NonFiniteError
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"{what} contains NaN/Inf (non-finite weights, or values outside the "
+                             "dtype's range): no map is returned rather than a wrong one.")
+    return t
+
+
+def add_all(*ts):
+    out = ts[0]
+    for t in ts[1:]:
+        out = out + t
+    return out
+
+
+# ----------------------------------------------------------------------- builder ------------
+class Builder:
+    """Emits the twin graph; rules talk to it (see rules/__init__.py)."""
+
+    def __init__(self, info: GraphInfo, root: nn.Module, eps: float, value: str = "pre"):
+        self.info, self.root, self.eps, self.value = info, root, eps, value
+        self.g = fx.Graph()
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self._recorded: Dict[tuple, fx.Node] = {}
+        self._attrs: Dict[str, fx.Node] = {}
+
+    # -- facts (delegated to the analysis) ---------------------------------------------------
+    def shape(self, n):
+        return self.info.shape(n)
+
+    def caxes(self, n):
+        return self.info.caxes(n)
+
+    def main_inputs(self, n):
+        return self.info.main_inputs(n)
+
+    def module(self, n):
+        return self.info.module(n)
+
+    def unsupported(self, node, reason):
+        self.info.unsupported(node, reason)
+
+    def _map_shape(self, n):
+        s = list(self.shape(n))
+        for a in self.caxes(n):
+            s[a] = 1
+        return s
+
+    # -- emitting ----------------------------------------------------------------------------
+    def call(self, fn, *args, name: Optional[str] = None, **kwargs):
+        return self.g.create_node("call_function", fn, tuple(args), kwargs, name=name)
+
+    def attr(self, target: str):
+        if target not in self._attrs:
+            self._attrs[target] = self.g.get_attr(target)
+        return self._attrs[target]
+
+    def val(self, a):
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def param(self, node, name):
+        mod = self.module(node)
+        if getattr(mod, name, None) is None:
+            return None
+        return self.attr(f"{node.target}.{name}")
+
+    def copy(self, node):
+        n = self.g.node_copy(node, lambda a: self.env[a])
+        if n.op == "call_function" and n.target in _INPLACE_FN:
+            n.target = _INPLACE_FN[n.target]
+        elif n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
+                and not n.target.startswith("_") and hasattr(torch.Tensor, n.target[:-1]):
+            n.target = n.target[:-1]
+        return n
+
+    def copy_out_of_place(self, node):
+        rule = self.info.rule[node]
+        if node.op == "call_module":
+            mod = self.module(node)
+            if getattr(mod, "inplace", False):
+                clone = copy.copy(mod)
+                clone.inplace = False
+                name = "srd_oop_" + node.target.replace(".", "_")
+                self.root.add_module(name, clone)
+                return self.g.create_node("call_module", name, self.val(node.args), self.val(node.kwargs),
+                                          name=node.name)
+            return self.copy(node)
+        if node.op == "call_function":
+            fn = node.target
+            if getattr(rule, "fn", None) is not None and getattr(fn, "__name__", "").endswith("_"):
+                fn = rule.fn
+            args, kwargs = self.val(node.args), dict(self.val(node.kwargs))
+            try:
+                sig = inspect.signature(fn)
+                if "inplace" in sig.parameters:
+                    bound = sig.bind_partial(*args, **kwargs)
+                    bound.arguments["inplace"] = False
+                    args, kwargs = bound.args, bound.kwargs
+            except (TypeError, ValueError):
+                pass
+            return self.g.create_node("call_function", fn, tuple(args), kwargs, name=node.name)
+        return self.copy(node)
+
+    def set_recorded(self, node, key, twin):
+        self._recorded[(node, key)] = twin
+
+    def recorded(self, node, key):
+        return self._recorded[(node, key)]
+
+    # -- helpers the rules use ---------------------------------------------------------------
+    def _callable(self, node):
+        if node.op == "call_module":
+            return self.attr(node.target)
+        return node.target
+
+    def first_occurrence(self, node, got: dict):
+        out, seen = [], set()
+        for i in self.main_inputs(node):
+            out.append(got.get(i) if i not in seen else None)
+            seen.add(i)
+        return out
+
+    def vjp(self, node, g):
+        uniq = list(dict.fromkeys(self.main_inputs(node)))
+        res = self.call(linear_vjp, g, self._callable(node), self.val(node.args), self.val(node.kwargs),
+                        [self.val(i) for i in uniq], name="g_vjp_" + node.name)
+        got = {i: self.call(operator.getitem, res, k) for k, i in enumerate(uniq)}
+        return self.first_occurrence(node, got)
+
+    def vjp_shadow(self, fn, fn_args, m, x):
+        return [self.call(shadow_vjp, m, fn, fn_args, self.val(x), self.caxes(x))]
+
+    def apply_with_inputs(self, node, zs):
+        mains = self.main_inputs(node)
+        sub = {}
+        for i, z in zip(mains, zs):
+            if i in sub:
+                continue
+            sub[i] = self.call(zeros1, self.val(i)) if z is None else self.call(materialize, z, self.val(i))
+        return self.g.node_copy(node, lambda a: sub.get(a, self.env.get(a)))
+
+    def unbroadcast(self, g, i, node):
+        if self.shape(i) == self.shape(node):
+            return g
+        return self.call(ops.unbroadcast, g, self.val(i))
+
+    def map_to_output(self, m, node):
+        return m  # maps of broadcast inputs broadcast in sum_maps; fixed below if alone
+
+    def map_to_input(self, m, i, node):
+        if self._map_shape(i) == self._map_shape(node):
+            return m
+        return self.call(ops.expand_map, m, self.val(i), self.caxes(i))
+
+    def sum_maps(self, ms):
+        ms = [m for m in ms if m is not None]
+        return ms[0] if len(ms) == 1 else self.call(add_all, *ms)
+
+
+# ----------------------------------------------------------------------- the SRD backward ---
+def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx.Node]]):
+    """Emit the SRD backward through the affine block of layer ``lay`` (SPEC §2, §7)."""
+    info, tag = b.info, lay.name
+    pre, cax = lay.pre, b.caxes(lay.pre)
+    v = b.val(pre)
+    if b.value == "post" and not lay.virtual:
+        s = b.call(ops.sharing_post, R_k, v, b.val(lay.node), cax, b.eps, name="s_" + tag)
+    else:
+        s = b.call(ops.sharing, R_k, v, cax, b.eps, name="s_" + tag)
+    block = set(lay.block)
+
+    # linear share: transpose the block node by node
+    g: Dict[fx.Node, List[fx.Node]] = {pre: [s]}
+    for n in reversed(lay.block):
+        gs = g.pop(n, None)
+        if not gs:
+            continue
+        g_n = gs[0] if len(gs) == 1 else b.call(add_all, *gs, name="g_" + n.name)
+        rule = info.rule[n]
+        for i, gi in zip(b.main_inputs(n), rule.transpose(b, n, g_n)):
+            if gi is not None:
+                g.setdefault(i, []).append(gi)
+    share = {}
+    for a in lay.inputs:
+        gs = g.get(a)
+        if not gs:
+            continue
+        g_a = gs[0] if len(gs) == 1 else b.call(add_all, *gs, name="g_" + a.name)
+        share[a] = b.call(ops.pfv_dot, b.val(a), g_a, b.caxes(a), name=f"Rlin_{a.name}_{tag}")
+
+    # bias share: b = F(0), shared by the structural receptive field of each output position
+    z: Dict[fx.Node, Optional[fx.Node]] = {}
+    for n in lay.block:
+        zs = [z.get(i) if i in block else None for i in b.main_inputs(n)]
+        z[n] = info.rule[n].bias(b, n, zs)
+    bias = z.get(pre) if pre in block else None
+    if bias is not None:
+        beta = b.call(ops.pfv_dot, bias, s, cax, name="beta_" + tag)
+        norms = {a: b.call(ops.pfv_norm, b.val(a), b.caxes(a), name=f"n_{a.name}") for a in lay.inputs}
+        m: Dict[fx.Node, fx.Node] = dict(norms)
+        for n in lay.block:
+            rule, mains = info.rule[n], b.main_inputs(n)
+            m[n] = rule.shadow(b, n, [m[i] for i in mains])
+            if rule.pointwise and any(b._map_shape(i) != b._map_shape(n) for i in mains):
+                m[n] = b.call(ops.map_like, m[n], b.val(n), b.caxes(n))
+        q = b.call(ops.safe_div, beta, m[pre], name="q_" + tag)
+        mt: Dict[fx.Node, List[fx.Node]] = {pre: [q]}
+        for n in reversed(lay.block):
+            qs = mt.pop(n, None)
+            if not qs:
+                continue
+            q_n = qs[0] if len(qs) == 1 else b.call(add_all, *qs)
+            for i, qi in zip(b.main_inputs(n), info.rule[n].shadow_T(b, n, q_n)):
+                if qi is not None:
+                    mt.setdefault(i, []).append(qi)
+        for a in lay.inputs:
+            qs = mt.get(a)
+            if not qs:
+                continue
+            q_a = qs[0] if len(qs) == 1 else b.call(add_all, *qs)
+            rb = b.call(operator.mul, norms[a], q_a, name=f"Rbias_{a.name}_{tag}")
+            share[a] = b.call(operator.add, share[a], rb, name=f"R_{a.name}_{tag}") if a in share else rb
+    for a, r in share.items():
+        contributions.setdefault(a, []).append(r)
+
+
+def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("input",), eps=1e-12,
+               value="pre", check=True, input_channels=None):
+    """Build the twin GraphModule.  Returns (GraphModule, {layer key: node name})."""
+    b = Builder(info, root, eps, value)
+    x = b.g.placeholder(info.input.name)
+    target = b.g.placeholder("target", default_value=None)
+    x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels, name="x_checked") \
+        if check else x
+    b.env[info.input] = x_checked
+
+    # 1. forward, recording the constants the rules ask for
+    for n in info.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        rule = info.rule.get(n)
+        b.env[n] = rule.record(b, n) if rule is not None and info.is_tensor(n) else b.copy(n)
+    out_arg = info.output.args[0]
+    if not (isinstance(out_arg, fx.Node) and info.is_tensor(out_arg)):
+        raise UnsupportedOpError(
+            "the model must return a logits tensor (B, classes); wrap it so that forward returns one "
+            "(e.g. lambda out: out['logits']).")
+    logits = b.val(out_arg)
+
+    # 2. initial relevance at the encoder output L (Eq. 4)
+    L = info.L
+    cax_L = b.caxes(L)
+    if callable(head) and not isinstance(head, str):
+        root.srd_user_head = head
+        R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, name="R_L")
+    elif head == "gradcam":
+        root.srd_head = heads.extract_head(info)
+        R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, name="R_L")
+    elif head == "ones":
+        R_L = b.call(heads.ones, b.val(L), cax_L, name="R_L")
+    else:
+        raise ValueError(f"head must be 'gradcam', 'ones' or a callable (A, logits, target) -> R, got {head!r}")
+
+    # 3. the SRD backward, block by block, last activation layer first
+    contributions: Dict[fx.Node, List[fx.Node]] = {}
+    R_of: Dict[fx.Node, fx.Node] = {}
+    for lay in sorted(info.layers, key=lambda l: info.order[l.node], reverse=True):
+        parts = list(contributions.pop(lay.node, []))
+        if lay.node is L:
+            parts.append(R_L)
+        if not parts:
+            continue
+        R_k = parts[0] if len(parts) == 1 else b.call(add_all, *parts, name="R_" + lay.name)
+        R_of[lay.node] = R_k
+        emit_block(b, lay, R_k, contributions)
+    parts = contributions.pop(info.input, [])
+    R_in = parts[0] if len(parts) == 1 else (b.call(add_all, *parts, name="R_input") if parts else None)
+    if R_in is None:
+        R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, (1,)))
+    R_of[info.input] = R_in
+
+    # 4. outputs
+    names = resolve_layers(info, layers)
+    rel = {}
+    for key, node in names.items():
+        r = R_of.get(node)
+        if r is None:
+            r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
+        rel[key] = b.call(ops.squeeze_map, r, b.caxes(node), name="out_" + key.replace(".", "_"))
+    sal = b.call(ops.squeeze_map, R_in, (1,), name="saliency")
+    if check:
+        sal = b.call(check_finite, sal, "the SRD saliency map", name="saliency_checked")
+    b.g.output({"logits": logits, "saliency": sal, "relevance": rel,
+                "R_L": b.call(ops.squeeze_map, R_L, cax_L, name="out_R_L")})
+    gm = fx.GraphModule(root, b.g, "SRDExplainer")
+    return gm, names
+
+
+def resolve_layers(info: GraphInfo, layers) -> Dict[str, fx.Node]:
+    """Map the user's layer keys ('input', 'low', 'high', module or node names) to nodes."""
+    if layers == "all":
+        layers = ["input", "low"] + [l.name for l in info.layers]
+    out = {}
+    acts = {l.node for l in info.layers}
+    for key in layers:
+        if key == "input":
+            out[key] = info.input
+        elif key == "low":
+            out[key] = info.L
+        elif key == "high":
+            out[key] = high_layer(info)
+        else:
+            try:
+                node = info.node_for(key)
+            except KeyError:
+                raise KeyError(f"unknown layer {key!r}: use 'input', 'low', 'high', an activation "
+                               f"module name or one of the activation nodes "
+                               f"{[l.name for l in info.layers][:8]}...") from None
+            if node not in acts and node is not info.input:
+                raise KeyError(f"{key!r} resolves to node {node.name!r}, which is not an activation "
+                               "layer: relevance is defined after activation layers, at L and at the input")
+            out[key] = node
+    return out
+
+
+def high_layer(info: GraphInfo) -> fx.Node:
+    """SRD-high: the last activation layer with 4x the spatial size of L (ResNet50 layer2 at 224)."""
+    sL = info.shape(info.L)[2:]
+    best = None
+    for lay in sorted(info.layers, key=lambda l: info.order[l.node]):
+        s = info.shape(lay.node)[2:]
+        if len(s) == len(sL) and all(a >= 4 * c for a, c in zip(s, sL)):
+            best = lay.node
+    if best is None:
+        raise KeyError("no activation layer has 4x the resolution of the encoder output: name a layer")
+    return best
