@@ -73,3 +73,46 @@ for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(cls, _conv)
 for fn in (F.conv1d, F.conv2d, F.conv3d):
     register_rule(fn, _conv)
+
+
+class SameConv(Rule):
+    """timm's Conv2dSame / StdConv2dSame / ScaledStdConv2dSame (leaves): dynamic TF 'SAME'
+    padding; transposed by autograd (the module is linear in its input)."""
+    pointwise = False
+
+    def layout(self, b, node):
+        return (1,)
+
+    def _geo(self, b, node):
+        m = b.module(node)
+        return m.kernel_size, m.stride, m.dilation
+
+    def shadow(self, b, node, ms):
+        k, s, d = self._geo(b, node)
+        return b.call(ops.same_window_sum, ms[0], b.val(node.args[0]), k, s, d, b.val(node))
+
+    def shadow_T(self, b, node, m):
+        k, s, d = self._geo(b, node)
+        x = node.args[0]
+        return b.vjp_shadow(ops.same_window_sum, (b.val(x), k, s, d, b.val(node)), m, x)
+
+    def bias(self, b, node, zs):
+        if zs[0] is None and b.module(node).bias is None:
+            return None
+        return b.apply_with_inputs(node, zs)
+
+
+def _register_timm():
+    import importlib
+    try:
+        conv2d_same = importlib.import_module("timm.layers.conv2d_same")
+        std_conv = importlib.import_module("timm.layers.std_conv")
+    except Exception:
+        return
+    for cls in (getattr(conv2d_same, "Conv2dSame", None), getattr(std_conv, "StdConv2dSame", None),
+                getattr(std_conv, "ScaledStdConv2dSame", None)):
+        if cls is not None:
+            register_rule(cls, SameConv())
+
+
+_register_timm()

@@ -214,3 +214,63 @@ register_rule("method:mean", _mean)
 register_rule(torch.mean, _mean)
 register_rule("method:sum", _mean)
 register_rule(torch.sum, _mean)
+
+
+class SamePool(Rule):
+    """timm's MaxPool2dSame / AvgPool2dSame (leaves): dynamic TF 'SAME' padding."""
+    pointwise = False
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def layout(self, b, node):
+        return (1,)
+
+    def _geo(self, b, node):
+        m = b.module(node)
+        return m.kernel_size, m.stride, getattr(m, "dilation", 1), m.ceil_mode
+
+    def record(self, b, node):
+        if self.kind != "max":
+            return b.copy(node)
+        k, s, d, c = self._geo(b, node)
+        both = b.call(ops.max_pool_same_record, b.val(node.args[0]), k, s, d, c, name=node.name + "_rec")
+        out = b.call(operator.getitem, both, 0, name=node.name)
+        b.set_recorded(node, "indices", b.call(operator.getitem, both, 1, name=node.name + "_idx"))
+        return out
+
+    def transpose(self, b, node, g):
+        if self.kind != "max":
+            return b.vjp(node, g)
+        k, s, d, _ = self._geo(b, node)
+        return [b.call(ops.gather_same_T, g, b.recorded(node, "indices"), b.val(node.args[0]), k, s, d)]
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        if self.kind != "max":
+            return b.apply_with_inputs(node, zs)
+        k, s, d, _ = self._geo(b, node)
+        return b.call(ops.gather_same, zs[0], b.recorded(node, "indices"), b.val(node.args[0]), k, s, d)
+
+    def shadow(self, b, node, ms):
+        k, s, d, _ = self._geo(b, node)
+        return b.call(ops.same_window_sum, ms[0], b.val(node.args[0]), k, s, d, b.val(node))
+
+    def shadow_T(self, b, node, m):
+        k, s, d, _ = self._geo(b, node)
+        x = node.args[0]
+        return b.vjp_shadow(ops.same_window_sum, (b.val(x), k, s, d, b.val(node)), m, x)
+
+
+def _register_timm():
+    import importlib
+    try:
+        pool2d_same = importlib.import_module("timm.layers.pool2d_same")
+    except Exception:
+        return
+    register_rule(pool2d_same.MaxPool2dSame, SamePool("max"))
+    register_rule(pool2d_same.AvgPool2dSame, SamePool("avg"))
+
+
+_register_timm()

@@ -23,6 +23,16 @@ def cat_T(g, dim, xs):
     return list(torch.split(g, sizes, dim=dim))
 
 
+def cat_bias(zs, xs, dim):
+    """The bias flowing out of a cat: pieces (None = zero) broadcast to a common batch size."""
+    B = max((z.shape[0] for z in zs if z is not None), default=1)
+    parts = []
+    for z, x in zip(zs, xs):
+        shape = (B,) + tuple(x.shape[1:])
+        parts.append(x.new_zeros(shape) if z is None else z.expand(shape))
+    return torch.cat(parts, dim=dim)
+
+
 def cat_maps(maps, xs, dim, caxes, channel):
     """Shadow of cat: channel cat sums maps, positional cat concatenates them."""
     if channel:
@@ -173,6 +183,15 @@ class Cat(Rule):
             elif x in got:  # the same tensor twice in the cat
                 got[x] = b.call(torch.add, got[x], b.call(operator.getitem, pieces, k))
         return b.first_occurrence(node, got)
+
+    def bias(self, b, node, zs):
+        if all(z is None for z in zs):
+            return None
+        xs, dim = self._spec(b, node)
+        by = dict(zip(b.main_inputs(node), zs))
+        mains = set(b.main_inputs(node))
+        pieces = [by.get(x) if x in mains else b.val(x) for x in xs]
+        return b.call(cat_bias, pieces, [b.val(x) for x in xs], dim)
 
     def shadow(self, b, node, ms):
         xs, dim = self._spec(b, node)

@@ -237,3 +237,31 @@ def same_padding(x: torch.Tensor, kernel, stride, dilation) -> Tuple[int, ...]:
         total = max((math.ceil(n / s[i]) - 1) * s[i] + (k[i] - 1) * d[i] + 1 - n, 0)
         pads += [total // 2, total - total // 2]
     return tuple(pads)
+
+
+# ------------------------------------------------------------ TF 'SAME' (timm) ----------
+def same_window_sum(m, x, kernel, stride, dilation, out_like):
+    """Shadow of a timm '...Same' conv/pool: dynamic SAME padding, then the window sum."""
+    return window_sum(F.pad(m, same_padding(x, kernel, stride, dilation)), kernel, stride, 0,
+                      dilation, out_like)
+
+
+def max_pool_same_record(x, kernel, stride, dilation, ceil_mode):
+    xp = F.pad(x, same_padding(x, kernel, stride, dilation), value=-float("inf"))
+    return max_pool_record(xp, kernel, stride, 0, dilation, ceil_mode)
+
+
+def gather_same_T(g, idx, x, kernel, stride, dilation):
+    pad = same_padding(x, kernel, stride, dilation)
+    shape = list(x.shape)
+    for k in range(len(pad) // 2):
+        shape[-1 - k] += pad[2 * k] + pad[2 * k + 1]
+    full = gather_T(g, idx, x.new_empty(shape))
+    return F.pad(full, [-p for p in pad])
+
+
+def gather_same(z, idx, x, kernel, stride, dilation):
+    pad = same_padding(x, kernel, stride, dilation)
+    z = z.expand((z.shape[0],) + tuple(x.shape[1:])) if z.shape[1:] != x.shape[1:] else z
+    zp = F.pad(z, pad)
+    return gather(zp, idx, zp)

@@ -23,19 +23,28 @@ def _timm_lists():
 
 
 class SRDTracer(fx.Tracer):
-    """fx tracer: torch.nn modules, activation modules with a rule and timm's no-trace modules
-    are leaves; timm's no-trace functions are wrapped."""
+    """fx tracer.  Leaves: torch.nn modules and modules with a rule of their own (activations,
+    timm's '...Same' convs and pools, user-registered modules).  timm's no-trace *functions* are
+    wrapped.  timm's no-trace *modules* that have no rule (BatchNormAct2d and kin, NormFreeBlock,
+    ConvMlp, ...) are traced through: that is the canonicalisation that splits a fused
+    norm+activation into its affine part and its activation layer."""
 
     def __init__(self):
-        import rules.activations as A
         self._timm_modules, fns = _timm_lists()
-        self._act_modules = A.activation_module_types()
         super().__init__(autowrap_functions=tuple(f for f in fns if callable(f)))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self._act_modules) or isinstance(m, self._timm_modules):
+        own = type(m) in rules_exact()
+        if own:
             return True
+        if isinstance(m, self._timm_modules):
+            return False
         return super().is_leaf_module(m, qualname)
+
+
+def rules_exact():
+    import rules
+    return rules._MODULE_RULES
 
 
 @contextlib.contextmanager

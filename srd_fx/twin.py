@@ -31,9 +31,42 @@ _INPLACE_FN = {operator.iadd: operator.add, operator.isub: operator.sub, operato
 
 
 # ----------------------------------------------------------------------- runtime helpers ----
+_RESOLVED = {}
+
+
+def resolve(qualname: str):
+    """A function from its qualified name (generated code passes functions by name: fx cannot
+    print function objects as arguments)."""
+    fn = _RESOLVED.get(qualname)
+    if fn is None:
+        import importlib
+        parts = qualname.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:k]))
+            except ImportError:
+                continue
+            for p in parts[k:]:
+                obj = getattr(obj, p)
+            fn = _RESOLVED[qualname] = obj
+            break
+        else:
+            raise ValueError(f"cannot resolve {qualname!r}")
+    return fn
+
+
+def fn_name(fn) -> str:
+    from torch.fx.node import _get_qualified_name
+    name = _get_qualified_name(fn)
+    resolve(name)  # fail at build time, not at run time
+    return name
+
+
 def _call(fn, args, kwargs):
-    if isinstance(fn, str):  # a tensor method
-        return getattr(args[0], fn)(*args[1:], **kwargs)
+    if isinstance(fn, str):
+        if fn.startswith("method:"):  # a tensor method
+            return getattr(args[0], fn[7:])(*args[1:], **kwargs)
+        return resolve(fn)(*args, **kwargs)
     return fn(*args, **kwargs)
 
 
@@ -52,6 +85,7 @@ def linear_vjp(g, fn, args, kwargs, mains):
 
 def shadow_vjp(m, fn, fn_args, like, caxes):
     """Transpose of a shadow ``fn(map, *fn_args)`` (linear in the map) by autograd."""
+    fn = resolve(fn) if isinstance(fn, str) else fn
     shape = list(like.shape)
     for a in caxes:
         shape[a] = 1
@@ -201,7 +235,9 @@ class Builder:
     def _callable(self, node):
         if node.op == "call_module":
             return self.attr(node.target)
-        return node.target
+        if node.op == "call_method":
+            return "method:" + node.target
+        return fn_name(node.target)
 
     def first_occurrence(self, node, got: dict):
         out, seen = [], set()
@@ -218,7 +254,7 @@ class Builder:
         return self.first_occurrence(node, got)
 
     def vjp_shadow(self, fn, fn_args, m, x):
-        return [self.call(shadow_vjp, m, fn, fn_args, self.val(x), self.caxes(x))]
+        return [self.call(shadow_vjp, m, fn_name(fn), fn_args, self.val(x), self.caxes(x))]
 
     def apply_with_inputs(self, node, zs):
         mains = self.main_inputs(node)
