@@ -51,14 +51,18 @@ class Conv(Rule):
         return m, (0 if padding == "valid" else padding)
 
     def shadow(self, b, node, ms):
-        x, _, _, stride, padding, dilation, _, kernel = self.spec(b, node)
+        x, w, _, stride, padding, dilation, groups, kernel = self.spec(b, node)
+        if b.unit == "neuron" and not isinstance(padding, str):
+            return b.call(ops.conv_ones, ms[0], b.val(x), w, stride, padding, dilation, groups)
         m, p = self._padded(b, node, ms[0])
         return b.call(ops.window_sum, m, kernel, stride, p, dilation, b.val(node))
 
     def shadow_T(self, b, node, m):
-        x, _, _, stride, padding, dilation, _, kernel = self.spec(b, node)
+        x, w, _, stride, padding, dilation, groups, kernel = self.spec(b, node)
         if isinstance(padding, str):
-            return b.vjp_shadow(self, node, m)
+            b.unsupported(node, "string padding ('same'/'valid') in the bias share; use integer padding")
+        if b.unit == "neuron":
+            return [b.call(ops.conv_ones_T, m, b.val(x), w, stride, padding, dilation, groups)]
         return [b.call(ops.window_sum_T, m, kernel, stride, padding, dilation, b.val(x))]
 
     def bias(self, b, node, zs):

@@ -14,6 +14,11 @@ def linear_T(g, weight):
     return g.matmul(weight)
 
 
+def linear_ones(m, weight):
+    """unit="neuron": every output neuron is connected to every input neuron."""
+    return m.matmul(torch.ones_like(weight).t())
+
+
 class Linear(Rule):
     def spec(self, b, node):
         if node.op == "call_module":
@@ -27,6 +32,16 @@ class Linear(Rule):
 
     def transpose(self, b, node, g):
         return [b.call(linear_T, g, self.spec(b, node)[1])]
+
+    def shadow(self, b, node, ms):
+        if b.unit == "neuron":
+            return b.call(linear_ones, ms[0], self.spec(b, node)[1])
+        return ms[0]
+
+    def shadow_T(self, b, node, m):
+        if b.unit == "neuron":
+            return [b.call(linear_T, m, b.call(torch.ones_like, self.spec(b, node)[1]))]
+        return [m]
 
     def bias(self, b, node, zs):
         if zs[0] is None and not self.spec(b, node)[2]:

@@ -390,7 +390,7 @@ class Pad(Rule):
         pad, mode, _ = self._spec(b, node)
         x = b.main_inputs(node)[0]
         if mode != "constant":
-            return b.vjp_shadow(node, m)
+            return b.vjp_shadow(pad_map, (pad, b.caxes(node), mode), m, x)
         return [b.call(pad_map_T, m, b.val(x), pad, b.caxes(x))]
 
 

@@ -330,6 +330,68 @@ class Binarized(nn.Module):
         return self.apop.binarize(x, self.layer)
 
 
+# ------------------------------------------------------------------ evaluation (Tables 1, 3, Fig. 6) --
+INPUTS = ("zeros", "ones", "normal")
+
+
+def replacement_input(kind: str, like: torch.Tensor, generator: Optional[torch.Generator] = None):
+    """The input APOP replays on: ``"zeros"``, ``"ones"`` or ``"normal"`` (N(0, 1)), shaped like
+    ``like`` (in the model's input space, i.e. after normalisation, as in the paper)."""
+    if kind == "zeros":
+        return torch.zeros_like(like)
+    if kind == "ones":
+        return torch.ones_like(like)
+    if kind == "normal":
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+    raise ValueError(f"unknown APOP input {kind!r}; choose from {INPUTS}")
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many rows have their label among the ``k`` largest logits (k capped at the class count)."""
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, inputs=INPUTS, modes=MODES, binarize_layers=False,
+             seed: int = 0, progress: bool = False) -> dict:
+    """Top-1/top-5 accuracy of the original model, of APOP and "APOP & relu" for each replacement
+    input (Table 3), and optionally of every single-layer binarisation (Fig. 6).
+
+    ``batches``: an iterable of ``(x, labels)`` with ``x`` the model's (normalised) input.
+    ``binarize_layers``: False, True (every activation layer) or a list of layer names.
+    Returns a dict of counts turned into accuracies (see the keys)."""
+    a = APOP(model)
+    layers = (a.layers if binarize_layers is True else
+              [a.resolve(l) for l in binarize_layers] if binarize_layers else [])
+    g = torch.Generator().manual_seed(seed)
+    keys = ["original"] + [f"{m}/{i}" for i in inputs for m in modes] + [f"binarize/{l}" for l in layers]
+    counts = {k: [0, 0] for k in keys}
+    n = 0
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=f"APOP {type(model).__name__}", leave=False)
+    for x, y in batches:
+        res = {"original": a.record(x)}
+        for i in inputs:
+            z = replacement_input(i, x, g)
+            for m in modes:
+                res[f"{m}/{i}"] = a.run(z, mode=m)
+        for l in layers:
+            res[f"binarize/{l}"] = a.binarize(x, l)
+        for k, logits in res.items():
+            counts[k][0] += topk_correct(logits, y, 1)
+            counts[k][1] += topk_correct(logits, y, 5)
+        n += len(y)
+        num_classes = res["original"].shape[1]
+    if n == 0:
+        raise InputError("no images to evaluate APOP on (the data set is empty)")
+    acc = {k: {"top1": c[0] / n, "top5": c[1] / n} for k, c in counts.items()}
+    return {"n": n, "num_classes": num_classes, "layers": a.layers, "pools": a.pools,
+            "module_of": a.module_of, "binarized": layers, "accuracy": acc,
+            "chance": {"top1": 1 / num_classes, "top5": min(5, num_classes) / num_classes}}
+
+
 def apop(model: nn.Module) -> APOP:
     """The APOP rewrite of ``model`` (in eval mode): ``.record(x)``, ``.run(x_other, mode)``,
     ``.binarize(x, layer)``, ``.layers``.  See :mod:`srd_fx.apop`."""
@@ -342,4 +404,4 @@ def binarize(model: nn.Module, layer: str) -> Binarized:
     return Binarized(model, layer)
 
 
-__all__ = ["apop", "binarize", "APOP", "Binarized", "MODES"]
+__all__ = ["apop", "binarize", "evaluate", "APOP", "Binarized", "MODES", "INPUTS"]

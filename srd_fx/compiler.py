@@ -43,14 +43,16 @@ class Explainer(nn.Module):
 
     def __init__(self, model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
                  encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
-                 example_input: Optional[torch.Tensor] = None, check: bool = True):
+                 unit: str = "pfv", example_input: Optional[torch.Tensor] = None, check: bool = True):
         super().__init__()
         if value not in ("pre", "post"):
             raise ValueError("value must be 'pre' (SRD) or 'post' (ablation, SPEC §5)")
+        if unit not in ("pfv", "neuron"):
+            raise ValueError("unit must be 'pfv' (SRD) or 'neuron' (ablation, SPEC §5)")
         check_eval(model)
         self.model = model
         self.options = dict(head=head, layers=tuple(layers) if layers != "all" else "all",
-                            encoder_output=encoder_output, eps=eps, value=value, check=check)
+                            encoder_output=encoder_output, eps=eps, value=value, unit=unit, check=check)
         self.graph_module = None
         self.info: Optional[GraphInfo] = None
         self.traced = trace(model)
@@ -80,7 +82,7 @@ class Explainer(nn.Module):
         o = self.options
         self.graph_module, self.layer_nodes = build_twin(
             self.info, root, head=o["head"], layers=o["layers"], eps=o["eps"], value=o["value"],
-            check=o["check"], input_channels=ex.shape[1] if ex.dim() > 1 else None)
+            unit=o["unit"], check=o["check"], input_channels=ex.shape[1] if ex.dim() > 1 else None)
         return self
 
     @property
@@ -128,7 +130,8 @@ def _default_example(model):
 
 def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
             encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
-            example_input: Optional[torch.Tensor] = None, check: bool = True) -> Explainer:
+            unit: str = "pfv", example_input: Optional[torch.Tensor] = None,
+            check: bool = True) -> Explainer:
     """Compile ``model`` (in eval mode) into its SRD explainer.
 
     head:           "gradcam" (Eq. 4, default), "ones" (Sec. 4.3) or ``f(A, logits, target) -> R``;
@@ -137,8 +140,10 @@ def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] =
     encoder_output: module or node name of L (default: timm's forward_features, else the input
                     of the global pooling);
     eps:            positions with ||v||^2 <= eps pass no relevance;
-    value:          "pre" (SRD) or "post" (ablation, SPEC §5);
+    value:          "pre" (SRD) or "post" (ablation, SPEC §5: share by <v_hat, act(v)>);
+    unit:           "pfv" (SRD) or "neuron" (ablation, SPEC §5: scalar neurons, LRP-0 with bias
+                    sharing per neuron);
     example_input:  build now instead of on the first call;
     check:          validate inputs/outputs (finite, ranks, training mode)."""
     return Explainer(model, head=head, layers=layers, encoder_output=encoder_output, eps=eps,
-                     value=value, example_input=example_input, check=check)
+                     value=value, unit=unit, example_input=example_input, check=check)

@@ -77,33 +77,27 @@ def _split_indices(split: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _backgrounds() -> List[np.ndarray]:
-    """Backgrounds as float32 arrays in [0, 1]: (H, W) for grey textures, (H, W, 3) for photos."""
+def _backgrounds() -> List[Image.Image]:
+    """The background sources as Pillow images: greyscale textures ("L") and colour photos ("RGB")."""
     import skimage.data
-    out = []
-    for name in GRAY_TEXTURES:
-        out.append(getattr(skimage.data, name)().astype(np.float32) / 255.0)
-    for name in COLOUR_IMAGES:
-        out.append(getattr(skimage.data, name)().astype(np.float32)[..., :3] / 255.0)
+    out = [Image.fromarray(getattr(skimage.data, name)()) for name in GRAY_TEXTURES]
+    out += [Image.fromarray(getattr(skimage.data, name)()[..., :3]) for name in COLOUR_IMAGES]
     return out
 
 
 def _resize(a: np.ndarray, size: Tuple[int, int], resample=Image.BILINEAR) -> np.ndarray:
-    """Resize a float (H, W) or (H, W, C) array with Pillow."""
-    w, h = size[1], size[0]
-    if a.ndim == 2:
-        return np.asarray(Image.fromarray(a, mode="F").resize((w, h), resample), dtype=np.float32)
-    return np.stack([_resize(a[..., c], size, resample) for c in range(a.shape[-1])], -1)
+    """Resize a float (H, W) array with Pillow."""
+    return np.asarray(Image.fromarray(a, mode="F").resize((size[1], size[0]), resample), dtype=np.float32)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     bgs = _backgrounds()
-    k = int(rng.integers(len(bgs)))
-    src = bgs[k]
-    H, W = src.shape[:2]
+    src = bgs[int(rng.integers(len(bgs)))]
+    W, H = src.size
     crop = int(rng.integers(min(size, H, W), min(H, W, 4 * size) + 1))
     top, left = int(rng.integers(0, H - crop + 1)), int(rng.integers(0, W - crop + 1))
-    patch = _resize(np.ascontiguousarray(src[top:top + crop, left:left + crop]), (size, size))
+    patch = src.resize((size, size), Image.BILINEAR, box=(left, top, left + crop, top + crop))
+    patch = np.asarray(patch, dtype=np.float32) / 255.0
     if patch.ndim == 2:  # tint a grey texture between two random colours
         c0, c1 = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
         patch = c0 + patch[..., None] * (c1 - c0)
@@ -116,7 +110,7 @@ def make_scene(digit: np.ndarray, rng: np.random.Generator, size: int) -> Tuple[
     """Paste ``digit`` (8x8 in [0, 1]) onto a random background: returns (image (H, W, 3) in [0, 1],
     mask (H, W) bool)."""
     bg = _background(rng, size)
-    s = int(rng.integers(int(0.4 * size), int(0.75 * size) + 1))
+    s = int(rng.integers(int(0.35 * size), int(0.65 * size) + 1))
     ink = np.clip(_resize(digit, (s, s), Image.BICUBIC), 0, 1)
     top, left = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
     alpha = np.zeros((size, size), np.float32)

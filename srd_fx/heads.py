@@ -50,10 +50,12 @@ def _spatial(A, caxes):
     return tuple(d for d in range(1, A.dim()) if d not in caxes)
 
 
-def gradcam(head, A, logits, target, caxes):
+def gradcam(head, A, logits, target, caxes, neuron=False):
     """R^L_i = max(Phi^c_i - mean_c' Phi^c'_i, 0) with Grad-CAM weights (Eq. 4).
 
-    One vector-Jacobian product of the head with (onehot(c) - 1/K) gives both terms at once."""
+    One vector-Jacobian product of the head with (onehot(c) - 1/K) gives both terms at once.
+    unit="neuron": each neuron k of a position with Phi_i > 0 gets its term alpha_k A_ik (the
+    z-rule through Phi's linear combination), so the neuron relevances of i sum to R^L_i."""
     t = resolve_target(logits, target)
     K = logits.shape[-1]
     w = F.one_hot(t, K).to(logits.dtype) - 1.0 / K
@@ -64,25 +66,41 @@ def gradcam(head, A, logits, target, caxes):
         (grad,) = torch.autograd.grad(y, A_, w, create_graph=create)
     sp = _spatial(A, caxes)
     alpha = grad.mean(dim=sp, keepdim=True) if sp else grad
-    phi = (alpha * A).sum(dim=caxes, keepdim=True)
+    terms = alpha * A
+    phi = terms.sum(dim=caxes, keepdim=True)
+    if neuron:
+        return terms * (phi > 0).to(terms.dtype)
     return torch.relu(phi)
 
 
-def ones(A, caxes):
-    """R^L_i = 1 (the attack setting of Sec. 4.3)."""
+def ones(A, caxes, neuron=False):
+    """R^L_i = 1 (the attack setting of Sec. 4.3); unit="neuron": 1/C per neuron."""
     shape = list(A.shape)
     for a in caxes:
         shape[a] = 1
-    return A.new_ones(shape)
+    r = A.new_ones(shape)
+    if neuron:
+        C = A.numel() // r.numel()
+        r = r.expand(A.shape) / C
+    return r
 
 
-def user_head(fn, A, logits, target, caxes):
-    """A callable head ``(A, logits, target) -> R^L`` of shape (B, H, W)."""
+def user_head(fn, A, logits, target, caxes, neuron=False):
+    """A callable head ``(A, logits, target) -> R^L``: shape (B, H, W) — or, with
+    unit="neuron", the shape of A (one relevance per neuron)."""
     r = fn(A, logits, target)
+    if not isinstance(r, torch.Tensor):
+        raise InputError(f"the head must return a tensor, got {type(r).__name__}")
+    if neuron and tuple(r.shape) == tuple(A.shape):
+        return r
     shape = list(A.shape)
     for a in caxes:
         shape[a] = 1
     want = tuple(s for i, s in enumerate(shape) if i not in caxes)
     if tuple(r.shape) != want:
-        raise InputError(f"the head returned a map of shape {tuple(r.shape)}; expected {want}")
+        raise InputError(f"the head returned a map of shape {tuple(r.shape)}; expected {want}"
+                         + (f" or {tuple(A.shape)}" if neuron else ""))
+    if neuron:
+        raise InputError(f"with unit='neuron' the head must return one relevance per neuron, "
+                         f"shape {tuple(A.shape)}")
     return r.reshape(shape)

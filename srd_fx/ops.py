@@ -18,8 +18,8 @@ Axes = Tuple[int, ...]
 
 # ------------------------------------------------------------------ PFV algebra ------------
 def sq_norm(v: torch.Tensor, caxes: Axes) -> torch.Tensor:
-    """||v_j||^2 per position j (a map)."""
-    return (v * v).sum(dim=caxes, keepdim=True)
+    """||v_j||^2 per position j (a map).  No channel axes: per neuron (unit="neuron")."""
+    return (v * v).sum(dim=caxes, keepdim=True) if caxes else v * v
 
 
 def pfv_norm(x: torch.Tensor, caxes: Axes) -> torch.Tensor:
@@ -31,7 +31,7 @@ def pfv_norm(x: torch.Tensor, caxes: Axes) -> torch.Tensor:
 
 def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """<x_i, g_i> per position (the linear share R_lin = sum_c x * Lin^T s)."""
-    return (x * g).sum(dim=caxes, keepdim=True)
+    return (x * g).sum(dim=caxes, keepdim=True) if caxes else x * g
 
 
 def safe_div(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,13 @@ def lost_relevance(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float) ->
 def squeeze_map(m: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """A map without its channel axes: ``(B, 1, H, W) -> (B, H, W)``."""
     return m.squeeze(tuple(caxes)) if caxes else m
+
+
+def position_map(r: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """Relevance per position: sums neuron relevances (unit="neuron") over the channel axes."""
+    if all(r.shape[a] == 1 for a in caxes):
+        return r.squeeze(tuple(caxes))
+    return r.sum(dim=tuple(caxes))
 
 
 def unbroadcast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -106,7 +113,8 @@ def expand_map(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor
 
 # ------------------------------------------------------------ structural windows ------------
 def _ones(nd: int, kernel: Sequence[int], ref: torch.Tensor) -> torch.Tensor:
-    return torch.ones((1, 1, *kernel), dtype=ref.dtype, device=ref.device)
+    """Ones kernel, depthwise over the map's channels (1 for PFV maps, C for neuron maps)."""
+    return torch.ones((ref.shape[1], 1, *kernel), dtype=ref.dtype, device=ref.device)
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -131,7 +139,7 @@ def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, out_like) -> 
         have = m.shape[2 + i] + 2 * p[i]
         pads += [p[i], p[i] + max(0, need - have)]
     mp = F.pad(m, pads)
-    out = _CONV[nd](mp, _ones(nd, k, m), stride=s, dilation=d)
+    out = _CONV[nd](mp, _ones(nd, k, m), stride=s, dilation=d, groups=m.shape[1])
     sl = (slice(None), slice(None)) + tuple(slice(0, o) for o in out_size)
     return out[sl]
 
@@ -141,7 +149,7 @@ def window_sum_T(m: torch.Tensor, kernel, stride, padding, dilation, in_like) ->
     nd = m.dim() - 2
     k, s, p, d = (_tuple(v, nd) for v in (kernel, stride, padding, dilation))
     in_size = tuple(in_like.shape[-nd:])
-    full = _CONV_T[nd](m, _ones(nd, k, m), stride=s, dilation=d)
+    full = _CONV_T[nd](m, _ones(nd, k, m), stride=s, dilation=d, groups=m.shape[1])
     pads = []
     for i in reversed(range(nd)):
         have = full.shape[2 + i] - p[i]
@@ -265,3 +273,15 @@ def gather_same(z, idx, x, kernel, stride, dilation):
     z = z.expand((z.shape[0],) + tuple(x.shape[1:])) if z.shape[1:] != x.shape[1:] else z
     zp = F.pad(z, pad)
     return gather(zp, idx, zp)
+
+
+# ------------------------------------------------------------ unit="neuron" shadows -------
+def conv_ones(m, x, weight, stride, padding, dilation, groups):
+    """Neuron-level structural field of a convolution: every output neuron sums the input
+    neurons of its group inside its window."""
+    nd = x.dim() - 2
+    return _CONV[nd](m, torch.ones_like(weight), None, stride, padding, dilation, groups)
+
+
+def conv_ones_T(m, x, weight, stride, padding, dilation, groups):
+    return conv_T(m, x, torch.ones_like(weight), stride, padding, dilation, groups)

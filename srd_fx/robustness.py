@@ -472,7 +472,15 @@ class AttackResult:
     maps: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _check_inputs(x_org, x_target, clamp):
+def _as_bound(v, like: torch.Tensor) -> torch.Tensor:
+    """A float, or a per-channel sequence/tensor, as a tensor broadcastable to (B, C, H, W)."""
+    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    if t.dim() == 1:
+        t = t.view(1, -1, 1, 1)
+    return t
+
+
+def _check_inputs(x_org, x_target, lo, hi):
     if not isinstance(x_org, torch.Tensor) or not isinstance(x_target, torch.Tensor):
         raise InputError("x_org and x_target must be tensors")
     if x_org.dim() != 4 or x_org.shape != x_target.shape:
@@ -481,10 +489,10 @@ def _check_inputs(x_org, x_target, clamp):
     for nm, t in (("x_org", x_org), ("x_target", x_target)):
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"{nm} contains NaN or infinite values")
-        lo, hi = clamp
-        if t.min() < lo - 1e-6 or t.max() > hi + 1e-6:
-            raise InputError(f"{nm} has values in [{t.min():.3g}, {t.max():.3g}], outside the pixel range "
-                             f"{clamp}; pass clamp=(low, high) matching your input normalisation")
+        if (t < lo - 1e-5).any() or (t > hi + 1e-5).any():
+            raise InputError(f"{nm} has values in [{t.min():.3g}, {t.max():.3g}], outside the valid input "
+                             f"range given by clamp=({lo.min():.3g}.., {hi.max():.3g}..); pass clamp=(low, high) "
+                             "matching your input normalisation (e.g. ((0 - mean) / std, (1 - mean) / std))")
 
 
 def manipulate(model: nn.Module, method, x_org: torch.Tensor, x_target: torch.Tensor, *,
@@ -497,20 +505,23 @@ def manipulate(model: nn.Module, method, x_org: torch.Tensor, x_target: torch.Te
 
     method:    a name in ``METHODS`` or a :class:`Method` built by :func:`make_method`;
     optimiser: Adam on the perturbation delta (lr ``lr``), delta projected after every step onto
-               ``||delta||_inf <= eps`` and ``x_org + delta`` onto ``clamp``;
+               ``||delta||_inf <= eps`` and ``x_org + delta`` onto ``clamp = (low, high)``; ``eps``,
+               ``low`` and ``high`` are floats or per-channel sequences, in the units of the model
+               input (for a normalised input: ``(8/255) / std`` and ``((0 - mean) / std, (1 - mean) / std)``);
     stop:      a pair stops when the MSE between its max-normalised attacked map and the
                max-normalised target map is ``<= stop_mse`` or after ``max_steps`` steps;
     returns:   the iterate with the lowest loss among those evaluated before the pair stopped
                (so ``lambda2 * MSE(F(x_adv), F(x_org)) <= loss(delta=0)`` holds exactly)."""
     model.eval()
-    _check_inputs(x_org, x_target, clamp)
-    if eps < 0 or max_steps < 0:
-        raise InputError("eps and max_steps must be >= 0")
+    lo, hi = _as_bound(clamp[0], x_org), _as_bound(clamp[1], x_org)
+    eps_t = _as_bound(eps, x_org)
+    _check_inputs(x_org, x_target, lo, hi)
+    if (eps_t < 0).any() or max_steps < 0:
+        raise InputError(f"eps and max_steps must be >= 0, got eps={eps}, max_steps={max_steps}")
     x_org = x_org.detach()
     x_target = x_target.detach()
     if isinstance(method, str):
         method = make_method(method, model, x_org, beta=beta, ig_steps=ig_steps)
-    lo, hi = clamp
     B = x_org.shape[0]
     with torch.no_grad():
         logits_org = model(x_org)
@@ -562,8 +573,8 @@ def manipulate(model: nn.Module, method, x_org: torch.Tensor, x_target: torch.Te
         (loss * active.to(loss.dtype)).sum().backward()
         opt.step()
         with torch.no_grad():
-            delta.clamp_(-eps, eps)
-            delta.copy_((x_org + delta).clamp(lo, hi) - x_org)
+            delta.copy_(torch.maximum(torch.minimum(delta, eps_t), -eps_t))
+            delta.copy_(torch.maximum(torch.minimum(x_org + delta, hi), lo) - x_org)
             if step_callback is not None:
                 step_callback(t, delta.detach())
 

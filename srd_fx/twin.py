@@ -141,8 +141,9 @@ def add_all(*ts):
 class Builder:
     """Emits the twin graph; rules talk to it (see rules/__init__.py)."""
 
-    def __init__(self, info: GraphInfo, root: nn.Module, eps: float, value: str = "pre"):
-        self.info, self.root, self.eps, self.value = info, root, eps, value
+    def __init__(self, info: GraphInfo, root: nn.Module, eps: float, value: str = "pre",
+                 unit: str = "pfv"):
+        self.info, self.root, self.eps, self.value, self.unit = info, root, eps, value, unit
         self.g = fx.Graph()
         self.env: Dict[fx.Node, fx.Node] = {}
         self._recorded: Dict[tuple, fx.Node] = {}
@@ -153,7 +154,9 @@ class Builder:
         return self.info.shape(n)
 
     def caxes(self, n):
-        return self.info.caxes(n)
+        """Channel axes of a tensor: reduced by PFV norms.  unit="neuron": none (every scalar
+        neuron is its own unit, SPEC §5)."""
+        return () if self.unit == "neuron" else self.info.caxes(n)
 
     def main_inputs(self, n):
         return self.info.main_inputs(n)
@@ -351,9 +354,9 @@ def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx
 
 
 def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("input",), eps=1e-12,
-               value="pre", check=True, input_channels=None):
+               value="pre", unit="pfv", check=True, input_channels=None):
     """Build the twin GraphModule.  Returns (GraphModule, {layer key: node name})."""
-    b = Builder(info, root, eps, value)
+    b = Builder(info, root, eps, value, unit)
     x = b.g.placeholder(info.input.name)
     target = b.g.placeholder("target", default_value=None)
     x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels, name="x_checked") \
@@ -375,15 +378,17 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
 
     # 2. initial relevance at the encoder output L (Eq. 4)
     L = info.L
-    cax_L = b.caxes(L)
+    cax_L = info.caxes(L)
+    neuron = unit == "neuron"
     if callable(head) and not isinstance(head, str):
         root.srd_user_head = head
-        R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, name="R_L")
+        R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, neuron,
+                     name="R_L")
     elif head == "gradcam":
         root.srd_head = heads.extract_head(info)
-        R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, name="R_L")
+        R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, neuron, name="R_L")
     elif head == "ones":
-        R_L = b.call(heads.ones, b.val(L), cax_L, name="R_L")
+        R_L = b.call(heads.ones, b.val(L), cax_L, neuron, name="R_L")
     else:
         raise ValueError(f"head must be 'gradcam', 'ones' or a callable (A, logits, target) -> R, got {head!r}")
 
@@ -402,7 +407,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     parts = contributions.pop(info.input, [])
     R_in = parts[0] if len(parts) == 1 else (b.call(add_all, *parts, name="R_input") if parts else None)
     if R_in is None:
-        R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, (1,)))
+        R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, b.caxes(info.input)))
     R_of[info.input] = R_in
 
     # 4. outputs
@@ -412,12 +417,12 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
         r = R_of.get(node)
         if r is None:
             r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
-        rel[key] = b.call(ops.squeeze_map, r, b.caxes(node), name="out_" + key.replace(".", "_"))
-    sal = b.call(ops.squeeze_map, R_in, (1,), name="saliency")
+        rel[key] = b.call(ops.position_map, r, info.caxes(node), name="out_" + key.replace(".", "_"))
+    sal = b.call(ops.position_map, R_in, (1,), name="saliency")
     if check:
         sal = b.call(check_finite, sal, "the SRD saliency map", name="saliency_checked")
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel,
-                "R_L": b.call(ops.squeeze_map, R_L, cax_L, name="out_R_L")})
+                "R_L": b.call(ops.position_map, R_L, cax_L, name="out_R_L")})
     gm = fx.GraphModule(root, b.g, "SRDExplainer")
     return gm, names
 

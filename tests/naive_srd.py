@@ -267,3 +267,260 @@ def erf_forward(net: Net, x: torch.Tensor, eps: float = 1e-12):
 def encoder_output(net: Net, x: torch.Tensor) -> torch.Tensor:
     """The encoder output L for a batch (one sample at a time, like everything here)."""
     return torch.cat([_forward_sample(net, x[b:b + 1])[0][net.L] for b in range(x.shape[0])])
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny test networks, each with its hand-written block description
+# --------------------------------------------------------------------------------------------
+# Every factory returns (module, Net); the module is float64, in eval mode, with random
+# weights and random batch-norm statistics/affine parameters. Block names are the fx node names
+# of the activation layers (module path with "." -> "_", functional calls "relu", "relu_1", ...).
+
+import torch.nn as nn  # noqa: E402
+
+
+def randomize_bn(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Random running statistics and affine parameters for every batch-norm layer."""
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            c = mod.num_features
+            with torch.no_grad():
+                mod.running_mean.copy_(0.5 * torch.randn(c, generator=generator))
+                mod.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+                if mod.affine:
+                    mod.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                    mod.bias.copy_(0.3 * torch.randn(c, generator=generator))
+    return model
+
+
+def _relu(v):
+    return torch.relu(v)
+
+
+class PlainNet(nn.Module):
+    """conv/BN/ReLU stack, module activations (one in-place), nn.AdaptiveAvgPool2d + Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(6, 8, 3, padding=1)
+        self.act3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.act3(self.conv3(x))
+        return self.fc(self.flat(self.pool(x)))
+
+
+def plain_net():
+    m = randomize_bn(PlainNet()).double().eval()
+    blocks = [
+        Block("act1", ["input"], lambda c, x: m.bn1(m.conv1(x)), [[window(3, 1, 1)]], _relu),
+        Block("act2", ["act1"], lambda c, x: m.bn2(m.conv2(x)), [[window(3, 1, 1)]], _relu),
+        Block("act3", ["act2"], lambda c, x: m.conv3(x), [[window(3, 1, 1)]], _relu),
+    ]
+    return m, Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
+
+
+class StridedNet(nn.Module):
+    """Stride 2, dilation 2, groups, depthwise, 1x1, non-square kernels, bias and no bias;
+    functional, module and tensor-method activations; head: mean over space + Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.lrelu = nn.LeakyReLU(0.1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.conv4 = nn.Conv2d(8, 8, (3, 1), padding=(1, 0))
+        self.conv5 = nn.Conv2d(8, 6, 2, bias=False)
+        self.conv6 = nn.Conv2d(6, 6, (1, 3), stride=(1, 2), padding=(0, 1))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))            # 8x8 -> 4x4
+        x = self.lrelu(self.conv2(x))
+        x = F.elu(self.bn3(self.conv3(x)))
+        x = self.conv4(x).relu()
+        x = torch.tanh(self.conv5(x))        # 4x4 -> 3x3
+        x = F.silu(self.conv6(x))            # 3x3 -> 3x2
+        return self.fc(x.mean((2, 3)))
+
+
+def strided_net():
+    m = randomize_bn(StridedNet()).double().eval()
+    blocks = [
+        Block("relu", ["input"], lambda c, x: m.conv1(x), [[window(3, 2, 1)]], _relu),
+        Block("lrelu", ["relu"], lambda c, x: m.conv2(x), [[window(3, 1, 2, 2)]],
+              lambda v: F.leaky_relu(v, 0.1)),
+        Block("elu", ["lrelu"], lambda c, x: m.bn3(m.conv3(x)), [[window(3, 1, 1)]], F.elu),
+        Block("relu_1", ["elu"], lambda c, x: m.conv4(x), [[window((3, 1), 1, (1, 0))]], _relu),
+        Block("tanh", ["relu_1"], lambda c, x: m.conv5(x), [[window(2)]], torch.tanh),
+        Block("silu", ["tanh"], lambda c, x: m.conv6(x), [[window((1, 3), (1, 2), (0, 1))]], F.silu),
+    ]
+    return m, Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
+
+
+class PoolNet(nn.Module):
+    """Overlapping max-pool 3x3 s2 p1, avg-pool 3x3 s1 p1 (zero padding counted in the mean),
+    non-overlapping max-pool 2x2 ending the encoder (L is a virtual identity layer), SiLU and
+    GELU modules, flatten + Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = nn.SiLU()
+        self.pool2 = nn.AvgPool2d(3, 1, 1)
+        self.conv3 = nn.Conv2d(6, 8, 1)
+        self.act3 = nn.GELU()
+        self.pool3 = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = self.pool1(self.act1(self.conv1(x)))       # 8x8 -> 4x4
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.act3(self.conv3(self.pool2(x)))
+        x = self.pool3(x)                              # 4x4 -> 2x2 (encoder output)
+        return self.fc(torch.flatten(x, 1))
+
+
+def pool_net():
+    m = randomize_bn(PoolNet()).double().eval()
+    blocks = [
+        Block("act1", ["input"], lambda c, x: m.conv1(x), [[window(3, 1, 1)]], _relu),
+        Block("act2", ["act1"], lambda c, x: m.bn2(m.conv2(maxpool_fixed(c, "p1", x, 3, 2, 1))),
+              [[chain(window(3, 2, 1), window(3, 1, 1))]], F.silu),
+        Block("act3", ["act2"], lambda c, x: m.conv3(F.avg_pool2d(x, 3, 1, 1)),
+              [[chain(window(3, 1, 1), window(1))]], F.gelu),
+        Block("pool3", ["act3"], lambda c, x: maxpool_fixed(c, "p3", x, 2), [[window(2, 2)]], None),
+    ]
+    return m, Net(blocks, head=lambda A: m.fc(torch.flatten(A, 1)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, act1, act2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = act1
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = act2
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.act1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.act2(y + (x if self.down is None else self.down(x)))
+
+
+class ResNetTiny(nn.Module):
+    """Stem + an identity residual block + a downsampling block with a 1x1-conv shortcut
+    (multi-input blocks, fan-out of a block input), global average pooling + Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.block1 = BasicBlock(8, 8, 1, nn.ReLU(inplace=True), nn.ReLU(inplace=True))
+        self.block2 = BasicBlock(8, 12, 2, nn.ELU(), nn.ReLU())
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.block2(self.block1(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnet_tiny():
+    m = randomize_bn(ResNetTiny()).double().eval()
+    b1, b2 = m.block1, m.block2
+    blocks = [
+        Block("relu", ["input"], lambda c, x: m.bn(m.conv(x)), [[window(3, 1, 1)]], _relu),
+        Block("block1_act1", ["relu"], lambda c, x: b1.bn1(b1.conv1(x)), [[window(3, 1, 1)]], _relu),
+        Block("block1_act2", ["block1_act1", "relu"], lambda c, y, x: b1.bn2(b1.conv2(y)) + x,
+              [[window(3, 1, 1)], [identity()]], _relu),
+        Block("block2_act1", ["block1_act2"], lambda c, x: b2.bn1(b2.conv1(x)), [[window(3, 2, 1)]], F.elu),
+        Block("block2_act2", ["block2_act1", "block1_act2"],
+              lambda c, y, x: b2.bn2(b2.conv2(y)) + b2.down(x),
+              [[window(3, 1, 1)], [window(1, 2, 0)]], _relu),
+    ]
+    return m, Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
+
+
+class CatNet(nn.Module):
+    """Channel cat of two branches feeding a conv (two-input block sharing D); a cat inside one
+    block (one input reaching the output through two branches); a RepVGG-like sum of a 3x3, a
+    1x1 and the identity (three paths from one input position); avg-pool without counting the
+    padding; in-place functional and tensor-method activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.a0 = nn.LeakyReLU(0.2, inplace=True)
+        self.br1 = nn.Conv2d(6, 4, 1)
+        self.br2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.convm = nn.Conv2d(8, 6, 3, padding=1)
+        self.bnm = nn.BatchNorm2d(6)
+        self.conva = nn.Conv2d(6, 3, 3, padding=1, bias=False)
+        self.bna = nn.BatchNorm2d(3)
+        self.convb = nn.Conv2d(6, 3, 1)
+        self.rep3 = nn.Conv2d(6, 6, 3, padding=1)
+        self.rep1 = nn.Conv2d(6, 6, 1)
+        self.convf = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        z = self.a0(self.conv0(x))
+        y1 = F.relu(self.br1(z), inplace=True)
+        y2 = F.elu(self.br2(z))
+        t = torch.tanh(self.bnm(self.convm(torch.cat([y1, y2], 1))))
+        g = F.gelu(torch.cat([self.bna(self.conva(t)), self.convb(t)], dim=1))
+        s = F.silu(self.rep3(g) + self.rep1(g) + g)
+        p = F.avg_pool2d(s, 3, stride=2, padding=1, count_include_pad=False)   # 8x8 -> 4x4
+        r = self.convf(p).relu_()
+        return self.fc(F.adaptive_avg_pool2d(r, (1, 1)).flatten(1))
+
+
+def cat_net():
+    m = randomize_bn(CatNet()).double().eval()
+    blocks = [
+        Block("a0", ["input"], lambda c, x: m.conv0(x), [[window(3, 1, 1)]],
+              lambda v: F.leaky_relu(v, 0.2)),
+        Block("relu", ["a0"], lambda c, z: m.br1(z), [[window(1)]], _relu),
+        Block("elu", ["a0"], lambda c, z: m.br2(z), [[window(3, 1, 1)]], F.elu),
+        Block("tanh", ["relu", "elu"], lambda c, a, b: m.bnm(m.convm(torch.cat([a, b], 1))),
+              [[window(3, 1, 1)], [window(3, 1, 1)]], torch.tanh),
+        Block("gelu", ["tanh"], lambda c, t: torch.cat([m.bna(m.conva(t)), m.convb(t)], 1),
+              [[window(3, 1, 1), window(1)]], F.gelu),
+        Block("silu", ["gelu"], lambda c, g: m.rep3(g) + m.rep1(g) + g,
+              [[window(3, 1, 1), window(1), identity()]], F.silu),
+        Block("relu_", ["silu"], lambda c, s: m.convf(F.avg_pool2d(s, 3, 2, 1, count_include_pad=False)),
+              [[chain(window(3, 2, 1), window(1))]], _relu),
+    ]
+    return m, Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
+
+
+TINY_NETS = {
+    "plain": plain_net,
+    "strided": strided_net,
+    "pools": pool_net,
+    "resnet": resnet_tiny,
+    "cat": cat_net,
+}

@@ -76,8 +76,10 @@ def test_max_pool_gathers_at_recorded_indices_by_hand():
 # ------------------------------------------------------------------ real networks -------------
 @pytest.fixture(scope="module")
 def resnet():
+    """A torchvision ResNet with one BasicBlock per stage (its ReLU module is called twice)."""
     torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
+    from torchvision.models.resnet import BasicBlock, ResNet
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
 
 
 class _VGGish(nn.Module):
@@ -101,7 +103,7 @@ class _VGGish(nn.Module):
 @pytest.mark.parametrize("mode", ["apop", "apop_relu"])
 def test_same_input_reproduces_logits_exactly(resnet, mode):
     torch.manual_seed(1)
-    for model, shape in ((resnet, (3, 3, 32, 32)), (_VGGish().eval(), (3, 3, 16, 16))):
+    for model, shape in ((resnet, (2, 3, 16, 16)), (_VGGish().eval(), (2, 3, 32, 32))):
         x = torch.randn(shape)
         a = apop(model)
         with torch.no_grad():
@@ -117,79 +119,80 @@ def test_vggish_sites():
     assert a.module_of == {"relu": None, "relu_1": None, "act": "act", "relu_": None}
 
 
-def _algorithm1(model, x, x_other, relu_after=False):
+class _Algorithm1:
     """The paper's Algorithm 1 with module hooks (no fx): ReLU modules store their masks (one
-    per call), max-pools their indices; the replay multiplies / gathers."""
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
-    store, state = {}, {"mode": "record"}
+    per call, ``sign(output)``), max-pools their indices; the replay multiplies / gathers."""
 
-    def relu_hook(mod, inp, out):
-        calls = store.setdefault(mod, [])
-        if state["mode"] == "record":
-            calls.append(torch.sign(out))
-            return None
-        out = inp[0] * calls[state["count"][mod]]
-        state["count"][mod] += 1
-        return F.relu(out) if relu_after else out
+    def __init__(self, model):
+        self.model = copy.deepcopy(model)
+        for m in self.model.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+            if isinstance(m, nn.ReLU):
+                m.register_forward_hook(self._relu)
+            elif isinstance(m, nn.MaxPool2d):
+                m.register_forward_hook(self._pool)
+        self.store, self.mode, self.count, self.relu_after = {}, "record", {}, False
 
-    def pool_hook(mod, inp, out):
-        if state["mode"] == "record":
-            store[mod] = F.max_pool2d(inp[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                                      ceil_mode=mod.ceil_mode, return_indices=True)[1]
+    def _relu(self, mod, inp, out):
+        if self.mode == "record":
+            self.store.setdefault(mod, []).append(torch.sign(out))
             return None
-        idx = store[mod]
+        k = self.count.get(mod, 0)
+        self.count[mod] = k + 1
+        out = inp[0] * self.store[mod][k]
+        return F.relu(out) if self.relu_after else out
+
+    def _pool(self, mod, inp, out):
+        if self.mode == "record":
+            self.store[mod] = F.max_pool2d(inp[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                           ceil_mode=mod.ceil_mode, return_indices=True)[1]
+            return None
+        idx = self.store[mod]
         return inp[0].flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
 
-    for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            m.register_forward_hook(relu_hook)
-        elif isinstance(m, nn.MaxPool2d):
-            m.register_forward_hook(pool_hook)
+    @torch.no_grad()
+    def record(self, x):
+        self.store, self.mode = {}, "record"
+        return self.model(x)
+
+    @torch.no_grad()
+    def replay(self, x, relu_after=False):
+        self.mode, self.count, self.relu_after = "replay", {}, relu_after
+        return self.model(x)
+
+
+def test_agrees_with_hook_implementation_of_algorithm1(resnet):
+    model = copy.deepcopy(resnet).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    a, ref = apop(model), _Algorithm1(model)
     with torch.no_grad():
-        model(x)
-        state["mode"], state["count"] = "replay", {m: 0 for m in model.modules()}
-        return model(x_other)
-
-
-@pytest.mark.parametrize("mode", ["apop", "apop_relu"])
-def test_agrees_with_hook_implementation_of_algorithm1(resnet, mode):
-    model = resnet.double()
-    try:
-        x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-        a = apop(model)
-        with torch.no_grad():
-            a.record(x)
-            for other in (torch.zeros_like(x), torch.ones_like(x), torch.randn_like(x)):
-                ref = _algorithm1(model, x, other, relu_after=mode == "apop_relu")
-                torch.testing.assert_close(a.run(other, mode=mode), ref, rtol=1e-12, atol=1e-12)
-    finally:
-        model.float()
+        torch.testing.assert_close(a.record(x), ref.record(x), rtol=0, atol=0)
+        for other in (torch.zeros_like(x), torch.ones_like(x), torch.randn_like(x)):
+            for mode in ("apop", "apop_relu"):
+                torch.testing.assert_close(a.run(other, mode=mode),
+                                           ref.replay(other, relu_after=mode == "apop_relu"),
+                                           rtol=1e-12, atol=1e-12)
 
 
 def test_apop_is_affine_in_the_new_input(resnet):
     """With the pattern fixed the network is affine: f(t u + (1-t) w) = t f(u) + (1-t) f(w)."""
-    model = resnet.double()
-    try:
-        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-        u, w = torch.randn_like(x), torch.randn_like(x)
-        a = apop(model)
-        with torch.no_grad():
-            a.record(x)
-            t = 0.3
-            lhs = a.run(t * u + (1 - t) * w)
-            rhs = t * a.run(u) + (1 - t) * a.run(w)
-            torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
-            # ... and the network on the recorded input is not (ReLU switches on u, w)
-            assert not torch.allclose(model(t * u + (1 - t) * w), t * model(u) + (1 - t) * model(w))
-    finally:
-        model.float()
+    model = copy.deepcopy(resnet).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    u, w = torch.randn_like(x), torch.randn_like(x)
+    a = apop(model)
+    with torch.no_grad():
+        a.record(x)
+        t = 0.3
+        lhs = a.run(t * u + (1 - t) * w)
+        rhs = t * a.run(u) + (1 - t) * a.run(w)
+        torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
+        # ... while the network itself is not affine (its ReLUs switch between u and w)
+        assert not torch.allclose(model(t * u + (1 - t) * w), t * model(u) + (1 - t) * model(w))
 
 
 def test_binarize_matches_forward_hook(resnet):
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     a = apop(resnet)
     relu_mod = resnet.layer1[0].relu                     # called twice in a BasicBlock
     calls = {"n": 0}
@@ -231,12 +234,12 @@ def test_gates_are_not_activation_layers():
 
 def test_bad_use_is_refused(resnet):
     a = apop(resnet)
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 16, 16)
     with pytest.raises(RuntimeError, match="record"):
         a.run(x)
     a.record(x)
     with pytest.raises(srd_fx.InputError, match="same shape"):
-        a.run(torch.zeros(2, 3, 32, 32))
+        a.run(torch.zeros(2, 3, 16, 16))
     with pytest.raises(ValueError, match="mode"):
         a.run(x, mode="relu")
     with pytest.raises(srd_fx.NonFiniteError):
@@ -245,3 +248,58 @@ def test_bad_use_is_refused(resnet):
         a.binarize(x, "nope")
     with pytest.raises(srd_fx.TrainingModeError):
         apop(torchvision.models.resnet18(num_classes=3))   # left in training mode
+
+
+# ------------------------------------------------------------------ the command line ----------
+def _image_folder(root, n_per_class=3):
+    """A two-class ImageFolder of real photographs (scikit-image) saved with Pillow."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+    for cls, img in (("cat", skimage.data.chelsea()), ("coffee", skimage.data.coffee())):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            crop = img[20 * i:20 * i + 120, 30 * i:30 * i + 120]
+            Image.fromarray(np.ascontiguousarray(crop)).save(root / cls / f"{i}.png")
+
+
+def test_cli_on_user_model_and_imagefolder(tmp_path):
+    import csv
+    import json
+
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from srd_fx.cli import main
+    _image_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=2).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "out"
+    rc = main(["apop", "--model", "torchvision:resnet18", "--weights", str(tmp_path / "w.pt"),
+               "--imagefolder", str(tmp_path / "data"), "--image-size", "32", "--binarize",
+               "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0
+    res = json.loads((out / "apop.json").read_text())["results"]["torchvision:resnet18"]
+    # the "Ori." column is the model's own accuracy on the same images, computed here directly
+    ds = ImageFolder(str(tmp_path / "data"), T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(),
+                                                       T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        direct = (model(x).argmax(1) == y).float().mean().item()
+    assert res["n"] == 6 and res["accuracy"]["original"]["top1"] == pytest.approx(direct)
+    assert res["accuracy"]["original"]["top5"] == 1.0 and res["chance"] == {"top1": 0.5, "top5": 1.0}
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [r["Input"] for r in rows] == ["zeros", "ones", "normal"]
+    assert all(0 <= float(v) <= 1 for r in rows for k, v in r.items() if k.startswith("Top"))
+    layers = [r["Layer"] for r in csv.DictReader(open(out / "binarize.csv"))]
+    assert layers == apop(model).layers and len(layers) == 17
+    assert (out / "binarize.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| torchvision:resnet18 | zeros |" in (out / "table.md").read_text()
+
+
+def test_cli_refuses_model_without_weights(tmp_path):
+    from srd_fx.cli import main
+    with pytest.raises(SystemExit, match="--weights"):
+        main(["apop", "--model", "torchvision:resnet18", "--out", str(tmp_path)])

@@ -1,0 +1,142 @@
+"""Training the small digit-scene models, cached on disk.
+
+``get_trained(arch, act)`` returns a trained model (eval mode) and its test accuracy.  The first call
+trains it (a few minutes on 2 CPU cores, with a tqdm progress bar) and stores the weights and a JSON
+record under the cache directory, in a file named by a hash of every setting; later calls load them.
+The cache directory is, in order: the ``cache_dir`` argument, ``$SRD_FX_CACHE``, ``~/.cache/srd_fx``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import data as D
+from .models import ACTIVATIONS, ARCHS, _act, build
+
+#: bump when the training recipe changes, so old cache entries are not reused
+RECIPE_VERSION = 1
+DEFAULTS = dict(epochs=8, n_train=12000, n_test=1000, batch_size=128, lr=3e-3, weight_decay=5e-4, seed=0)
+
+
+def resolve_cache_dir(path: Optional[str] = None) -> str:
+    """The cache directory: ``path``, else ``$SRD_FX_CACHE``, else ``~/.cache/srd_fx``."""
+    return os.path.expanduser(path or os.environ.get("SRD_FX_CACHE") or os.path.join("~", ".cache", "srd_fx"))
+
+
+def settings(arch: str = "resnet", act: str = "relu", size: int = 64, **train_kw) -> dict:
+    """The full, validated settings of a training run (what the cache key is made from)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    act, _ = _act(act)
+    unknown = set(train_kw) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown training settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    s = dict(DEFAULTS, **train_kw)
+    for k in ("epochs", "n_train", "n_test", "batch_size"):
+        if int(s[k]) <= 0:
+            raise ValueError(f"{k} must be positive, got {s[k]}")
+    return dict(arch=arch, act=act, size=int(size), recipe=RECIPE_VERSION, **s)
+
+
+def cache_key(s: dict) -> str:
+    blob = json.dumps(s, sort_keys=True).encode()
+    return f"{s['arch']}-{s['act']}-{s['size']}-" + hashlib.sha256(blob).hexdigest()[:12]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean=D.DIGITS_MEAN,
+             std=D.DIGITS_STD, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on [0, 1] ``images`` (normalised here)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = D.normalize(images[i:i + batch_size], mean, std)
+        correct += (model(x).argmax(1) == labels[i:i + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def train(arch: str = "resnet", act: str = "relu", size: int = 64, progress: bool = True, **train_kw
+          ) -> Tuple[nn.Module, dict]:
+    """Train a fresh model on digit scenes; returns (model in eval mode, record dict)."""
+    s = settings(arch, act, size, **train_kw)
+    torch.manual_seed(s["seed"])
+    t0 = time.time()
+    xtr, ytr, _ = D.DigitScenes("train", size=s["size"], n=s["n_train"], seed=s["seed"]).tensors(progress=progress)
+    xte, yte, _ = D.DigitScenes("test", size=s["size"], n=s["n_test"], seed=s["seed"]).tensors(progress=progress)
+    model = build(s["arch"], s["act"], num_classes=10, size=s["size"])
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    steps_per_epoch = math.ceil(len(xtr) / s["batch_size"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["lr"], total_steps=s["epochs"] * steps_per_epoch,
+                                                pct_start=0.2)
+    g = torch.Generator().manual_seed(s["seed"])
+    from tqdm.auto import tqdm
+    bar = tqdm(total=s["epochs"] * steps_per_epoch, desc=f"train {s['arch']}/{s['act']}", disable=not progress)
+    for epoch in range(s["epochs"]):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), s["batch_size"]):
+            idx = perm[i:i + s["batch_size"]]
+            x = D.normalize(xtr[idx])
+            loss = F.cross_entropy(model(x), ytr[idx])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training {s['arch']}/{s['act']} diverged (loss {loss.item()}); "
+                                         f"try a smaller lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    record = dict(settings=s, test_accuracy=accuracy(model, xte, yte), train_accuracy=accuracy(model, xtr[:2000], ytr[:2000]),
+                  train_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads())
+    return model, record
+
+
+def get_trained(arch: str = "resnet", act: str = "relu", size: int = 64, cache_dir: Optional[str] = None,
+                progress: bool = True, **train_kw) -> Tuple[nn.Module, float]:
+    """A trained digit-scene model and its test accuracy, from the cache or trained now.
+
+    arch: "resnet" | "vgg"; act: "relu" | "elu" | "leakyrelu" | "silu" | "gelu" | "tanh"; size: input
+    side; train_kw: any of :data:`DEFAULTS` (epochs, n_train, n_test, batch_size, lr, weight_decay,
+    seed).  Returns ``(model in eval mode, test accuracy)``."""
+    s = settings(arch, act, size, **train_kw)
+    root = resolve_cache_dir(cache_dir)
+    key = cache_key(s)
+    wpath, jpath = os.path.join(root, key + ".pt"), os.path.join(root, key + ".json")
+    if os.path.exists(wpath) and os.path.exists(jpath):
+        model = build(s["arch"], s["act"], num_classes=10, size=s["size"])
+        model.load_state_dict(torch.load(wpath, map_location="cpu", weights_only=True))
+        with open(jpath) as f:
+            record = json.load(f)
+        return model.eval(), float(record["test_accuracy"])
+    model, record = train(s["arch"], s["act"], s["size"], progress=progress,
+                          **{k: s[k] for k in DEFAULTS})
+    os.makedirs(root, exist_ok=True)
+    tmp = wpath + f".tmp{os.getpid()}"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, wpath)
+    with open(jpath + f".tmp{os.getpid()}", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(jpath + f".tmp{os.getpid()}", jpath)
+    return model, float(record["test_accuracy"])
+
+
+def cached_record(arch: str = "resnet", act: str = "relu", size: int = 64, cache_dir: Optional[str] = None,
+                  **train_kw) -> Optional[dict]:
+    """The JSON record of a cached training run (settings, accuracies, time), or None."""
+    s = settings(arch, act, size, **train_kw)
+    jpath = os.path.join(resolve_cache_dir(cache_dir), cache_key(s) + ".json")
+    if not os.path.exists(jpath):
+        return None
+    with open(jpath) as f:
+        return json.load(f)
