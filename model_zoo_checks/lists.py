@@ -112,6 +112,8 @@ EXCLUDED_NAMES: Dict[str, str] = {
 #: (pattern, family) - first match wins; unmatched names use their timm module.
 FAMILY_PATTERNS: Sequence = (
     (r"^vgg", "VGG"),
+    (r"^(eca_|se)?resne(t|xt)\d+ts$|^resnet\d+q$", "ResNet-ts/q (BYOB)"),
+    (r"_clip_gap$", "CLIP ResNet (GAP head)"),
     (r"^legacy_senet|^senet", "SENet"),
     (r"^legacy_seresne|^seresne", "SE-ResNet(X)"),
     (r"^ecaresne", "ECA-ResNet(X)"),
@@ -170,7 +172,6 @@ FAMILY_PATTERNS: Sequence = (
     (r"^gernet", "GENet"),
     (r"^mobileone", "MobileOne"),
     (r"^gcresne", "GC-ResNet(X)"),
-    (r"^(eca_|se)?resne(t|xt)\d+ts$|^eca_resne|^resnet\d+q$", "ResNet-ts/q (BYOB)"),
     (r"^tresnet", "TResNet"),
     (r"^(dm_)?nfnet|^eca_nfnet", "NFNet"),
     (r"^nf_", "NF-ResNet/RegNet"),

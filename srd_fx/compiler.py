@@ -72,18 +72,67 @@ class Explainer(nn.Module):
         ex = example[:1].detach()
         shape_prop(self.traced, ex)
         self.info = GraphInfo(self.traced, self.options["encoder_output"])
-        root = nn.Module()
-        for name, child in self.model.named_children():
-            root.add_module(name, child)
-        for name, p in self.model.named_parameters(recurse=False):
-            root.register_parameter(name, p)
-        for name, buf in self.model.named_buffers(recurse=False):
-            root.register_buffer(name, buf)
+        self.__dict__.pop("_seeded_cache", None)
         o = self.options
         self.graph_module, self.layer_nodes = build_twin(
-            self.info, root, head=o["head"], layers=o["layers"], eps=o["eps"], value=o["value"],
+            self.info, _root_of(self.model), head=o["head"], layers=o["layers"], eps=o["eps"], value=o["value"],
             unit=o["unit"], check=o["check"], input_channels=ex.shape[1] if ex.dim() > 1 else None)
         return self
+
+    def _seeded(self, layer: str):
+        """A twin that propagates a given relevance map from ``layer`` down (cached)."""
+        from .twin import resolve_layers
+        node = resolve_layers(self.info, [layer])[layer]
+        if node is self.info.input:
+            raise ValueError("the input has no layer below it to propagate to")
+        cache = self.__dict__.setdefault("_seeded_cache", {})
+        if node not in cache:
+            o = self.options
+            gm, _ = build_twin(self.info, _root_of(self.model), layers=(), eps=o["eps"], value=o["value"],
+                               check=False, seed=node)
+            cache[node] = gm
+        return node, cache[node]
+
+    def propagate(self, x: torch.Tensor, layer: str, R: torch.Tensor) -> torch.Tensor:
+        """Propagate a relevance map ``R`` (B, h, w) given at ``layer`` down to the input."""
+        if self.graph_module is None:
+            self.build(x)
+        node, gm = self._seeded(layer)
+        shape = list(self.info.shape(node))
+        for a in self.info.caxes(node):
+            shape[a] = 1
+        shape[0] = x.shape[0]
+        if R.numel() != _prod(shape):
+            raise InputError(f"relevance for layer {layer!r} must have {tuple(s for i, s in enumerate(shape) if i not in self.info.caxes(node))} "
+                             f"per sample, got {tuple(R.shape)}")
+        return gm(x, R.reshape(shape))["saliency"]
+
+    def erf(self, x: torch.Tensor, layer: str, positions=None) -> torch.Tensor:
+        """ERFs (SPEC §3) of the PFVs of ``layer`` at ``positions`` (list of index tuples over the
+        layer's spatial dims; default: all positions), as backward passes seeded one-hot, batched
+        over positions: returns (B, P, H, W).  Each ERF sums to 1 where norms are non-degenerate."""
+        if self.graph_module is None:
+            self.build(x)
+        node, gm = self._seeded(layer)
+        cax = self.info.caxes(node)
+        sp = [s for i, s in enumerate(self.info.shape(node)) if i != 0 and i not in cax]
+        if positions is None:
+            positions = [tuple(int(v) for v in idx) for idx in torch.cartesian_prod(*[torch.arange(s) for s in sp]).reshape(-1, len(sp)).tolist()]
+        positions = [tuple(p) if isinstance(p, (tuple, list)) else (p,) for p in positions]
+        for p in positions:
+            if len(p) != len(sp) or any(not (0 <= v < s) for v, s in zip(p, sp)):
+                raise InputError(f"position {p} is outside layer {layer!r} of spatial size {tuple(sp)}")
+        B, P = x.shape[0], len(positions)
+        seed = torch.zeros([B * P] + sp, dtype=x.dtype, device=x.device)
+        for k, p in enumerate(positions):
+            seed[(slice(k, None, P),) + p] = 1
+        xr = x.repeat_interleave(P, dim=0)
+        shape = list(self.info.shape(node))
+        for a in cax:
+            shape[a] = 1
+        shape[0] = B * P
+        sal = gm(xr, seed.reshape(shape))["saliency"]
+        return sal.reshape(B, P, *sal.shape[1:])
 
     @property
     def code(self) -> str:
@@ -117,6 +166,26 @@ class Explainer(nn.Module):
             self.build(x)
         out = self.graph_module(x, target)
         return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"])
+
+
+def _root_of(model: nn.Module) -> nn.Module:
+    """A fresh container sharing the model's submodules, parameters and buffers (the twin adds
+    its own attributes to it without touching the user's model)."""
+    root = nn.Module()
+    for name, child in model.named_children():
+        root.add_module(name, child)
+    for name, p in model.named_parameters(recurse=False):
+        root.register_parameter(name, p)
+    for name, buf in model.named_buffers(recurse=False):
+        root.register_buffer(name, buf)
+    return root
+
+
+def _prod(xs):
+    out = 1
+    for v in xs:
+        out *= v
+    return out
 
 
 def _default_example(model):

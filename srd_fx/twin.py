@@ -354,11 +354,15 @@ def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx
 
 
 def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("input",), eps=1e-12,
-               value="pre", unit="pfv", check=True, input_channels=None):
-    """Build the twin GraphModule.  Returns (GraphModule, {layer key: node name})."""
+               value="pre", unit="pfv", check=True, input_channels=None, seed=None):
+    """Build the twin GraphModule.  Returns (GraphModule, {layer key: node name}).
+
+    ``seed``: a layer node; the twin then takes ``forward(x, R_seed)`` and propagates the given
+    relevance map from that layer down (ERFs, SPEC §3) instead of starting from the head."""
     b = Builder(info, root, eps, value, unit)
     x = b.g.placeholder(info.input.name)
-    target = b.g.placeholder("target", default_value=None)
+    target = b.g.placeholder("R_seed" if seed is not None else "target",
+                             default_value=None if seed is None else inspect.Signature.empty)
     x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels, name="x_checked") \
         if check else x
     b.env[info.input] = x_checked
@@ -380,7 +384,10 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     L = info.L
     cax_L = info.caxes(L)
     neuron = unit == "neuron"
-    if callable(head) and not isinstance(head, str):
+    if seed is not None:
+        R_L = target
+        L = seed
+    elif callable(head) and not isinstance(head, str):
         root.srd_user_head = head
         R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, neuron,
                      name="R_L")
@@ -422,7 +429,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     if check:
         sal = b.call(check_finite, sal, "the SRD saliency map", name="saliency_checked")
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel,
-                "R_L": b.call(ops.position_map, R_L, cax_L, name="out_R_L")})
+                "R_L": b.call(ops.position_map, R_L, info.caxes(L), name="out_R_L")})
     gm = fx.GraphModule(root, b.g, "SRDExplainer")
     return gm, names
 

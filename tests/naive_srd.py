@@ -175,7 +175,7 @@ def block_mu(blk: Block, c: Consts, xs: Sequence[torch.Tensor], v: torch.Tensor,
     # Linear part: the Jacobian of the block (affine with recorded constants).
     def f(*z):
         return blk.fn(c, *z)
-    jac = torch.autograd.functional.jacobian(f, inputs)
+    jac = torch.autograd.functional.jacobian(f, inputs, vectorize=True)
     if not isinstance(jac, tuple):
         jac = (jac,)
     # Bias: the block evaluated on zero inputs, same constants.

@@ -1,0 +1,188 @@
+"""Command line of the zoo sweep: ``python -m model_zoo_checks`` and ``srd-fx zoo`` share it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+from . import lists
+from .runner import (CACHE_DIR, CI_SUBSET, SRD_CACHE, Options, append_cache, code_fingerprint,
+                     count_params_meta, load_cache, run_models)
+
+PARAMS_CACHE = CACHE_DIR / "params.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sel = p.add_argument_group("which models (default: --all)")
+    sel.add_argument("--all", action="store_true",
+                     help="Check the default list: every timm CNN architecture (see docs/zoo.md).")
+    sel.add_argument("--filter", action="append", default=[], metavar="PATTERN",
+                     help="Only default-list names matching this shell pattern (e.g. 'resnet*'); repeatable.")
+    sel.add_argument("--models", nargs="+", default=[], metavar="NAME",
+                     help="Check exactly these timm model names (they need not be in the default list).")
+    sel.add_argument("--models-file", metavar="PATH",
+                     help="Check the names listed in this file (one per line, '#' comments).")
+    sel.add_argument("--ci-subset", action="store_true",
+                     help=f"Check the fixed fast subset that CI runs ({CI_SUBSET.name}).")
+    sel.add_argument("--sample", type=int, default=0, metavar="N",
+                     help="Check the N smallest models (by parameter count) of every family.")
+    sel.add_argument("--list", action="store_true",
+                     help="Print the selected names with their family and timm module, and exit.")
+    run = p.add_argument_group("how to run")
+    run.add_argument("--jobs", type=int, default=2,
+                     help="Worker processes running models in parallel (0: run in this process, no time limit).")
+    run.add_argument("--timeout", type=float, default=900.0,
+                     help="Per-model wall-clock limit in seconds; a model past it is killed and reported as a timeout.")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per worker process.")
+    run.add_argument("--max-params", type=float, default=700.0, metavar="MILLIONS",
+                     help="Skip (and report as 'skipped: too large') models with more parameters than this.")
+    run.add_argument("--size", type=int, default=64,
+                     help="Smallest input side tried; each model uses the smallest accepted size from here up.")
+    run.add_argument("--seed", type=int, default=0, help="Seed of the weights and of the input.")
+    run.add_argument("--raw-init", action="store_true",
+                     help="Keep timm's initialisation as it is (zero-init residual gammas switch branches off).")
+    cache = p.add_argument_group("cache and report")
+    cache.add_argument("--fresh", action="store_true",
+                       help="Ignore cached results and rerun every selected model.")
+    cache.add_argument("--retry-failed", action="store_true",
+                       help="Rerun only selected models whose latest result is not a pass (even if cached "
+                            "with the current code); keep the cached passes.")
+    cache.add_argument("--report-only", action="store_true",
+                       help="Run nothing; rewrite REPORT.md and report.json from the cache.")
+    cache.add_argument("--report", dest="report", action="store_true", default=None,
+                       help="Write REPORT.md/report.json even for a partial selection (default: only for --all).")
+    cache.add_argument("--no-report", dest="report", action="store_false",
+                       help="Do not write REPORT.md/report.json.")
+    cache.add_argument("--quiet", action="store_true", help="No progress bar.")
+
+
+def options_from(args) -> Options:
+    return Options(seed=args.seed, size=args.size, threads=args.threads, max_params_m=args.max_params,
+                   raw_init=args.raw_init, timeout=args.timeout)
+
+
+def param_counts(names: List[str]) -> Dict[str, int]:
+    """Parameter counts (meta device), cached in .cache/params.json."""
+    cache = json.loads(PARAMS_CACHE.read_text()) if PARAMS_CACHE.exists() else {}
+    missing = [n for n in names if n not in cache]
+    if missing:
+        from tqdm import tqdm
+        for n in tqdm(missing, desc="counting parameters", unit="model"):
+            cache[n] = count_params_meta(n)
+        PARAMS_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        PARAMS_CACHE.write_text(json.dumps(cache, indent=0))
+    return {n: cache[n] for n in names}
+
+
+def select(args) -> List[str]:
+    default = lists.default_models()
+    names: List[str] = []
+    if args.models:
+        names += args.models
+    if args.models_file:
+        names += lists.read_list(args.models_file)
+    if args.ci_subset:
+        names += lists.read_list(CI_SUBSET)
+    if args.filter:
+        names += lists.select(default, args.filter)
+    if args.sample:
+        counts = param_counts(default)
+        fam: Dict[str, List[str]] = {}
+        for n in default:
+            fam.setdefault(lists.family_of(n, lists.module_of(n)), []).append(n)
+        for f, ms in sorted(fam.items()):
+            ms.sort(key=lambda n: (counts.get(n) is None, counts.get(n) or 0, n))
+            names += ms[:args.sample]
+    if args.all or not names:
+        names += default
+    seen, out = set(), []
+    for n in names:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def resnet50_compile_benchmark(repeats: int = 3) -> Dict:
+    """Compile time of timm ResNet50 with default options (float32, 1x3x224x224 example)."""
+    import timm
+    import torch
+    import srd_fx
+    torch.manual_seed(0)
+    m = timm.create_model("resnet50", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        srd_fx.compile(m, example_input=x)
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return dict(wall_s=statistics.median(walls), cpu_s=statistics.median(cpus), repeats=repeats,
+                input="float32 1x3x224x224", threads=torch.get_num_threads(), all_wall_s=walls)
+
+
+def run(args) -> int:
+    opts = options_from(args)
+    names = select(args)
+    if args.list:
+        for n in names:
+            print(f"{n}\t{lists.family_of(n, lists.module_of(n))}\t{lists.module_of(n)}")
+        print(f"# {len(names)} models", file=sys.stderr)
+        return 0
+    full = args.all or not (args.models or args.models_file or args.ci_subset or args.filter or args.sample)
+    write = full if args.report is None else args.report
+    fp = code_fingerprint(opts)
+    cache = {} if args.fresh else load_cache(SRD_CACHE)
+    if args.report_only:
+        todo = []
+    elif args.retry_failed:
+        todo = [n for n in names if cache.get(n, {}).get("status") != "pass"]
+    else:
+        todo = [n for n in names if cache.get(n, {}).get("fingerprint") != fp or args.fresh]
+    print(f"{len(names)} models selected, {len(names) - len(todo)} from the cache, {len(todo)} to run "
+          f"(jobs={args.jobs}, timeout={args.timeout:.0f}s, fingerprint {fp})", file=sys.stderr)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    results = run_models(todo, opts, jobs=args.jobs, on_record=append_cache, progress=not args.quiet,
+                         desc="srd zoo") if todo else []
+    for r in results:
+        cache[r["model"]] = r
+    recs = {n: cache[n] for n in names if n in cache}
+    n_pass = sum(r["status"] == "pass" for r in recs.values())
+    n_fail = sum(r["status"] == "fail" for r in recs.values())
+    print(f"passed {n_pass}/{len(names)}, failed {n_fail}, skipped "
+          f"{sum(r['status'] == 'skipped' for r in recs.values())}, not run {len(names) - len(recs)} "
+          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    for r in recs.values():
+        if r["status"] == "fail":
+            print(f"  FAIL {r['model']}: [{r['category']}] {r.get('reason')}", file=sys.stderr)
+    if write:
+        from .report import write_report
+        meta = dict(load_avg=f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
+                    options=opts.key(), max_params_m=opts.max_params_m, timeout_s=opts.timeout,
+                    jobs=args.jobs, threads=args.threads)
+        if not args.report_only or not args.quiet:
+            try:
+                meta["resnet50_compile"] = resnet50_compile_benchmark()
+            except Exception as e:  # reported, not fatal
+                meta["resnet50_compile_error"] = f"{type(e).__name__}: {e}"
+        cmd = "python -m model_zoo_checks " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+            if sys.argv and "model_zoo_checks" in " ".join(sys.argv[:1] + sys.argv[1:2]) else "python -m model_zoo_checks --all"
+        report_names = lists.default_models() if full else names
+        write_report(report_names, {n: cache[n] for n in report_names if n in cache}, fingerprint=fp,
+                     command=cmd, meta=meta)
+        print("wrote model_zoo_checks/REPORT.md and model_zoo_checks/report.json", file=sys.stderr)
+    return 0 if n_fail == 0 and len(recs) == len(names) else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model_zoo_checks",
+                                description="Compile every timm CNN with srd_fx and check the explainer "
+                                            "(float64): logits, conservation, finiteness, batch independence.")
+    add_arguments(p)
+    return run(p.parse_args(argv))
