@@ -76,7 +76,7 @@ def family_table(names: Sequence[str], records: Dict[str, Dict]) -> List[Dict]:
 
 def _peer_summary(names: Sequence[str], peers: Dict) -> Optional[Dict]:
     recs = peers.get("records", {})
-    if not recs:
+    if not recs or not names:
         return None
     out = {}
     for method in ("srd", "zennit", "captum"):
@@ -100,7 +100,11 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     s = summarise(names, records, fingerprint)
     fams = family_table(names, records)
     peers = json.loads(PEERS_JSON.read_text()) if PEERS_JSON.exists() else {}
-    psum = _peer_summary(names, peers)
+    if peers.get("records"):
+        from .peers import srd_entry
+        for n, pr in peers["records"].items():
+            pr["srd"] = srd_entry(records.get(n))
+    psum = _peer_summary([n for n in names if n in peers.get("records", {})], peers)
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     meta = dict(meta or {})
     meta.update(generated=now, command=command, timm=timm.__version__, torch=torch.__version__,

@@ -31,11 +31,23 @@ class SRDOutput:
     logits:     (B, K), equal to ``model(x)``;
     saliency:   (B, H, W) relevance at the input ("SRD-input");
     relevance:  requested layer -> (B, h, w) relevance maps;
-    R_L:        the initial relevance at the encoder output (B, h_L, w_L)."""
+    R_L:        the initial relevance at the encoder output (B, h_L, w_L);
+    lost:       (B,) relevance that could not be propagated (zero-norm PFVs or receptive fields,
+                SPEC §2): ``saliency.sum() + lost == R_L.sum()`` per sample."""
     logits: torch.Tensor
     saliency: torch.Tensor
     relevance: Dict[str, torch.Tensor] = field(default_factory=dict)
     R_L: Optional[torch.Tensor] = None
+    lost: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def cat(parts):
+        """Concatenate outputs of several chunks along the batch."""
+        keys = parts[0].relevance.keys()
+        c = lambda ts: None if ts[0] is None else torch.cat(ts)
+        return SRDOutput(c([p.logits for p in parts]), c([p.saliency for p in parts]),
+                         {k: torch.cat([p.relevance[k] for p in parts]) for k in keys},
+                         c([p.R_L for p in parts]), c([p.lost for p in parts]))
 
 
 class Explainer(nn.Module):
@@ -43,8 +55,12 @@ class Explainer(nn.Module):
 
     def __init__(self, model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
                  encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
-                 unit: str = "pfv", example_input: Optional[torch.Tensor] = None, check: bool = True):
+                 unit: str = "pfv", example_input: Optional[torch.Tensor] = None, check: bool = True,
+                 chunk_size: Optional[int] = None):
         super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError("chunk_size must be a positive number of samples")
+        self.chunk_size = chunk_size
         if value not in ("pre", "post"):
             raise ValueError("value must be 'pre' (SRD) or 'post' (ablation, SPEC §5)")
         if unit not in ("pfv", "neuron"):
@@ -164,8 +180,14 @@ class Explainer(nn.Module):
                 raise InputError(f"expected a batched tensor input (B, C, ...), got "
                                  f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
             self.build(x)
+        n = self.chunk_size
+        if n is not None and x.shape[0] > n:
+            # memory bound: only n samples' activations are alive at a time
+            ts = target if isinstance(target, torch.Tensor) and target.dim() > 0 else None
+            return SRDOutput.cat([self.forward(x[i:i + n], ts[i:i + n] if ts is not None else target)
+                                  for i in range(0, x.shape[0], n)])
         out = self.graph_module(x, target)
-        return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"])
+        return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"], out["lost"])
 
 
 def _root_of(model: nn.Module) -> nn.Module:
@@ -200,7 +222,7 @@ def _default_example(model):
 def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
             encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
             unit: str = "pfv", example_input: Optional[torch.Tensor] = None,
-            check: bool = True) -> Explainer:
+            check: bool = True, chunk_size: Optional[int] = None) -> Explainer:
     """Compile ``model`` (in eval mode) into its SRD explainer.
 
     head:           "gradcam" (Eq. 4, default), "ones" (Sec. 4.3) or ``f(A, logits, target) -> R``;
@@ -213,6 +235,8 @@ def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] =
     unit:           "pfv" (SRD) or "neuron" (ablation, SPEC §5: scalar neurons, LRP-0 with bias
                     sharing per neuron);
     example_input:  build now instead of on the first call;
-    check:          validate inputs/outputs (finite, ranks, training mode)."""
+    check:          validate inputs/outputs (finite, ranks, training mode);
+    chunk_size:     explain large batches this many samples at a time (bounds memory)."""
     return Explainer(model, head=head, layers=layers, encoder_output=encoder_output, eps=eps,
-                     value=value, unit=unit, example_input=example_input, check=check)
+                     value=value, unit=unit, example_input=example_input, check=check,
+                     chunk_size=chunk_size)

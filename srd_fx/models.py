@@ -43,7 +43,8 @@ def _act(act: str):
 
 def small_resnet(act: str = "relu", num_classes: int = 10, channels=(16, 32, 64, 128),
                  output_stride: int = 16) -> nn.Module:
-    """A narrow timm ResNet (basic blocks, one per stage) with activation ``act``.
+    """A narrow timm ResNet (basic blocks, one per stage, a "deep" stem of three 3x3 convolutions as in
+    ResNet-C/D) with activation ``act``.
 
     With output stride 16 a 64x64 input gives a 4x4 encoder output (``forward_features``) and the
     16x16 ``layer1`` output is the layer with 4x its resolution, as 7x7 and 28x28 are for ResNet50 at
@@ -51,9 +52,9 @@ def small_resnet(act: str = "relu", num_classes: int = 10, channels=(16, 32, 64,
     from timm.models.resnet import BasicBlock, ResNet
     key, _ = _act(act)
     act_layer = TIMM_ACTIVATIONS[key]
-    stem = max(8, channels[0])
     model = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=tuple(channels), num_classes=num_classes,
-                   stem_width=stem, output_stride=output_stride, act_layer=act_layer)
+                   stem_type="deep", stem_width=max(4, channels[0] // 2), output_stride=output_stride,
+                   act_layer=act_layer)
     return model
 
 

@@ -58,8 +58,16 @@ def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes,
 
 
 def lost_relevance(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float) -> torch.Tensor:
-    """Relevance that sits on zero-norm PFVs (it cannot be propagated: SPEC §2)."""
-    return torch.where(sq_norm(v, caxes) > eps, torch.zeros_like(R), R)
+    """Per sample, the relevance sitting on PFVs with ||v||^2 <= eps (it cannot be propagated:
+    SPEC §2), shape (B,)."""
+    lost = torch.where(sq_norm(v, caxes) > eps, torch.zeros_like(R), R)
+    return lost.flatten(1).sum(1)
+
+
+def lost_bias(beta: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Per sample, the bias relevance at positions whose receptive field has zero norm (D = 0)."""
+    beta = beta.expand(torch.broadcast_shapes(beta.shape, D.shape))
+    return torch.where(D == 0, beta, torch.zeros_like(beta)).flatten(1).sum(1)
 
 
 def squeeze_map(m: torch.Tensor, caxes: Axes) -> torch.Tensor:

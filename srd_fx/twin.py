@@ -287,11 +287,12 @@ class Builder:
 
 
 # ----------------------------------------------------------------------- the SRD backward ---
-def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx.Node]]):
+def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx.Node]], lost: list):
     """Emit the SRD backward through the affine block of layer ``lay`` (SPEC §2, §7)."""
     info, tag = b.info, lay.name
     pre, cax = lay.pre, b.caxes(lay.pre)
     v = b.val(pre)
+    lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, name="lost_" + tag))
     if b.value == "post" and not lay.virtual:
         s = b.call(ops.sharing_post, R_k, v, b.val(lay.node), cax, b.eps, name="s_" + tag)
     else:
@@ -333,6 +334,7 @@ def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx
             if rule.pointwise and any(b._map_shape(i) != b._map_shape(n) for i in mains):
                 m[n] = b.call(ops.map_like, m[n], b.val(n), b.caxes(n))
         q = b.call(ops.safe_div, beta, m[pre], name="q_" + tag)
+        lost.append(b.call(ops.lost_bias, beta, m[pre], name="lost_bias_" + tag))
         mt: Dict[fx.Node, List[fx.Node]] = {pre: [q]}
         for n in reversed(lay.block):
             qs = mt.pop(n, None)
@@ -402,6 +404,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     # 3. the SRD backward, block by block, last activation layer first
     contributions: Dict[fx.Node, List[fx.Node]] = {}
     R_of: Dict[fx.Node, fx.Node] = {}
+    lost: List[fx.Node] = []
     for lay in sorted(info.layers, key=lambda l: info.order[l.node], reverse=True):
         parts = list(contributions.pop(lay.node, []))
         if lay.node is L:
@@ -410,7 +413,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
             continue
         R_k = parts[0] if len(parts) == 1 else b.call(add_all, *parts, name="R_" + lay.name)
         R_of[lay.node] = R_k
-        emit_block(b, lay, R_k, contributions)
+        emit_block(b, lay, R_k, contributions, lost)
     parts = contributions.pop(info.input, [])
     R_in = parts[0] if len(parts) == 1 else (b.call(add_all, *parts, name="R_input") if parts else None)
     if R_in is None:
@@ -428,7 +431,8 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     sal = b.call(ops.position_map, R_in, (1,), name="saliency")
     if check:
         sal = b.call(check_finite, sal, "the SRD saliency map", name="saliency_checked")
-    b.g.output({"logits": logits, "saliency": sal, "relevance": rel,
+    lost_total = b.call(add_all, *lost, name="lost") if lost else None
+    b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
                 "R_L": b.call(ops.position_map, R_L, info.caxes(L), name="out_R_L")})
     gm = fx.GraphModule(root, b.g, "SRDExplainer")
     return gm, names

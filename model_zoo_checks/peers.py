@@ -1,0 +1,200 @@
+"""The same zoo through zennit and captum LRP: does each produce a map, and does it conserve?
+
+    python -m model_zoo_checks.peers --all --jobs 2
+
+For every model of the selection (same weights, input and float64 as the SRD sweep; the first
+sample only; target = argmax of the logits):
+
+* zennit: ``EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])`` with the ``Gradient``
+  attributor and initial relevance = the target logit (one-hot times the output).
+  ``SequentialMergeBatchNorm`` is zennit's architecture-independent canonizer; its
+  ``ResNetCanonizer``/``VGGCanonizer`` match torchvision's classes only, so they do not apply
+  to timm models.
+* captum: ``captum.attr.LRP(model).attribute(x, target, return_convergence_delta=True)`` with
+  captum's default rules.
+
+"Produced a map": the call returned an attribution of the input's shape (no exception).
+"Conserves": ``|sum R^input - R^out| <= 1e-3 * |R^out|``.  Results are cached in
+``.cache/peers.jsonl`` and summarised in the committed ``peers.json``; REPORT.md is rewritten
+with the side-by-side table (the SRD column comes from the SRD sweep's records).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import shlex
+import sys
+import time
+import traceback
+from typing import Dict
+
+from . import lists
+from .runner import (CACHE_DIR, SRD_CACHE, Options, append_cache, build_model, code_fingerprint, load_cache,
+                     pick_input, run_models)
+
+PEERS_CACHE = CACHE_DIR / "peers.jsonl"
+PEER_TOL = 1e-3
+
+
+def _summarise_map(attr, x, r_out) -> Dict:
+    import torch
+    out = dict(produced=tuple(attr.shape) == tuple(x.shape), shape=list(attr.shape))
+    out["finite"] = bool(torch.isfinite(attr).all())
+    total = float(attr.sum())
+    out["sum_R_input"] = total if math.isfinite(total) else str(total)
+    out["R_out"] = r_out
+    err = abs(total - r_out) / abs(r_out) if r_out != 0 else float("inf")
+    out["conservation_rel_err"] = err if math.isfinite(err) else str(err)
+    out["conserved"] = bool(out["produced"] and math.isfinite(err) and err <= PEER_TOL)
+    out["all_zero"] = bool((attr == 0).all())
+    return out
+
+
+def _error(e: BaseException) -> Dict:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return dict(produced=False, finite=False, conserved=False,
+                error=f"{type(e).__name__}: {first[:300]}",
+                where="".join(traceback.format_exception(type(e), e, e.__traceback__)[-2:])[-600:])
+
+
+def run_zennit(model, x1, target: int) -> Dict:
+    import torch
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlusFlat
+    t = time.perf_counter()
+    try:
+        composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
+        with Gradient(model=model, composite=composite) as attributor:
+            onehot = torch.zeros(1, 1, dtype=x1.dtype)
+            out, attr = attributor(x1.clone(), lambda y: y * torch.nn.functional.one_hot(
+                torch.tensor([target]), y.shape[1]).to(y.dtype))
+        r_out = float(out[0, target])
+        del onehot
+        rec = _summarise_map(attr.detach(), x1, r_out)
+    except Exception as e:
+        rec = _error(e)
+    rec["time_s"] = time.perf_counter() - t
+    return rec
+
+
+def run_captum(model, x1, target: int) -> Dict:
+    from captum.attr import LRP
+    t = time.perf_counter()
+    try:
+        lrp = LRP(model)
+        attr, delta = lrp.attribute(x1.clone().requires_grad_(True), target=target,
+                                    return_convergence_delta=True)
+        import torch
+        with torch.no_grad():
+            r_out = float(model(x1)[0, target])
+        rec = _summarise_map(attr.detach(), x1, r_out)
+        rec["captum_delta"] = float(delta.reshape(-1)[0])
+    except Exception as e:
+        rec = _error(e)
+    rec["time_s"] = time.perf_counter() - t
+    return rec
+
+
+def check_peers(name: str, opts: Options) -> Dict:
+    """zennit and captum LRP on one model (never raises)."""
+    import torch
+    torch.set_num_threads(max(1, opts.threads))
+    rec: Dict = dict(model=name, module=lists.module_of(name), family=lists.family_of(name, lists.module_of(name)),
+                     status="fail", category=None)
+    try:
+        model = build_model(name, opts)
+        x, ref = pick_input(model, opts)
+    except Exception as e:
+        rec.update(category="build-error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+        return rec
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x1 = x[:1]
+    target = int(ref[0].argmax())
+    rec["input_size"] = list(x.shape[1:])
+    rec["zennit"] = run_zennit(model, x1, target)
+    # a fresh copy: a failed zennit/captum run may leave hooks or merged norms behind
+    model = build_model(name, opts)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rec["captum"] = run_captum(model, x1, target)
+    rec["status"] = "pass"
+    rec["category"] = "pass"
+    return rec
+
+
+def srd_entry(r: Dict) -> Dict:
+    """The SRD column of the side-by-side table, from an SRD sweep record."""
+    if r is None:
+        return None
+    produced = r.get("status") == "pass" or r.get("category") in (
+        "logits-mismatch", "conservation", "batch-dependence", "degenerate")
+    err = (r.get("metrics") or {}).get("conservation_rel_err")
+    finite = produced and r.get("category") != "non-finite" and "non-finite" not in (r.get("failed_checks") or [])
+    return dict(produced=bool(produced), finite=bool(finite),
+                conserved=bool(produced and isinstance(err, (int, float)) and err <= PEER_TOL),
+                conservation_rel_err=err, error=None if produced else f"{r.get('category')}: {r.get('reason')}")
+
+
+def write_peers_json(names, peers: Dict[str, Dict], command: str) -> None:
+    from .report import PEERS_JSON
+    doc = dict(generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), command=command, tolerance=PEER_TOL,
+               zennit="EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()]), Gradient attributor, "
+                      "initial relevance = target logit",
+               captum="captum.attr.LRP default rules",
+               records={n: {k: peers[n].get(k) for k in ("family", "input_size", "zennit", "captum", "reason")}
+                        for n in names if n in peers})
+    PEERS_JSON.write_text(json.dumps(doc, indent=1, default=str))
+
+
+def main(argv=None) -> int:
+    from .cli import add_arguments, options_from, select
+    p = argparse.ArgumentParser(prog="python -m model_zoo_checks.peers",
+                                description="Run zennit (EpsilonPlusFlat) and captum LRP over the zoo selection "
+                                            "and record whether each produces a map and conserves relevance.")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    opts = options_from(args)
+    names = select(args)
+    fp = code_fingerprint(opts)
+    cache = {} if args.fresh else load_cache(PEERS_CACHE)
+    todo = [] if args.report_only else [n for n in names if n not in cache or
+                                        cache[n].get("options") != opts.key()]
+    print(f"peers: {len(names)} models, {len(todo)} to run", file=sys.stderr)
+
+    def keep(rec):
+        rec["options"] = opts.key()
+        append_cache(rec, PEERS_CACHE)
+
+    for r in (run_models(todo, opts, task="peers", jobs=args.jobs, on_record=keep, progress=not args.quiet,
+                         desc="peers") if todo else []):
+        cache[r["model"]] = r
+    full = args.all or not (args.models or args.models_file or args.ci_subset or args.filter or args.sample)
+    report_names = lists.default_models() if full else names
+    cmd = "python -m model_zoo_checks.peers " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    write_peers_json(report_names, cache, cmd.strip())
+    for m in ("zennit", "captum"):
+        got = [cache[n].get(m) for n in names if n in cache and cache[n].get(m)]
+        print(f"{m}: produced {sum(g['produced'] for g in got)}/{len(got)}, conserved within {PEER_TOL:g}: "
+              f"{sum(g['conserved'] for g in got)}", file=sys.stderr)
+    if args.report is not False:
+        from .report import write_report
+        srd = load_cache(SRD_CACHE)
+        prev = {}
+        from .runner import REPORT_JSON
+        if REPORT_JSON.exists():
+            try:
+                prev = json.loads(REPORT_JSON.read_text()).get("meta", {})
+            except json.JSONDecodeError:
+                prev = {}
+        write_report(report_names, {n: srd[n] for n in report_names if n in srd}, fingerprint=fp,
+                     command=prev.get("command", "python -m model_zoo_checks --all --jobs 2"), meta=prev)
+        print("rewrote model_zoo_checks/REPORT.md with the peer table", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
