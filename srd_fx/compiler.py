@@ -104,13 +104,17 @@ class Explainer(nn.Module):
         cache = self.__dict__.setdefault("_seeded_cache", {})
         if node not in cache:
             o = self.options
-            gm, _ = build_twin(self.info, _root_of(self.model), layers=(), eps=o["eps"], value=o["value"],
-                               check=False, seed=node)
+            gm, _ = build_twin(self.info, _root_of(self.model), layers="all", eps=o["eps"],
+                               value=o["value"], check=False, seed=node)
             cache[node] = gm
         return node, cache[node]
 
-    def propagate(self, x: torch.Tensor, layer: str, R: torch.Tensor) -> torch.Tensor:
-        """Propagate a relevance map ``R`` (B, h, w) given at ``layer`` down to the input."""
+    def propagate(self, x: torch.Tensor, layer: str, R: torch.Tensor, read=None):
+        """Propagate a relevance map ``R`` (B, h, w) given at ``layer`` down to the input.
+
+        Returns the input map (B, H, W); with ``read`` (a list of layer names), a dict of the
+        relevance reaching each of those layers (e.g. the previous activation layer: the
+        sharing ratios mu^{l->k} of the seeded PFVs, Fig. 5 bottom)."""
         if self.graph_module is None:
             self.build(x)
         node, gm = self._seeded(layer)
@@ -121,12 +125,23 @@ class Explainer(nn.Module):
         if R.numel() != _prod(shape):
             raise InputError(f"relevance for layer {layer!r} must have {tuple(s for i, s in enumerate(shape) if i not in self.info.caxes(node))} "
                              f"per sample, got {tuple(R.shape)}")
-        return gm(x, R.reshape(shape))["saliency"]
+        out = gm(x, R.reshape(shape))
+        return out["saliency"] if read is None else self._read(out, read)
 
-    def erf(self, x: torch.Tensor, layer: str, positions=None) -> torch.Tensor:
+    def _read(self, out, read):
+        from .twin import resolve_layers
+        res = {}
+        for key in read:
+            node = resolve_layers(self.info, [key])[key]
+            name = "input" if node is self.info.input else node.name
+            res[key] = out["relevance"][name]
+        return res
+
+    def erf(self, x: torch.Tensor, layer: str, positions=None, read=None):
         """ERFs (SPEC §3) of the PFVs of ``layer`` at ``positions`` (list of index tuples over the
         layer's spatial dims; default: all positions), as backward passes seeded one-hot, batched
-        over positions: returns (B, P, H, W).  Each ERF sums to 1 where norms are non-degenerate."""
+        over positions: returns (B, P, H, W).  Each ERF sums to 1 where norms are non-degenerate.
+        With ``read`` (layer names): a dict layer -> (B, P, h, w) of what reaches those layers."""
         if self.graph_module is None:
             self.build(x)
         node, gm = self._seeded(layer)
@@ -147,7 +162,10 @@ class Explainer(nn.Module):
         for a in cax:
             shape[a] = 1
         shape[0] = B * P
-        sal = gm(xr, seed.reshape(shape))["saliency"]
+        out = gm(xr, seed.reshape(shape))
+        if read is not None:
+            return {k: v.reshape(B, P, *v.shape[1:]) for k, v in self._read(out, read).items()}
+        sal = out["saliency"]
         return sal.reshape(B, P, *sal.shape[1:])
 
     @property

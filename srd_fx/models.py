@@ -60,10 +60,12 @@ def small_resnet(act: str = "relu", num_classes: int = 10, channels=(16, 32, 64,
 
 class SmallVGG(nn.Module):
     """VGG in torchvision's layout (``features``, ``avgpool``, ``classifier``), narrow and for small
-    inputs: four conv stages with max-pooling, then flatten and a two-layer classifier."""
+    inputs: four conv stages (the VGG11 pattern at 1/8 width, 8-16-32-64 channels) each ending in a
+    2x2 max-pool, then flatten and a two-layer classifier.  A 64x64 input gives a 4x4 encoder output
+    (the last max-pool, as 7x7 for VGG16 at 224x224) and 16x16 maps in the second stage."""
 
-    def __init__(self, num_classes: int = 10, cfg=(16, 16, "M", 32, 32, "M", 64, 64, "M", 128, 128, "M"),
-                 hidden: int = 128, size: int = 64, act: str = "relu"):
+    def __init__(self, num_classes: int = 10, cfg=(8, "M", 16, "M", 32, 32, "M", 64, 64, "M"),
+                 hidden: int = 64, size: int = 64, act: str = "relu"):
         super().__init__()
         from torchvision.models.vgg import make_layers
         key, act_layer = _act(act)
