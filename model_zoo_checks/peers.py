@@ -68,11 +68,9 @@ def run_zennit(model, x1, target: int) -> Dict:
     try:
         composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
         with Gradient(model=model, composite=composite) as attributor:
-            onehot = torch.zeros(1, 1, dtype=x1.dtype)
             out, attr = attributor(x1.clone(), lambda y: y * torch.nn.functional.one_hot(
                 torch.tensor([target]), y.shape[1]).to(y.dtype))
-        r_out = float(out[0, target])
-        del onehot
+        r_out = float(out.detach()[0, target])
         rec = _summarise_map(attr.detach(), x1, r_out)
     except Exception as e:
         rec = _error(e)

@@ -218,23 +218,30 @@ _NODE_RE = re.compile(r"node '([^']+)' \((call_module|call_function|call_method|
                       r"[ ,]+(?:target )?([^,)]*)(?:, type ([\w.]+))?\)(?:: ([^\n]*))?")
 
 
-def unsupported_op(msg: str) -> str:
-    """The op an UnsupportedOpError names (module type, function or method), else its first line."""
+def unsupported_op(msg: str, model=None) -> str:
+    """The op an UnsupportedOpError names (module type, function or method, and the rule's reason
+    when it gives one), else the message's first line."""
     m = _NODE_RE.search(msg)
     if m:
         op = m.group(4) or m.group(3).strip()
+        if m.group(2) == "call_module" and not m.group(4) and model is not None:
+            try:
+                op = type(model.get_submodule(op)).__name__
+            except Exception:
+                pass
+        op = op.replace("_VariableFunctionsClass.", "torch.")
         if m.group(5):
-            op += f" ({m.group(5).strip()[:120]})"
+            op += f": {m.group(5).strip()[:100]}"
         return op
     return msg.strip().splitlines()[0][:160] if msg.strip() else "?"
 
 
-def classify_exception(e: BaseException, stage: str) -> Dict:
+def classify_exception(e: BaseException, stage: str, model=None) -> Dict:
     import srd_fx
     msg = str(e)
     first = msg.strip().splitlines()[0] if msg.strip() else ""
     if isinstance(e, srd_fx.UnsupportedOpError):
-        return dict(category="unsupported-op", op=unsupported_op(msg), reason=first[:300], detail=msg[:3000])
+        return dict(category="unsupported-op", op=unsupported_op(msg, model), reason=first[:300], detail=msg[:3000])
     if isinstance(e, srd_fx.TraceError):
         inner = e.__cause__
         why = f"{type(inner).__name__}: {str(inner).strip().splitlines()[0] if str(inner).strip() else ''}" if inner else first
@@ -302,7 +309,7 @@ def check_model(name: str, opts: Options) -> Dict:
         stage = "explain (one sample)"
         singles = [explainer(x[i:i + 1]) for i in range(x.shape[0])]
     except Exception as e:
-        rec.update(classify_exception(e, stage))
+        rec.update(classify_exception(e, stage, model))
         rec["times"]["total_s"] = time.perf_counter() - t_all
         return rec
 
@@ -317,9 +324,20 @@ def check_model(name: str, opts: Options) -> Dict:
         m["logits_rel_err"] = _rel(out.logits, ref)
         if not m["logits_rel_err"] <= LOGITS_TOL:
             fails.append(("logits-mismatch", f"logits relative error {m['logits_rel_err']:.3g} > {LOGITS_TOL:g}"))
-        s_in = out.saliency.flatten(1).sum(1)
-        s_L = out.R_L.flatten(1).sum(1)
-        a_L = out.R_L.flatten(1).abs().sum(1)
+        m["conservation_head"] = "gradcam"
+        cons_out = out
+        if any(float(al) == 0 for al in out.R_L.flatten(1).abs().sum(1)):
+            # Eq. 4 can be zero everywhere on a random network (every position's Phi^c below the
+            # class mean): conservation would hold vacuously, so test it with R^L = 1 instead.
+            try:
+                with torch.enable_grad():
+                    cons_out = srd_fx.compile(model, head="ones", example_input=x[:1])(x)
+                m["conservation_head"] = "ones (Grad-CAM head is zero on this random network)"
+            except Exception as e:
+                fails.append(("exception", f"head='ones' rerun: {type(e).__name__}: {str(e)[:200]}"))
+        s_in = cons_out.saliency.flatten(1).sum(1)
+        s_L = cons_out.R_L.flatten(1).sum(1)
+        a_L = cons_out.R_L.flatten(1).abs().sum(1)
         m["sum_R_L"] = [float(v) for v in s_L]
         m["sum_R_input"] = [float(v) for v in s_in]
         cons = [(float((si - sl).abs()) / float(al)) if float(al) > 0 else float("nan")
@@ -332,7 +350,8 @@ def check_model(name: str, opts: Options) -> Dict:
                  if not float((si - sl).abs()) <= CONSERVATION_TOL * float(al)]
         if bad_c and not bad:
             fails.append(("conservation", f"|sum R^input - sum R^L| / sum|R^L| = "
-                                          f"{m['conservation_rel_err']:.3g} > {CONSERVATION_TOL:g} (sample(s) {bad_c})"))
+                                          f"{m['conservation_rel_err']:.3g} > {CONSERVATION_TOL:g} (sample(s) {bad_c}"
+                                          f"{', head=ones' if cons_out is not out else ''})"))
         b_err = 0.0
         worst = None
         for i, o in enumerate(singles):

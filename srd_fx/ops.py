@@ -19,19 +19,25 @@ Axes = Tuple[int, ...]
 # ------------------------------------------------------------------ PFV algebra ------------
 def sq_norm(v: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """||v_j||^2 per position j (a map).  No channel axes: per neuron (unit="neuron")."""
-    return (v * v).sum(dim=caxes, keepdim=True) if caxes else v * v
+    if not caxes:
+        return v * v
+    return torch.linalg.vector_norm(v, 2, dim=caxes, keepdim=True).square()
 
 
 def pfv_norm(x: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """||x_i|| per position i, with a zero (not NaN) gradient where the norm is zero."""
-    sq = sq_norm(x, caxes)
-    pos = sq > 0
-    return torch.where(pos, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+    if not caxes:
+        return x.abs()
+    return torch.linalg.vector_norm(x, 2, dim=caxes, keepdim=True)  # its gradient at 0 is 0
 
 
 def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """<x_i, g_i> per position (the linear share R_lin = sum_c x * Lin^T s)."""
-    return (x * g).sum(dim=caxes, keepdim=True) if caxes else x * g
+    if not caxes:
+        return x * g
+    if caxes == (1,) and x.dim() == 4 and x.shape[0] == 1 and x.shape[2:] == (1, 1) and g.dim() == 4:
+        return F.conv2d(g, x)  # a per-channel constant (a bias): one GEMV instead of mul + sum
+    return (x * g).sum(dim=caxes, keepdim=True)
 
 
 def safe_div(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -141,13 +147,18 @@ def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, out_like) -> 
     nd = m.dim() - 2
     k, s, p, d = (_tuple(v, nd) for v in (kernel, stride, padding, dilation))
     out_size = tuple(out_like.shape[-nd:])
+    if all(v == 1 for v in k + s + d) and not any(p):
+        return m  # a 1x1 window: the identity
     pads = []
     for i in reversed(range(nd)):
         need = (out_size[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1
         have = m.shape[2 + i] + 2 * p[i]
         pads += [p[i], p[i] + max(0, need - have)]
     mp = F.pad(m, pads)
-    out = _CONV[nd](mp, _ones(nd, k, m), stride=s, dilation=d, groups=m.shape[1])
+    if nd == 2 and all(v == 1 for v in d):  # the pooling kernel sums windows fastest
+        out = F.avg_pool2d(mp, k, s, 0, False, True, divisor_override=1)
+    else:
+        out = _CONV[nd](mp, _ones(nd, k, m), stride=s, dilation=d, groups=m.shape[1])
     sl = (slice(None), slice(None)) + tuple(slice(0, o) for o in out_size)
     return out[sl]
 
@@ -157,6 +168,15 @@ def window_sum_T(m: torch.Tensor, kernel, stride, padding, dilation, in_like) ->
     nd = m.dim() - 2
     k, s, p, d = (_tuple(v, nd) for v in (kernel, stride, padding, dilation))
     in_size = tuple(in_like.shape[-nd:])
+    if all(v == 1 for v in k + s + d) and not any(p):
+        return m
+    if nd == 2 and all(v == 1 for v in d):
+        # transpose of the window sum = avg-pool backward (divisor 1) over the padded input
+        padded = [in_size[i] + 2 * p[i] for i in range(nd)]
+        padded = [max(padded[i], (m.shape[2 + i] - 1) * s[i] + k[i]) for i in range(nd)]
+        ref = m.new_empty((m.shape[0], m.shape[1], *padded))
+        full = torch.ops.aten.avg_pool2d_backward(m, ref, list(k), list(s), [0, 0], False, True, 1)
+        return full[(slice(None), slice(None)) + tuple(slice(p[i], p[i] + in_size[i]) for i in range(nd))]
     full = _CONV_T[nd](m, _ones(nd, k, m), stride=s, dilation=d, groups=m.shape[1])
     pads = []
     for i in reversed(range(nd)):
@@ -239,6 +259,10 @@ def conv_T(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, paddi
     for i in range(nd):
         full = (g.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + 1
         op.append(x.shape[2 + i] - full)
+    if nd == 2 and x.dtype in (torch.float32, torch.float64):
+        # the convolution's own input-gradient kernel: faster than conv_transpose on CPU
+        return torch.ops.aten.convolution_backward(g, x, weight, None, list(s), list(p), list(d), False,
+                                                   [0] * nd, groups, [True, False, False])[0]
     return _CONV_T[nd](g, weight, None, stride=s, padding=p, output_padding=tuple(op),
                        groups=groups, dilation=d)
 

@@ -110,33 +110,62 @@ def softplus_copy(model: nn.Module, beta: float) -> fx.GraphModule:
     return replace_relu(model, lambda: nn.Softplus(beta=beta))
 
 
+def _act(x, beta):
+    return F.relu(x) if beta is None else F.softplus(x, beta=beta)
+
+
 class _GuidedFn(torch.autograd.Function):
-    """Forward: ``relu(x)`` (beta None) or ``softplus(beta x)/beta``.  Backward: the guided
-    rule ``act'(x) * clamp(g, min=0)``, written with differentiable ops so that a gradient
-    taken with ``create_graph=True`` can itself be differentiated."""
+    """Guided-backprop activation fed with the pre-activation ``z`` of a separate, ordinary
+    forward pass.  Forward: ``act(x)`` (x and z hold the same values).  Backward: the guided
+    rule ``act'(z) * clamp(g, min=0)`` for ``x`` and nothing for ``z``.
+
+    Why two inputs: differentiating the guided map (a gradient taken with ``create_graph=True``)
+    must follow the *true* derivative of the forward activations.  With one input autograd
+    would differentiate the forward values through this same guided backward; here the only
+    dependence of the map on the image is through ``z``, whose graph is the ordinary
+    softplus (or ReLU) forward pass."""
 
     @staticmethod
-    def forward(ctx, x, beta):
-        ctx.save_for_backward(x)
+    def forward(ctx, x, z, beta):
+        ctx.save_for_backward(z)
         ctx.beta = beta
-        return F.relu(x) if beta is None else F.softplus(x, beta=beta)
+        return _act(x, beta)
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        d = (x > 0).to(x.dtype) if ctx.beta is None else torch.sigmoid(ctx.beta * x)
-        return d * g.clamp(min=0), None
+        (z,) = ctx.saved_tensors
+        d = (z > 0).to(z.dtype) if ctx.beta is None else torch.sigmoid(ctx.beta * z)
+        return d * g.clamp(min=0), None, None
 
 
-class GuidedAct(nn.Module):
-    """Activation with guided-backprop backward (ReLU, or softplus(beta) when ``beta``)."""
+class _Record(nn.Module):
+    """Ordinary activation that records its input (the pre-activation) in ``store[key]``."""
 
-    def __init__(self, beta: Optional[float] = None):
+    def __init__(self, beta, store, key):
         super().__init__()
-        self.beta = beta
+        self.beta, self.key = beta, key
+        self.store = store
 
     def forward(self, x):
-        return _GuidedFn.apply(x, self.beta)
+        self.store[self.key] = x
+        return _act(x, self.beta)
+
+
+class _GuidedFromRecord(nn.Module):
+    """Guided activation reading the pre-activation its twin ``_Record`` stored."""
+
+    def __init__(self, beta, store, key):
+        super().__init__()
+        self.beta, self.key = beta, key
+        self.store = store
+
+    def forward(self, x):
+        return _GuidedFn.apply(x, self.store[self.key], self.beta)
+
+
+def _keyed(cls, beta, store):
+    counter = iter(range(1 << 30))
+    return lambda: cls(beta, store, next(counter))
 
 
 def _fold_batchnorm(gm: fx.GraphModule) -> None:
@@ -202,6 +231,7 @@ def lrp_network(model: nn.Module, example: torch.Tensor, beta: Optional[float] =
     gm = replace_relu(model, make)
     _fold_batchnorm(gm)
     _route_adds_through_sum(gm, example[:1].detach())
+    gm.delete_all_unused_submodules()  # drops the folded batch-norms from this copy only
     return gm.eval()
 
 
@@ -296,16 +326,28 @@ class InputXGradient(_GradientFamily):
 
 
 class GuidedBackprop(_GradientFamily):
+    """Guided backprop: the gradient with negative gradients zeroed at every ReLU.  Attacked
+    through two passes over the softplus copy: an ordinary one that records pre-activations
+    (and gives the logits), and a guided one whose backward uses them (see ``_GuidedFn``)."""
+
     name, label = "guided_backprop", "Guided Backprop"
 
     def __init__(self, model, example, beta):
         Method.__init__(self, model, example, beta)
-        self.net = replace_relu(model, lambda: GuidedAct(beta))
+        self._store: Dict[int, torch.Tensor] = {}
+        self.net = replace_relu(model, _keyed(_Record, beta, self._store))
+        self.guided = replace_relu(model, _keyed(_GuidedFromRecord, beta, self._store))
         # captum overrides the backward of nn.ReLU modules only: give it a module-form copy
         self.relu_net = replace_relu(model, lambda: nn.ReLU())
 
     def attack(self, x, target):
-        g, logits = self._grad(self.net, x, target)
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        self._store.clear()
+        logits = self.net(x)
+        out = self.guided(x)
+        (g,) = torch.autograd.grad(_select(out, target), x, create_graph=True)
+        self._store.clear()
         return _channel_abs_sum(g), logits
 
     def report(self, x, target):
@@ -360,6 +402,10 @@ class LRPZPlus(Method):
         with ZGradient(model=net, composite=lrp_composite(), create_graph=create_graph) as attributor:
             logits = net(x)
             onehot = torch.zeros_like(logits).scatter_(1, target.view(-1, 1), 1.0)
+            # zennit's hooks build a graph only where the incoming gradient requires grad
+            # (create_graph=grad_output.requires_grad): a constant one-hot would silently drop
+            # the top layer's dependence on x from the map's derivative
+            onehot.requires_grad_(create_graph)
             (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot, create_graph=create_graph)
         return rel
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------
@@ -275,9 +276,6 @@ def encoder_output(net: Net, x: torch.Tensor) -> torch.Tensor:
 # Every factory returns (module, Net); the module is float64, in eval mode, with random
 # weights and random batch-norm statistics/affine parameters. Block names are the fx node names
 # of the activation layers (module path with "." -> "_", functional calls "relu", "relu_1", ...).
-
-import torch.nn as nn  # noqa: E402
-
 
 def randomize_bn(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
     """Random running statistics and affine parameters for every batch-norm layer."""

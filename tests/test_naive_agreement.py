@@ -193,6 +193,8 @@ def test_erf_forward_equals_backward(name):
     for _, (mus, _) in zip(net.blocks, per_block):
         torch.testing.assert_close(sum(mu.sum(1) for mu in mus),
                                    torch.ones(mus[0].shape[0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.saliency.sum((1, 2)), torch.ones(hL * wL, dtype=torch.float64),
+                               rtol=0, atol=1e-12, msg="ERF sums of srd_fx")
     for layer, e in erf.items():
         torch.testing.assert_close(e.sum((1, 2)), torch.ones(e.shape[0], dtype=torch.float64),
                                    rtol=0, atol=1e-12, msg=f"ERF sums at {layer}")

@@ -135,7 +135,7 @@ def test_attacked_map_equals_library_map_on_original_network(name):
     assert a.requires_grad                                    # part of a graph: can be attacked
     ref = meth.report(x, target)
     assert ref.shape == (3, 12, 12)
-    assert torch.allclose(a.detach(), ref, rtol=1e-4, atol=1e-7 * ref.abs().max())
+    assert torch.allclose(a.detach(), ref, rtol=1e-4, atol=1e-7 * float(ref.abs().max()))
     assert torch.allclose(logits, m(x), atol=1e-5)
 
 
