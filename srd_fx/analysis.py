@@ -289,8 +289,9 @@ class GraphInfo:
         """Nodes after L that compute the logits (L excluded)."""
         desc = nx.descendants(self.nx, self.L)
         anc = nx.ancestors(self.nx, self.output)
+        before = nx.ancestors(self.nx, self.L)
         for n in anc:
-            if self.dep.get(n) and n not in desc and n is not self.L and n not in nx.ancestors(self.nx, self.L) \
+            if self.dep.get(n) and n not in desc and n is not self.L and n not in before \
                     and n is not self.input:
                 raise UnsupportedOpError(
                     f"the head (after the encoder output {self.L.name!r}) also uses {n.name!r}, which "

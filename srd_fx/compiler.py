@@ -56,8 +56,9 @@ class Explainer(nn.Module):
     def __init__(self, model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
                  encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
                  unit: str = "pfv", example_input: Optional[torch.Tensor] = None, check: bool = True,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, output_selector=None):
         super().__init__()
+        self.output_selector = output_selector
         if chunk_size is not None and chunk_size < 1:
             raise ValueError("chunk_size must be a positive number of samples")
         self.chunk_size = chunk_size
@@ -86,13 +87,18 @@ class Explainer(nn.Module):
     def build(self, example: torch.Tensor) -> "Explainer":
         """Analyse the traced graph with the shapes of ``example`` and generate the twin."""
         ex = example[:1].detach()
-        shape_prop(self.traced, ex)
+        try:
+            shape_prop(self.traced, ex)
+        except Exception as e:
+            raise InputError(f"the model fails on an input of shape {tuple(example.shape)} "
+                             f"({type(e).__name__}: {str(e).splitlines()[-1][:300]}); check the input size, "
+                             "dtype and device") from e
         self.info = GraphInfo(self.traced, self.options["encoder_output"])
         self.__dict__.pop("_seeded_cache", None)
         o = self.options
         self.graph_module, self.layer_nodes = build_twin(
             self.info, _root_of(self.model), head=o["head"], layers=o["layers"], eps=o["eps"], value=o["value"],
-            unit=o["unit"], check=o["check"], input_channels=ex.shape[1] if ex.dim() > 1 else None)
+            unit=o["unit"], check=o["check"], output_selector=self.output_selector, input_channels=ex.shape[1] if ex.dim() > 1 else None)
         return self
 
     def _seeded(self, layer: str):
@@ -197,6 +203,10 @@ class Explainer(nn.Module):
             if not isinstance(x, torch.Tensor) or x.dim() < 2:
                 raise InputError(f"expected a batched tensor input (B, C, ...), got "
                                  f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            p = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+            if p is not None and (p.device != x.device or p.dtype != x.dtype):
+                raise InputError(f"the input is {x.dtype} on {x.device} but the model is {p.dtype} on "
+                                 f"{p.device}: use x.to(device={str(p.device)!r}, dtype={p.dtype})")
             self.build(x)
         n = self.chunk_size
         if n is not None and x.shape[0] > n:
@@ -240,7 +250,8 @@ def _default_example(model):
 def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
             encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
             unit: str = "pfv", example_input: Optional[torch.Tensor] = None,
-            check: bool = True, chunk_size: Optional[int] = None) -> Explainer:
+            check: bool = True, chunk_size: Optional[int] = None,
+            output_selector=None) -> Explainer:
     """Compile ``model`` (in eval mode) into its SRD explainer.
 
     head:           "gradcam" (Eq. 4, default), "ones" (Sec. 4.3) or ``f(A, logits, target) -> R``;
@@ -254,7 +265,8 @@ def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] =
                     sharing per neuron);
     example_input:  build now instead of on the first call;
     check:          validate inputs/outputs (finite, ranks, training mode);
-    chunk_size:     explain large batches this many samples at a time (bounds memory)."""
+    chunk_size:     explain large batches this many samples at a time (bounds memory);
+    output_selector: for models returning a tuple/dict: a callable, key or index giving the logits."""
     return Explainer(model, head=head, layers=layers, encoder_output=encoder_output, eps=eps,
                      value=value, unit=unit, example_input=example_input, check=check,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, output_selector=output_selector)

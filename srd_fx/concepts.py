@@ -503,7 +503,7 @@ def explain_pfv(explainer, index: PFVIndex, data: Data, image: int, position: Op
     shares = {kk: v[0, 0].cpu() for kk, v in sub_concepts(explainer, x, layer, [position]).items()}
     # largest shares first; PFVs outside the block's receptive field (share exactly 0) are skipped
     flat = [(float(v.reshape(-1)[j]), kk, j) for kk, v in shares.items()
-            for j in v.reshape(-1).topk(min(n_sub, v.numel())).indices.tolist() if v.reshape(-1)[j] != 0]
+            for j in torch.nonzero(v.reshape(-1)).reshape(-1).tolist()]
     flat.sort(key=lambda t: -t[0])
     subs = []
     for s, kk, j in flat[:n_sub]:

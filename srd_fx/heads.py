@@ -29,13 +29,42 @@ def resolve_target(logits: torch.Tensor, target) -> torch.Tensor:
     return t
 
 
-def extract_head(info) -> fx.GraphModule:
+def select_output(out, selector):
+    """Apply ``output_selector`` (a callable, a dict key or a tuple index) to the model output."""
+    if selector is None:
+        y = out
+    elif callable(selector):
+        y = selector(out)
+    else:
+        y = out[selector]
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise InputError(f"the model output (after output_selector) must be a logits tensor (B, K), got "
+                         f"{type(y).__name__} {tuple(getattr(y, 'shape', ()))}; pass output_selector= "
+                         "(a callable, key or index) to srd_fx.compile")
+    return y
+
+
+class _Selected(torch.nn.Module):
+    def __init__(self, head, selector):
+        super().__init__()
+        self.head, self.selector = head, selector
+
+    def forward(self, A):
+        return select_output(self.head(A), self.selector)
+
+
+def extract_head(info, selector=None) -> torch.nn.Module:
+    head = _extract_head(info)
+    return head if selector is None else _Selected(head, selector)
+
+
+def _extract_head(info) -> fx.GraphModule:
     """The part of the model after L as its own GraphModule ``head(A) -> logits``."""
     g = fx.Graph()
     env = {info.L: g.placeholder("A")}
     for n in info.head_nodes():
         env[n] = g.node_copy(n, lambda a: env[a] if a in env else _const(g, env, a))
-    g.output(env[info.output.args[0]])
+    g.output(fx.node.map_arg(info.output.args[0], lambda a: env[a] if a in env else _const(g, env, a)))
     return fx.GraphModule(info.gm, g, "SRDHead")
 
 
@@ -65,6 +94,8 @@ def gradcam(head, A, logits, target, caxes, neuron=False):
         y = head(A_)
         (grad,) = torch.autograd.grad(y, A_, w, create_graph=create)
     sp = _spatial(A, caxes)
+    if A.dtype in (torch.float16, torch.bfloat16):  # maps are float32 for half-precision models
+        A, grad = A.float(), grad.float()
     alpha = grad.mean(dim=sp, keepdim=True) if sp else grad
     terms = alpha * A
     phi = terms.sum(dim=caxes, keepdim=True)
@@ -78,7 +109,7 @@ def ones(A, caxes, neuron=False):
     shape = list(A.shape)
     for a in caxes:
         shape[a] = 1
-    r = A.new_ones(shape)
+    r = torch.ones(shape, device=A.device, dtype=torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype)
     if neuron:
         C = A.numel() // r.numel()
         r = r.expand(A.shape) / C

@@ -11,10 +11,10 @@ Pointing (↑)       ``PointingGame``                         mask dilated by a 
 Attribution (↑)    ``AttributionLocalisation``              positive relevance inside the mask / total
                                                             positive relevance (Appendix E)
 Sparseness (↑)     ``Sparseness``                           Gini index of |map|
-Fidelity (↑)       ``FaithfulnessCorrelation``              Bhatt et al.: 100 runs, 200 random pixels
-                                                            (all channels) set to 0, Pearson
-                                                            correlation of summed attribution and
-                                                            target-logit drop
+Fidelity (↑)       ``FaithfulnessCorrelation``              Bhatt et al.: 100 runs, 200 random input
+                                                            features (pixel, channel) set to 0,
+                                                            Pearson correlation of summed attribution
+                                                            and target-logit drop (Quantus' sampling)
 Stability (↓)      ``LocalLipschitzEstimate``               Gaussian noise sigma 0.1, max over 10
                                                             samples of ||phi(x)-phi(x')|| / ||x-x'||
 =================  =======================================  ==========================================
@@ -150,19 +150,6 @@ def sparseness(model, x, y, a) -> np.ndarray:
                              batch_size=len(x)), dtype=np.float64)
 
 
-def replace_pixels(arr: np.ndarray, indices: np.ndarray, perturb_baseline: float = 0.0, n_channels: int = 3,
-                   **kwargs) -> np.ndarray:
-    """A Quantus ``perturb_func`` for ``FaithfulnessCorrelation``: set every channel of the chosen
-    pixels to ``perturb_baseline``.  ``arr`` is the flattened (B, C*H*W) input and ``indices``
-    (B, k) are pixel indices in [0, H*W) (Quantus' default would replace only the first channel,
-    because it indexes the flattened input with pixel indices)."""
-    B = arr.shape[0]
-    out = np.array(arr, copy=True).reshape(B, n_channels, -1)
-    out[np.arange(B)[:, None, None], np.arange(n_channels)[None, :, None], np.asarray(indices)[:, None, :]] = \
-        perturb_baseline
-    return out.reshape(B, -1)
-
-
 class CachedForward(nn.Module):
     """Wraps a model and remembers its output for each exact input batch seen (by a hash of the
     bytes).  Fidelity's perturbed inputs depend only on the image and the seeded random subsets, not
@@ -200,8 +187,7 @@ def fidelity(model, x, y, a, settings: MetricSettings = MetricSettings()) -> np.
     _check(x, a)
     metric = quantus.FaithfulnessCorrelation(
         nr_runs=settings.fidelity_runs, subset_size=settings.fidelity_subset,
-        perturb_baseline=float(settings.fidelity_baseline), perturb_func=replace_pixels,
-        perturb_func_kwargs={"n_channels": x.shape[1]}, abs=False, normalise=True,
+        perturb_baseline=float(settings.fidelity_baseline), abs=False, normalise=True,
         normalise_func_kwargs=_PER_SAMPLE, return_aggregate=False, disable_warnings=True)
     np.random.seed(settings.seed)
     return np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",

@@ -14,29 +14,42 @@ import torch
 import torch.nn.functional as F
 
 Axes = Tuple[int, ...]
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Maps (relevances, norms, dot products) are kept in float32 for half-precision models."""
+    return t.float() if t.dtype in _LOW else t
 
 
 # ------------------------------------------------------------------ PFV algebra ------------
 def sq_norm(v: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """||v_j||^2 per position j (a map).  No channel axes: per neuron (unit="neuron")."""
     if not caxes:
-        return v * v
+        return _acc(v) * _acc(v)
+    if v.dtype in _LOW:
+        return torch.linalg.vector_norm(v, 2, dim=caxes, keepdim=True, dtype=torch.float32).square()
     return torch.linalg.vector_norm(v, 2, dim=caxes, keepdim=True).square()
 
 
 def pfv_norm(x: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """||x_i|| per position i, with a zero (not NaN) gradient where the norm is zero."""
     if not caxes:
-        return x.abs()
+        return _acc(x).abs()
+    if x.dtype in _LOW:
+        return torch.linalg.vector_norm(x, 2, dim=caxes, keepdim=True, dtype=torch.float32)
     return torch.linalg.vector_norm(x, 2, dim=caxes, keepdim=True)  # its gradient at 0 is 0
 
 
 def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """<x_i, g_i> per position (the linear share R_lin = sum_c x * Lin^T s)."""
     if not caxes:
-        return x * g
-    if caxes == (1,) and x.dim() == 4 and x.shape[0] == 1 and x.shape[2:] == (1, 1) and g.dim() == 4:
+        return _acc(x * g)
+    if caxes == (1,) and x.dim() == 4 and x.shape[0] == 1 and x.shape[2:] == (1, 1) and g.dim() == 4 \
+            and x.dtype not in _LOW:
         return F.conv2d(g, x)  # a per-channel constant (a bias): one GEMV instead of mul + sum
+    if x.dtype in _LOW or g.dtype in _LOW:
+        return (x * g).sum(dim=caxes, keepdim=True, dtype=torch.float32)
     return (x * g).sum(dim=caxes, keepdim=True)
 
 
@@ -51,7 +64,7 @@ def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float) -> torch.
     nv2 = sq_norm(v, caxes)
     ok = nv2 > eps
     inv = torch.where(ok, R / torch.where(ok, nv2, torch.ones_like(nv2)), torch.zeros_like(nv2))
-    return v * inv
+    return v * inv.to(v.dtype)
 
 
 def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes,
@@ -60,7 +73,7 @@ def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes,
     va = pfv_dot(v, a, caxes)
     ok = va.abs() > eps
     inv = torch.where(ok, R / torch.where(ok, va, torch.ones_like(va)), torch.zeros_like(va))
-    return a * inv
+    return a * inv.to(a.dtype)
 
 
 def lost_relevance(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float) -> torch.Tensor:

@@ -107,10 +107,15 @@ def materialize(z, like):
     return z.expand((z.shape[0],) + tuple(like.shape[1:]))
 
 
-def check_input(x, rank, channels):
+def check_input(x, rank, channels, ref=None):
     from .errors import InputError, NonFiniteError
     if not isinstance(x, torch.Tensor):
         raise InputError(f"expected a tensor input, got {type(x).__name__}")
+    if ref is not None and x.device != ref.device:
+        raise InputError(f"the input is on {x.device} but the model is on {ref.device}; move one of them "
+                         f"(x.to('{ref.device}'))")
+    if ref is not None and x.dtype != ref.dtype:
+        raise InputError(f"the input is {x.dtype} but the model is {ref.dtype}; cast it (x.to({ref.dtype}))")
     if x.dim() != rank:
         raise InputError(f"expected an input of rank {rank} (batch, channels, ...), got shape "
                          f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
@@ -128,6 +133,16 @@ def check_finite(t, what):
         raise NonFiniteError(f"{what} contains NaN/Inf (non-finite weights, or values outside the "
                              "dtype's range): no map is returned rather than a wrong one.")
     return t
+
+
+class _Key:
+    """An output_selector given as a dict key or tuple index."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, out):
+        return out[self.key]
 
 
 def add_all(*ts):
@@ -356,7 +371,8 @@ def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx
 
 
 def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("input",), eps=1e-12,
-               value="pre", unit="pfv", check=True, input_channels=None, seed=None):
+               value="pre", unit="pfv", check=True, input_channels=None, seed=None,
+               output_selector=None):
     """Build the twin GraphModule.  Returns (GraphModule, {layer key: node name}).
 
     ``seed``: a layer node; the twin then takes ``forward(x, R_seed)`` and propagates the given
@@ -365,8 +381,9 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     x = b.g.placeholder(info.input.name)
     target = b.g.placeholder("R_seed" if seed is not None else "target",
                              default_value=None if seed is None else inspect.Signature.empty)
-    x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels, name="x_checked") \
-        if check else x
+    ref = next((n for n, p in root.named_parameters() if p.is_floating_point()), None)
+    x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels,
+                       b.attr(ref) if ref else None, name="x_checked") if check else x
     b.env[info.input] = x_checked
 
     # 1. forward, recording the constants the rules ask for
@@ -376,11 +393,15 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
         rule = info.rule.get(n)
         b.env[n] = rule.record(b, n) if rule is not None and info.is_tensor(n) else b.copy(n)
     out_arg = info.output.args[0]
-    if not (isinstance(out_arg, fx.Node) and info.is_tensor(out_arg)):
+    if output_selector is not None:
+        root.srd_output_selector = output_selector if callable(output_selector) else _Key(output_selector)
+        logits = b.call(heads.select_output, b.val(out_arg), b.attr("srd_output_selector"), name="logits")
+    elif isinstance(out_arg, fx.Node) and info.is_tensor(out_arg):
+        logits = b.val(out_arg)
+    else:
         raise UnsupportedOpError(
-            "the model must return a logits tensor (B, classes); wrap it so that forward returns one "
-            "(e.g. lambda out: out['logits']).")
-    logits = b.val(out_arg)
+            "the model returns a tuple/dict, not a logits tensor (B, classes): pass "
+            "output_selector= (e.g. output_selector='logits', 0, or a callable) to srd_fx.compile.")
 
     # 2. initial relevance at the encoder output L (Eq. 4)
     L = info.L
@@ -394,7 +415,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
         R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, neuron,
                      name="R_L")
     elif head == "gradcam":
-        root.srd_head = heads.extract_head(info)
+        root.srd_head = heads.extract_head(info, root.__dict__.get("srd_output_selector"))
         R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, neuron, name="R_L")
     elif head == "ones":
         R_L = b.call(heads.ones, b.val(L), cax_L, neuron, name="R_L")
