@@ -17,6 +17,11 @@ def _arg(node, i, name, default):
     return node.kwargs.get(name, default)
 
 
+def channel_bias(bias, rank):
+    """A per-channel bias as a broadcastable (1, C, 1, ...) tensor."""
+    return bias.reshape((1, -1) + (1,) * (rank - 2))
+
+
 class Conv(Rule):
     pointwise = False
 
@@ -67,8 +72,12 @@ class Conv(Rule):
 
     def bias(self, b, node, zs):
         has_bias = self.spec(b, node)[2]
-        if zs[0] is None and not has_bias:
-            return None
+        if zs[0] is None:
+            # conv(0) + bias is the bias at every position (zero padding adds nothing)
+            if not has_bias:
+                return None
+            bias = b.param(node, "bias") if node.op == "call_module" else b.val(_arg(node, 2, "bias", None))
+            return b.call(channel_bias, bias, len(b.shape(node)))
         return b.apply_with_inputs(node, zs)
 
 

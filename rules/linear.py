@@ -19,6 +19,10 @@ def linear_ones(m, weight):
     return m.matmul(torch.ones_like(weight).t())
 
 
+def row_bias(bias, rank):
+    return bias.reshape((1,) * (rank - 1) + (-1,))
+
+
 class Linear(Rule):
     def spec(self, b, node):
         if node.op == "call_module":
@@ -44,8 +48,12 @@ class Linear(Rule):
         return [m]
 
     def bias(self, b, node, zs):
-        if zs[0] is None and not self.spec(b, node)[2]:
-            return None
+        if zs[0] is None:
+            if not self.spec(b, node)[2]:
+                return None
+            bias = b.param(node, "bias") if node.op == "call_module" else b.val(
+                node.args[2] if len(node.args) > 2 else node.kwargs["bias"])
+            return b.call(row_bias, bias, len(b.shape(node)))
         return b.apply_with_inputs(node, zs)
 
 

@@ -74,8 +74,7 @@ class Explainer(nn.Module):
         self.info: Optional[GraphInfo] = None
         self.traced = trace(model)
         if check:
-            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-            bad += [n for n, p in model.named_buffers() if p.is_floating_point() and not torch.isfinite(p).all()]
+            bad = _non_finite(list(model.named_parameters()) + list(model.named_buffers()))
             if bad:
                 raise NonFiniteError(f"the model has non-finite weights in {bad[:5]}: explanations would be NaN")
         if example_input is None:
@@ -216,6 +215,21 @@ class Explainer(nn.Module):
                                   for i in range(0, x.shape[0], n)])
         out = self.graph_module(x, target)
         return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"], out["lost"])
+
+
+def _non_finite(named):
+    """Names of tensors holding NaN/Inf: one fused norm over all of them, per-tensor only if needed."""
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    with torch.no_grad():
+        groups = {}
+        for n, t in named:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        ok = all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all()) for ts in groups.values())
+        if ok:
+            return []
+        return [n for n, t in named if not torch.isfinite(t).all()]
 
 
 def _root_of(model: nn.Module) -> nn.Module:

@@ -130,7 +130,12 @@ def _batches(data: Data, batch_size: int):
         if isinstance(data, torch.Tensor):
             yield s, data[s:s + batch_size]
         else:
-            yield s, torch.stack([_item(data, i) for i in range(s, min(n, s + batch_size))])
+            items = [_item(data, i) for i in range(s, min(n, s + batch_size))]
+            for i, t in enumerate(items):
+                if t.shape != items[0].shape:
+                    raise InputError(f"image {s + i} has shape {tuple(t.shape)} but image {s} has "
+                                     f"{tuple(items[0].shape)}: resize all images to one size before indexing")
+            yield s, torch.stack(items)
 
 
 # ----------------------------------------------------------------------------- the index -------
@@ -561,7 +566,7 @@ def plot_concepts(res: ConceptExplanation, data: Data, *, class_names: Optional[
 
     name = (lambda c: "?" if c is None else (class_names[c] if class_names else str(c)))
     ncol = max(2 + len(res.neighbours), 1 + len(res.shares) + len(res.sub_concepts), 3)
-    fig, axes = plt.subplots(2, ncol, figsize=(2.1 * ncol, 4.9), squeeze=False)
+    fig, axes = plt.subplots(2, ncol, figsize=(2.1 * ncol, 5.4), squeeze=False)
     for a in axes.ravel():
         a.axis("off")
     q = res.query
@@ -608,5 +613,5 @@ def plot_concepts(res: ConceptExplanation, data: Data, *, class_names: Optional[
         col += 1
     fig.suptitle(title or f"what {q.layer} {q.position} encodes (top) and what it is made of (bottom)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)
     return fig

@@ -5,7 +5,7 @@ from real data that ships with scikit-learn and scikit-image, so nothing is down
 is one handwritten digit from ``sklearn.datasets.load_digits`` (8x8, upscaled with Pillow), pasted
 at a random position, size and colour onto a random crop of a real texture or photograph from
 ``skimage.data`` (brick, grass, gravel, tinted with two random colours; coffee, chelsea, astronaut,
-rocket).  The label is the digit and the mask is the digit's pixels (upscaled ink above half
+rocket), its contrast reduced by a random factor in [0.3, 0.8].  The label is the digit and the mask is the digit's pixels (upscaled ink above half
 intensity).  Scenes are a pure function of ``(seed, split, index)``; the train and test splits draw
 from disjoint sets of source digits (80 % / 20 % of the 1797 images), so no digit image appears in
 both.
@@ -103,7 +103,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         patch = c0 + patch[..., None] * (c1 - c0)
     if rng.random() < 0.5:
         patch = patch[:, ::-1]
-    return np.clip(patch, 0, 1)
+    contrast = rng.uniform(0.3, 0.8)  # tone the clutter down so that the digit is the salient object
+    m = patch.mean((0, 1), keepdims=True)
+    return np.clip(m + contrast * (patch - m), 0, 1)
 
 
 def make_scene(digit: np.ndarray, rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray]:

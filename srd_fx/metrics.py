@@ -19,13 +19,16 @@ Stability (↓)      ``LocalLipschitzEstimate``               Gaussian noise sig
                                                             samples of ||phi(x)-phi(x')|| / ||x-x'||
 =================  =======================================  ==========================================
 
-Quantus' normalisation (``normalise_by_max``) is kept on, per sample; after :func:`prepare` it changes
-nothing.  Quantus draws its random subsets and noise from NumPy's global generator: the functions
+The normalisation is done by :func:`prepare`, per map; Quantus' own (``normalise_by_max``, over the
+whole batch by default, and 0/0 for an all-zero map) is switched off.  Quantus draws its random subsets and noise from NumPy's global generator: the functions
 here seed it (``seed``), so every method is scored on the same pixel subsets and noise draws.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -38,7 +41,6 @@ import torch.nn.functional as F
 HIGHER_IS_BETTER = {"Pointing": True, "Attribution": True, "Sparseness": True, "Fidelity": True,
                     "Stability": False}
 METRIC_NAMES = tuple(HIGHER_IS_BETTER)
-_PER_SAMPLE = {"normalise_axes": (1, 2, 3)}
 
 
 @dataclass
@@ -98,6 +100,19 @@ def dilate_masks(masks, radius: int) -> np.ndarray:
     return np.stack([binary_dilation(m, structure=disk) for m in masks])
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence Quantus' printed advice and warnings (the settings here are deliberate)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _make(cls, **kw):
+    with _quiet():
+        return cls(**kw)
+
+
 def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
@@ -122,10 +137,11 @@ def pointing_game(model, x, y, a, s, tolerance: int = 0) -> np.ndarray:
     x, y, a, s = _np(x), _np(y), _np(a), _np(s).astype(bool)
     _check(x, a, s)
     s = dilate_masks(s, tolerance)
-    metric = quantus.PointingGame(abs=False, normalise=True, normalise_func_kwargs=_PER_SAMPLE,
-                                  disable_warnings=True)
-    return np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None], s_batch=s[:, None],
-                             device="cpu", batch_size=len(x)), dtype=np.float64)
+    metric = _make(quantus.PointingGame, abs=False, normalise=False, disable_warnings=True)
+    with _quiet():
+        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None], s_batch=s[:, None],
+                        device="cpu", batch_size=len(x))
+    return np.asarray(scores, dtype=np.float64)
 
 
 def attribution_localisation(model, x, y, a, s) -> np.ndarray:
@@ -134,10 +150,12 @@ def attribution_localisation(model, x, y, a, s) -> np.ndarray:
     import quantus
     x, y, a, s = _np(x), _np(y), _np(a), _np(s).astype(bool)
     _check(x, a, s)
-    metric = quantus.AttributionLocalisation(positive_attributions=True, abs=False, normalise=True,
-                                             normalise_func_kwargs=_PER_SAMPLE, disable_warnings=True)
-    return np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None], s_batch=s[:, None],
-                             device="cpu", batch_size=len(x)), dtype=np.float64)
+    metric = _make(quantus.AttributionLocalisation, positive_attributions=True, abs=False, normalise=False,
+                                             disable_warnings=True)
+    with _quiet():
+        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None], s_batch=s[:, None],
+                        device="cpu", batch_size=len(x))
+    return np.asarray(scores, dtype=np.float64)
 
 
 def sparseness(model, x, y, a) -> np.ndarray:
@@ -145,9 +163,11 @@ def sparseness(model, x, y, a) -> np.ndarray:
     import quantus
     x, y, a = _np(x), _np(y), _np(a)
     _check(x, a)
-    metric = quantus.Sparseness(abs=True, normalise=True, normalise_func_kwargs=_PER_SAMPLE, disable_warnings=True)
-    return np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",
-                             batch_size=len(x)), dtype=np.float64)
+    metric = _make(quantus.Sparseness, abs=True, normalise=False, disable_warnings=True)
+    with _quiet():
+        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",
+                        batch_size=len(x))
+    return np.asarray(scores, dtype=np.float64)
 
 
 class CachedForward(nn.Module):
@@ -185,13 +205,15 @@ def fidelity(model, x, y, a, settings: MetricSettings = MetricSettings()) -> np.
     import quantus
     x, y, a = _np(x), _np(y), _np(a)
     _check(x, a)
-    metric = quantus.FaithfulnessCorrelation(
+    metric = _make(quantus.FaithfulnessCorrelation, 
         nr_runs=settings.fidelity_runs, subset_size=settings.fidelity_subset,
-        perturb_baseline=float(settings.fidelity_baseline), abs=False, normalise=True,
-        normalise_func_kwargs=_PER_SAMPLE, return_aggregate=False, disable_warnings=True)
+        perturb_baseline=float(settings.fidelity_baseline), abs=False, normalise=False,
+        return_aggregate=False, disable_warnings=True)
     np.random.seed(settings.seed)
-    return np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",
-                             softmax=False, batch_size=len(x)), dtype=np.float64)
+    with _quiet():
+        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",
+                        softmax=False, batch_size=len(x))
+    return np.asarray(scores, dtype=np.float64)
 
 
 def stability(model, x, y, a, explain: Callable, settings: MetricSettings = MetricSettings()) -> np.ndarray:
@@ -207,10 +229,12 @@ def stability(model, x, y, a, explain: Callable, settings: MetricSettings = Metr
         tt = torch.as_tensor(np.asarray(targets), dtype=torch.long)
         return _np(explain(model, xt, tt))[:, None]
 
-    metric = quantus.LocalLipschitzEstimate(
+    metric = _make(quantus.LocalLipschitzEstimate, 
         nr_samples=settings.stability_samples, perturb_std=settings.stability_sigma, perturb_mean=0.0,
-        abs=False, normalise=True, normalise_func_kwargs=_PER_SAMPLE, return_aggregate=False,
+        abs=False, normalise=False, return_aggregate=False,
         disable_warnings=True)
     np.random.seed(settings.seed)
-    return np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",
-                             explain_func=explain_func, batch_size=len(x)), dtype=np.float64)
+    with _quiet():
+        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",
+                        explain_func=explain_func, batch_size=len(x))
+    return np.asarray(scores, dtype=np.float64)

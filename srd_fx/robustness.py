@@ -12,18 +12,22 @@ How each method is attacked (``METHODS``):
 
 * ``srd``: SRD's own compiled module (``srd_fx.compile(model, head="ones")``) on the original
   network; its map is a smooth function of the input almost everywhere even for ReLU networks,
-  so no surrogate is needed (``srd_surrogate=True`` attacks it on the softplus copy instead).
+  so no surrogate is needed (method ``srd_softplus`` attacks it on the softplus copy instead).
 * ``gradient``, ``input_x_gradient``, ``guided_backprop``, ``integrated_gradients``:
   differentiable re-computations (``torch.autograd.grad(create_graph=True)``) of exactly what
   captum's ``Saliency``, ``InputXGradient``, ``GuidedBackprop`` and ``IntegratedGradients``
   return (checked against captum in ``tests/test_robustness.py``), evaluated on a copy of the
   network whose ReLUs are replaced by ``softplus(beta)`` (an fx rewrite, :func:`replace_relu`),
-  because the gradient of a ReLU network's gradient map is zero almost everywhere.
+  because the gradient of a ReLU network's gradient map is zero almost everywhere.  Guided
+  backprop runs two passes (an ordinary one recording pre-activations, a guided one using
+  them) so that the map's own derivative follows the true forward function (``_GuidedFn``).
 * ``lrp_zplus``: zennit's LRP with the z+ rule on every convolution and linear layer (batch-norm
   folded into the preceding convolution, residual additions routed through zennit's ``Sum``
-  module); zennit's hooks build a differentiable graph when the attribution gradient is taken
-  with ``create_graph=True``.
+  module), on the softplus copy; zennit's hooks build a differentiable graph when the
+  attribution gradient is taken with ``create_graph=True`` *and* the output one-hot requires
+  grad (otherwise the top layer's hook silently drops its dependence on the input).
 
+All these second-order gradients are checked against finite differences in the tests.
 The maps *reported* (``AttackResult.maps``) are those of the original network, computed by the
 libraries themselves (captum, zennit, srd_fx).
 """
@@ -81,6 +85,7 @@ def replace_relu(model: nn.Module, make: Callable[[], nn.Module], *,
     modules = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     count = 0
+    renamed = {}
     for node in list(gm.graph.nodes):
         if not _is_relu(node, modules):
             continue
@@ -96,11 +101,13 @@ def replace_relu(model: nn.Module, make: Callable[[], nn.Module], *,
             for user in list(src.users):
                 if user is not new and order.get(user, math.inf) > order[node]:
                     user.replace_input_with(src, new)
+        renamed[node.name] = new.name
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     gm.n_replaced_relu = count
-    return gm
+    gm.renamed_nodes = renamed  # old activation node name -> new node name
+    return gm.eval()
 
 
 def softplus_copy(model: nn.Module, beta: float) -> fx.GraphModule:
@@ -291,7 +298,6 @@ class _GradientFamily(Method):
     def __init__(self, model, example, beta):
         super().__init__(model, example, beta)
         self.net = softplus_copy(model, beta) if beta is not None else model
-        self._relu_modules = None
 
     def _grad(self, net, x, target, create_graph=True):
         if not x.requires_grad:
@@ -436,7 +442,9 @@ class SRD(Method):
         self.explainer = srd_fx.compile(model, head="ones", example_input=example[:1].detach())
         if self.surrogate and beta is not None:
             sp = softplus_copy(model, beta)
-            self.attacked = srd_fx.compile(sp, head="ones", example_input=example[:1].detach())
+            L = self.explainer.encoder_output
+            self.attacked = srd_fx.compile(sp, head="ones", encoder_output=sp.renamed_nodes.get(L, L),
+                                           example_input=example[:1].detach())
         else:
             self.attacked = self.explainer
 

@@ -275,12 +275,18 @@ class Builder:
         return [self.call(shadow_vjp, m, fn_name(fn), fn_args, self.val(x), self.caxes(x))]
 
     def apply_with_inputs(self, node, zs):
+        """The op applied to the biases flowing in (zeros where None).  Ops that keep positions
+        take them as they are (broadcast); others get them expanded to the input's shape."""
         mains = self.main_inputs(node)
+        pointwise = getattr(self.info.rule.get(node), "pointwise", False)
         sub = {}
         for i, z in zip(mains, zs):
             if i in sub:
                 continue
-            sub[i] = self.call(zeros1, self.val(i)) if z is None else self.call(materialize, z, self.val(i))
+            if z is None:
+                sub[i] = self.call(zeros1, self.val(i))
+            else:
+                sub[i] = z if pointwise else self.call(materialize, z, self.val(i))
         return self.g.node_copy(node, lambda a: sub.get(a, self.env.get(a)))
 
     def unbroadcast(self, g, i, node):
@@ -456,6 +462,8 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
                 "R_L": b.call(ops.position_map, R_L, info.caxes(L), name="out_R_L")})
     gm = fx.GraphModule(root, b.g, "SRDExplainer")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return gm, names
 
 
