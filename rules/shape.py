@@ -70,13 +70,18 @@ def reshape_map(m, out, caxes):
     raise ValueError(f"reshape {tuple(m.shape)} -> {tuple(out.shape)} mixes channels and positions")
 
 
-def reshape_map_T(m, x, caxes):
+def reduce_keep(m, axes):
+    return m.sum(dim=tuple(axes), keepdim=True)
+
+
+def reshape_map_T(m, x, caxes, absorbed=()):
     target = list(x.shape)
     for a in caxes:
         target[a] = 1
-    if m.numel() == math.prod(target):
-        return m.reshape(target)
-    return m.reshape(m.shape[0], *([1] * (len(target) - 1))).expand(target)
+    small = list(target)
+    for a in absorbed:
+        small[a] = 1
+    return m.reshape(small).expand(target) if absorbed else m.reshape(target)
 
 
 def reshape_T(g, x):
@@ -212,41 +217,150 @@ class Cat(Rule):
 
 
 class Reshape(Rule):
-    """flatten / view / reshape."""
+    """flatten / view / reshape.
+
+    Positions are matched between input and output (channels may be split or merged freely).
+    Input positions that are merged into the output's channels (flatten to (B, F), timm's
+    space-to-depth) are *absorbed*: the output PFV is reached from all of them, so the shadow sums
+    the map over them."""
     pointwise = False
 
-    def layout(self, b, node):
+    def _plan(self, b, node):
+        """(output channel axes, absorbed input axes)."""
         x = b.main_inputs(node)[0]
-        si, so, ci = b.shape(x), b.shape(node), b.caxes(x)
-        pos = [si[d] for d in range(1, len(si)) if d not in ci]
-        if len(so) == 2:
-            return (1,)
-        rest = list(so[1:])
-        if pos and rest[len(rest) - len(pos):] == pos and len(rest) > len(pos):
-            return tuple(range(1, 1 + len(rest) - len(pos)))
-        if pos and rest[:len(pos)] == pos and len(rest) > len(pos):
-            return tuple(range(1 + len(pos), len(so)))
-        chans = [si[d] for d in ci]
-        if len(ci) == 1 and ci[0] == 1 and so[1] == si[1]:  # (B, C, H, W) -> (B, C, HW)
-            return (1,)
-        if len(ci) == 1 and ci[0] == len(si) - 1 and so[-1] == si[-1]:  # (B, H, W, C) -> (B, HW, C)
-            return (len(so) - 1,)
-        b.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} mixes channels and positions")
+        si, so, ci = list(b.shape(x)), list(b.shape(node)), b.true_caxes(x)
+        P = [d for d in range(1, len(si)) if d not in ci]
+        psz = [si[d] for d in P]
+        csz = [si[d] for d in ci]
+        if len(so) == 2:  # (B, F): one PFV
+            return (1,), tuple(P)
+        rest = so[1:]
+        # positions kept as trailing (NCHW-like) or leading (NHWC-like) output dims, possibly after
+        # absorbing the leading input positions (space-to-depth)
+        for k in range(len(P), 0, -1):
+            if rest[len(rest) - k:] == psz[len(psz) - k:] and len(rest) > k:
+                return tuple(range(1, 1 + len(rest) - k)), tuple(P[:len(P) - k])
+        for k in range(len(P), 0, -1):
+            if rest[:k] == psz[:k] and len(rest) > k and k == len(P):
+                return tuple(range(1 + k, len(so))), ()
+        # channels kept as the leading (NCHW-like) or trailing dims, positions split finer
+        if ci and list(ci) == list(range(1, 1 + len(ci))) and rest[:len(ci)] == csz:
+            return tuple(range(1, 1 + len(ci))), ()
+        if ci and list(ci) == list(range(len(si) - len(ci), len(si))) and rest[len(rest) - len(ci):] == csz:
+            return tuple(range(len(so) - len(ci), len(so))), ()
+        b.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} mixes channels and positions in a way "
+                            "srd_fx cannot map; register a rule for this module")
+
+    def layout(self, b, node):
+        return self._plan(b, node)[0]
 
     def transpose(self, b, node, g):
         return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
 
     def shadow(self, b, node, ms):
-        return b.call(reshape_map, ms[0], b.val(node), b.caxes(node))
+        absorbed = self._plan(b, node)[1] if b.unit != "neuron" else ()
+        m = b.call(reduce_keep, ms[0], absorbed) if absorbed else ms[0]
+        return b.call(reshape_map, m, b.val(node), b.caxes(node))
 
     def shadow_T(self, b, node, m):
         x = b.main_inputs(node)[0]
-        return [b.call(reshape_map_T, m, b.val(x), b.caxes(x))]
+        absorbed = self._plan(b, node)[1] if b.unit != "neuron" else ()
+        return [b.call(reshape_map_T, m, b.val(x), b.caxes(x), absorbed)]
 
     def is_global_reduction(self, b, node):
         x = b.main_inputs(node)[0]
         return len(b.shape(node)) == 2 and len(b.shape(x)) >= 3 and \
             any(b.shape(x)[d] > 1 for d in range(2, len(b.shape(x))))
+
+
+class Stack(Rule):
+    """torch.stack: a new axis; before the channel axis it is a channel axis (paths stacked into
+    one PFV, as in selective-kernel attention), otherwise a new position axis."""
+    pointwise = False
+
+    def _spec(self, b, node):
+        xs = list(node.args[0] if node.args else node.kwargs["tensors"])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return xs, dim % len(b.shape(node))
+
+    def _channel(self, b, node):
+        xs, dim = self._spec(b, node)
+        mains = [x for x in xs if x in b.main_inputs(node)]
+        return dim <= max(b.true_caxes(mains[0]))
+
+    def layout(self, b, node):
+        xs, dim = self._spec(b, node)
+        mains = [x for x in xs if x in b.main_inputs(node)]
+        ci = tuple(c + 1 if c >= dim else c for c in b.true_caxes(mains[0]))
+        return tuple(sorted(ci + ((dim,) if self._channel(b, node) else ())))
+
+    def transpose(self, b, node, g):
+        xs, dim = self._spec(b, node)
+        pieces = b.call(torch.unbind, g, dim)
+        got = {}
+        for k, x in enumerate(xs):
+            if x in b.main_inputs(node):
+                p = b.call(operator.getitem, pieces, k)
+                got[x] = p if x not in got else b.call(torch.add, got[x], p)
+        return b.first_occurrence(node, got)
+
+    def shadow(self, b, node, ms):
+        xs, dim = self._spec(b, node)
+        by = dict(zip(b.main_inputs(node), ms))
+        return b.call(stack_maps, [by.get(x) for x in xs], [b.val(x) for x in xs], dim,
+                      b.caxes(xs[0]) if xs[0] in by else b.caxes(b.main_inputs(node)[0]),
+                      self._channel(b, node))
+
+    def shadow_T(self, b, node, m):
+        xs, dim = self._spec(b, node)
+        pieces = b.call(stack_maps_T, m, len(xs), dim, self._channel(b, node))
+        got = {}
+        for k, x in enumerate(xs):
+            if x in b.main_inputs(node):
+                p = b.call(operator.getitem, pieces, k)
+                got[x] = p if x not in got else b.call(torch.add, got[x], p)
+        return b.first_occurrence(node, got)
+
+    def bias(self, b, node, zs):
+        if all(z is None for z in zs):
+            return None
+        xs, dim = self._spec(b, node)
+        by = dict(zip(b.main_inputs(node), zs))
+        mains = set(b.main_inputs(node))
+        pieces = [by.get(x) if x in mains else b.val(x) for x in xs]
+        return b.call(stack_bias, pieces, [b.val(x) for x in xs], dim)
+
+
+def stack_maps(maps, xs, dim, caxes, channel):
+    full = []
+    for m, x in zip(maps, xs):
+        if m is None:
+            shape = list(x.shape)
+            for a in caxes:
+                shape[a] = 1
+            m = x.new_zeros(shape)
+        full.append(m)
+    if channel:
+        out = full[0]
+        for m in full[1:]:
+            out = out + m
+        return out.unsqueeze(dim)
+    return torch.stack(full, dim=dim)
+
+
+def stack_maps_T(m, n, dim, channel):
+    if channel:
+        return [m.squeeze(dim) for _ in range(n)]
+    return list(torch.unbind(m, dim))
+
+
+def stack_bias(zs, xs, dim):
+    B = max((z.shape[0] for z in zs if z is not None), default=1)
+    parts = []
+    for z, x in zip(zs, xs):
+        shape = (B,) + tuple(x.shape[1:])
+        parts.append(x.new_zeros(shape) if z is None else z.expand(shape))
+    return torch.stack(parts, dim=dim)
 
 
 class Permute(Rule):
@@ -418,6 +532,7 @@ class Interpolate(Rule):
 
 
 register_rule(torch.cat, Cat())
+register_rule(torch.stack, Stack())
 register_rule(torch.concat, Cat())
 for t in (torch.flatten, "method:flatten", nn.Flatten, "method:view", "method:reshape", torch.reshape):
     register_rule(t, Reshape())

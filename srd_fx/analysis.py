@@ -204,6 +204,9 @@ class GraphInfo:
             "Pass encoder_output='<module or node name>' to srd_fx.compile.")
 
     # ------------------------------------------------------------------ layout -------------
+    def true_caxes(self, n) -> Tuple[int, ...]:
+        return self.caxes(n)
+
     def caxes(self, n) -> Tuple[int, ...]:
         if n not in self.caxes_:
             r = self.rule.get(n)

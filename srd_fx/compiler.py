@@ -72,7 +72,14 @@ class Explainer(nn.Module):
                             encoder_output=encoder_output, eps=eps, value=value, unit=unit, check=check)
         self.graph_module = None
         self.info: Optional[GraphInfo] = None
-        self.traced = trace(model)
+        try:
+            self.traced = trace(model)
+        except Exception:
+            ex = example_input if example_input is not None else _default_example(model)
+            if ex is None:  # may trace once the input size is known (shape-dependent branches)
+                self.traced = None
+            else:
+                self.traced = trace(model, ex)
         if check:
             bad = _non_finite(list(model.named_parameters()) + list(model.named_buffers()))
             if bad:
@@ -86,6 +93,8 @@ class Explainer(nn.Module):
     def build(self, example: torch.Tensor) -> "Explainer":
         """Analyse the traced graph with the shapes of ``example`` and generate the twin."""
         ex = example[:1].detach()
+        if self.traced is None or (self.traced.meta.get("srd_specialised") not in (None, tuple(ex.shape[1:]))):
+            self.traced = trace(self.model, ex)  # shape-specialised trace for this input size
         try:
             shape_prop(self.traced, ex)
         except Exception as e:
@@ -198,6 +207,10 @@ class Explainer(nn.Module):
             if isinstance(x, torch.Tensor) and self.graph_module is not None and x.dim() != len(self.info.shape(self.info.input)):
                 raise InputError(f"expected an input of rank {len(self.info.shape(self.info.input))}, got "
                                  f"shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+        spec = self.traced.meta.get("srd_specialised") if self.traced is not None else None
+        if self.graph_module is not None and spec is not None and isinstance(x, torch.Tensor) \
+                and tuple(x.shape[1:]) != spec:
+            self.graph_module = None  # the trace depends on the input size: rebuild for this one
         if self.graph_module is None:
             if not isinstance(x, torch.Tensor) or x.dim() < 2:
                 raise InputError(f"expected a batched tensor input (B, C, ...), got "

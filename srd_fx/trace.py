@@ -78,14 +78,43 @@ def check_eval(model: nn.Module) -> None:
             "before srd_fx.compile(model).")
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule, or raise TraceError saying how to fix it."""
+def _meta_tracer():
+    from torch.fx.experimental.meta_tracer import MetaTracer
+
+    class ShapeAwareTracer(MetaTracer, SRDTracer):
+        """SRDTracer whose proxies carry meta tensors, so Python control flow on *shapes*
+        (``if x.shape[-1] < 7``, as in timm's ConvMlp) resolves for the example's input size."""
+
+    return ShapeAwareTracer()
+
+
+def trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule, or raise TraceError saying how to fix it.
+
+    Plain symbolic tracing first; if it fails and an example input is known, a shape-aware
+    retrace specialised to the example's size (``gm.meta["srd_specialised"]`` holds it)."""
     check_eval(model)
     tracer = SRDTracer()
     try:
         with _tag_forward_features(model):
             graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ...
+        if example is not None:
+            import warnings
+            try:
+                mt = _meta_tracer()
+                name = next(iter(__import__("inspect").signature(model.forward).parameters))
+                with _tag_forward_features(model), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    graph = mt.trace(model, meta_args={name: torch.empty(example.shape, dtype=example.dtype,
+                                                                          device="meta")})
+                gm = fx.GraphModule(mt.root, graph, type(model).__name__)
+                for n in gm.graph.nodes:  # meta values are not wanted downstream
+                    n.meta.pop("tensor_meta", None)
+                gm.meta["srd_specialised"] = tuple(example.shape[1:])
+                return gm
+            except Exception:
+                pass
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             "srd_fx needs a model whose forward has no data-dependent Python control flow "

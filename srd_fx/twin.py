@@ -173,6 +173,10 @@ class Builder:
         neuron is its own unit, SPEC §5)."""
         return () if self.unit == "neuron" else self.info.caxes(n)
 
+    def true_caxes(self, n):
+        """Channel axes of the tensor layout (whatever the unit)."""
+        return self.info.caxes(n)
+
     def main_inputs(self, n):
         return self.info.main_inputs(n)
 

@@ -158,7 +158,9 @@ class Branchy(nn.Module):
 
 def test_untraceable_model_says_what_to_do():
     with pytest.raises(srd_fx.TraceError, match="control flow"):
-        srd_fx.compile(Branchy().eval())
+        srd_fx.compile(Branchy().eval())(torch.randn(1, 3, 8, 8))
+    with pytest.raises(srd_fx.TraceError, match="control flow"):
+        srd_fx.compile(Branchy().eval(), example_input=torch.randn(1, 3, 8, 8))
 
 
 def test_wrong_rank_target_range_and_nan():

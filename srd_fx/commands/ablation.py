@@ -57,10 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
 
 
-def explainers(model, variants, example):
+def explainers(model, variants, example, head="gradcam"):
     """variant -> compiled SRD explainer (input relevance) of ``model``."""
     import srd_fx
-    return {v: srd_fx.compile(model, example_input=example, **VARIANTS[v][1]) for v in variants}
+    return {v: srd_fx.compile(model, example_input=example, head=head, **VARIANTS[v][1]) for v in variants}
 
 
 def saliency(explainer, x, batch_size):

@@ -234,7 +234,7 @@ def format_table(summary: dict) -> str:
     for mname, ms in summary["models"].items():
         acc = ms.get("accuracy")
         lines.append(f"\n### {mname}" + (f" (test accuracy {acc:.3f})" if acc is not None else "") + "\n")
-        lines.append("| method | SSIM(org, adv) ↑ | PCC(org, adv) ↑ | PCC(adv, target) (before → after) | "
+        lines.append("| method | SSIM(org, adv) ↑ | PCC(org, adv) ↑ | PCC(φ, φ(x_target)): org → adv | "
                      "‖ΔF‖₂ (‖F‖₂) | class kept | L∞ ×255 | steps | s |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for meth, st in ms["methods"].items():
