@@ -43,29 +43,46 @@ class Conv(Rule):
     def layout(self, b, node):
         return (1,)
 
-    def transpose(self, b, node, g):
-        x, w, _, stride, padding, dilation, groups, _ = self.spec(b, node)
-        if isinstance(padding, str):  # 'same' / 'valid': let autograd transpose it
-            return b.vjp(node, g)
-        return [b.call(ops.conv_T, g, b.val(x), w, stride, padding, dilation, groups)]
-
-    def _padded(self, b, node, m):
+    def _padding(self, b, node):
+        """Integer padding, or explicit F.pad amounts for an asymmetric padding='same'."""
         x, _, _, stride, padding, dilation, _, kernel = self.spec(b, node)
+        if padding == "valid":
+            return 0, None
         if padding == "same":
-            return b.call(F.pad, m, b.call(ops.same_padding, b.val(x), kernel, 1, dilation)), 0
-        return m, (0 if padding == "valid" else padding)
+            nd = len(b.shape(node)) - 2
+            k = kernel if isinstance(kernel, (tuple, list)) else (kernel,) * nd
+            d = dilation if isinstance(dilation, (tuple, list)) else (dilation,) * nd
+            totals = [di * (ki - 1) for ki, di in zip(k, d)]
+            if all(t % 2 == 0 for t in totals):
+                return tuple(t // 2 for t in totals), None
+            return None, True
+        return padding, None
+
+    def transpose(self, b, node, g):
+        x, w, _, stride, _, dilation, groups, _ = self.spec(b, node)
+        p, asym = self._padding(b, node)
+        if asym:  # asymmetric 'same': let autograd transpose it
+            return b.vjp(node, g)
+        return [b.call(ops.conv_T, g, b.val(x), w, stride, p, dilation, groups)]
 
     def shadow(self, b, node, ms):
-        x, w, _, stride, padding, dilation, groups, kernel = self.spec(b, node)
-        if b.unit == "neuron" and not isinstance(padding, str):
-            return b.call(ops.conv_ones, ms[0], b.val(x), w, stride, padding, dilation, groups)
-        m, p = self._padded(b, node, ms[0])
-        return b.call(ops.window_sum, m, kernel, stride, p, dilation, b.val(node))
+        x, w, _, stride, _, dilation, groups, kernel = self.spec(b, node)
+        p, asym = self._padding(b, node)
+        if asym:
+            pads = b.call(ops.torch_same_pads, b.val(x), kernel, dilation)
+            if b.unit == "neuron":
+                b.unsupported(node, "asymmetric padding='same' with unit='neuron'")
+            return b.call(ops.padded_window_sum, ms[0], pads, kernel, stride, dilation, b.val(node))
+        if b.unit == "neuron":
+            return b.call(ops.conv_ones, ms[0], b.val(x), w, stride, p, dilation, groups)
+        return b.call(ops.window_sum, ms[0], kernel, stride, p, dilation, b.val(node))
 
     def shadow_T(self, b, node, m):
-        x, w, _, stride, padding, dilation, groups, kernel = self.spec(b, node)
-        if isinstance(padding, str):
-            b.unsupported(node, "string padding ('same'/'valid') in the bias share; use integer padding")
+        x, w, _, stride, _, dilation, groups, kernel = self.spec(b, node)
+        padding, asym = self._padding(b, node)
+        if asym:
+            pads = b.call(ops.torch_same_pads, b.val(x), kernel, dilation)
+            return b.vjp_shadow(ops.padded_window_sum, (pads, kernel, stride, dilation, b.val(node)), m, x)
         if b.unit == "neuron":
             return [b.call(ops.conv_ones_T, m, b.val(x), w, stride, padding, dilation, groups)]
         return [b.call(ops.window_sum_T, m, kernel, stride, padding, dilation, b.val(x))]
@@ -129,3 +146,59 @@ def _register_timm():
 
 
 _register_timm()
+
+
+class CondConv(Rule):
+    """timm's CondConv2d (leaf): per-sample kernels mixed by routing weights, which are recorded
+    constants (a gate on the kernel), so the op is linear in its input."""
+    pointwise = False
+    main_args = (0,)
+
+    def layout(self, b, node):
+        return (1,)
+
+    def _geo(self, b, node):
+        m = b.module(node)
+        return m.kernel_size, m.stride, m.padding, m.dilation, m.dynamic_padding
+
+    def shadow(self, b, node, ms):
+        k, s, p, d, dyn = self._geo(b, node)
+        if dyn:
+            return b.call(ops.same_window_sum, ms[0], b.val(node.args[0]), k, s, d, b.val(node))
+        return b.call(ops.window_sum, ms[0], k, s, p, d, b.val(node))
+
+    def shadow_T(self, b, node, m):
+        k, s, p, d, dyn = self._geo(b, node)
+        x = node.args[0]
+        if dyn:
+            return b.vjp_shadow(ops.same_window_sum, (b.val(x), k, s, d, b.val(node)), m, x)
+        return [b.call(ops.window_sum_T, m, k, s, p, d, b.val(x))]
+
+    def bias(self, b, node, zs):
+        mod = b.module(node)
+        if zs[0] is None:
+            if mod.bias is None:
+                return None
+            return b.call(cond_bias, b.val(node.args[1]), b.param(node, "bias"))
+        sub = b.call(materialize_batch, zs[0], b.val(node.args[0]))
+        return b.g.create_node("call_module", node.target, (sub, b.val(node.args[1])), {})
+
+
+def cond_bias(routing, bias):
+    return (routing @ bias)[:, :, None, None]
+
+
+def materialize_batch(z, like):
+    return z.expand(like.shape)
+
+
+def _register_condconv():
+    import importlib
+    try:
+        mod = importlib.import_module("timm.layers.cond_conv2d")
+    except Exception:
+        return
+    register_rule(mod.CondConv2d, CondConv())
+
+
+_register_condconv()

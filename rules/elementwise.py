@@ -52,6 +52,7 @@ class AddSub(Rule):
 
 class Mul(Rule):
     """``a * c`` where ``c`` is a constant or a gate (a recorded constant of the forward pass)."""
+    gate_args = (0, 1)
 
     def _factor(self, b, node):
         a, c = _operands(node)
@@ -68,7 +69,9 @@ class Mul(Rule):
 
 
 class Div(Rule):
-    """``a / c`` with a constant (or gate) divisor."""
+    """``a / c`` with a constant (or gate / statistic) divisor."""
+    gate_args = (0, 1)
+    divisor_only = True
 
     def transpose(self, b, node, g):
         a, c = _operands(node)
@@ -97,6 +100,19 @@ for t in (operator.truediv, operator.itruediv, torch.div, "method:div", "method:
     register_rule(t, Div())
 for t in (operator.neg, torch.neg, "method:neg"):
     register_rule(t, Neg())
+
+
+class AddCMul(Rule):
+    """``addcmul(input, t1, t2, value)`` = input + value * t1 * t2, one factor a constant or gate
+    (ConvNeXt-V2's global response normalisation)."""
+    gate_args = (1, 2)
+
+    def bias(self, b, node, zs):
+        return b.apply_with_inputs(node, zs)
+
+
+for t in (torch.addcmul, "method:addcmul"):
+    register_rule(t, AddCMul())
 
 _identity = Identity()
 for cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout):

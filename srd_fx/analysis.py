@@ -118,7 +118,11 @@ class GraphInfo:
                 out.append(a)
             return a
 
-        fx.node.map_arg((node.args, node.kwargs), visit)
+        sel = getattr(self.rule.get(node), "main_args", None)
+        if sel is not None:  # the rule says which arguments carry relevance (others: constants)
+            fx.node.map_arg(tuple(node.args[i] for i in sel if i < len(node.args)), visit)
+        else:
+            fx.node.map_arg((node.args, node.kwargs), visit)
         return out
 
     # ------------------------------------------------------------------ gates --------------
@@ -129,36 +133,43 @@ class GraphInfo:
             n = n.args[0]
         return n
 
-    def _gate_like(self, n) -> bool:
-        p = self._producer(n)
-        r = self.rule.get(p)
-        if isinstance(r, R.Activation) and r.gate_capable:
-            return True
-        if self.is_tensor(n):
-            s = self.shape(n)
-            return len(s) >= 3 and all(d == 1 for d in s[2:])
-        return False
+    def _gate_capable(self, n) -> bool:
+        r = self.rule.get(self._producer(n))
+        return isinstance(r, R.Activation) and r.gate_capable
+
+    def _reduced(self, a, c) -> bool:
+        """``a`` broadcasts onto ``c`` with fewer elements (a squeeze branch, a spatial attention
+        map, a normalisation statistic)."""
+        if not (self.is_tensor(a) and self.is_tensor(c)):
+            return False
+        sa, sc = self.shape(a), self.shape(c)
+        if len(sa) != len(sc):
+            return False
+        return all(x == y or x == 1 for x, y in zip(sa, sc)) and any(x == 1 and y > 1 for x, y in zip(sa, sc))
 
     def _find_gates(self):
-        from rules.elementwise import Mul, Div
+        """For every product of two input-dependent tensors, the factor that is a gate (SPEC §2):
+        a sigmoid/hardsigmoid/softmax output, or a factor reduced over some axes of the other
+        (a (B, C, 1, 1) squeeze branch, a (B, 1, H, W) attention map, a normalisation statistic)."""
         for n in self.nodes:
             r = self.rule.get(n)
-            if not isinstance(r, (Mul, Div)) or not self.is_tensor(n):
+            pos = getattr(r, "gate_args", None)
+            if not pos or not self.is_tensor(n):
                 continue
-            ops_ = list(n.args[:2])
+            ops_ = [n.args[i] if i < len(n.args) else None for i in pos]
             dep = [a for a in ops_ if isinstance(a, fx.Node) and self.dep.get(a) and self.is_tensor(a)]
             if len(dep) < 2:
                 continue
-            if isinstance(r, Div):
-                a, c = ops_
-                if self._gate_like(c):
+            a, c = ops_[0], ops_[1]
+            if getattr(r, "divisor_only", False):
+                if self._reduced(c, a) or self._gate_capable(c):
                     self.gates[n] = c
                 continue
-            a, c = dep
-            ga, gc = self._gate_like(a), self._gate_like(c)
-            if ga and gc:  # prefer the squeeze-shaped / sigmoid-produced one that is smaller
-                ga = self.shape(a) != self.shape(n) if self.is_tensor(a) else False
-                gc = self.shape(c) != self.shape(n) if self.is_tensor(c) else False
+            ra, rc = self._reduced(a, c), self._reduced(c, a)
+            if ra != rc:
+                self.gates[n] = a if ra else c
+                continue
+            ga, gc = self._gate_capable(a), self._gate_capable(c)
             if ga != gc:
                 self.gates[n] = a if ga else c
             # otherwise: no identifiable gate; refused if the node is on the main path
@@ -268,8 +279,9 @@ class GraphInfo:
                         f"on the path to activation layer {lay.name!r}.\n" + how_to_register(n, self.modules))
                 if rule.kind == "meta" or not self.is_tensor(n):
                     self.unsupported(n, "a non-tensor value on the relevance path")
-                from rules.elementwise import Mul
-                if isinstance(rule, Mul) and len(self.main_inputs(n)) > 1:
+                if getattr(rule, "gate_args", None) and len(
+                        [a for a in self.main_inputs(n) if any(a is n.args[i] for i in rule.gate_args
+                                                               if i < len(n.args))]) > 1:
                     self.unsupported(n, "a product of two input-dependent tensors with no identifiable "
                                         "gate (sigmoid/hardsigmoid/softmax output or a (B, C, 1, 1) "
                                         "squeeze branch); register a rule for it")

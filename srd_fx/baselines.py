@@ -193,11 +193,13 @@ def _lrp_canonizers(model):
 
 def _lrp_zplus(model, x, t):
     from zennit.attribution import Gradient
-    from zennit.composites import LayerMapComposite
-    from zennit.rules import Norm, Pass, ZPlus
-    from zennit.types import Activation, AvgPool, Convolution, Linear
-    composite = LayerMapComposite(layer_map=[(Activation, Pass()), (Convolution, ZPlus()), (Linear, ZPlus()),
-                                             (AvgPool, Norm())], canonizers=_lrp_canonizers(model))
+    from zennit.composites import LayerMapComposite, layer_map_base
+    from zennit.rules import ZPlus
+    from zennit.types import Convolution, Linear
+    # zennit's base map (activations and batch-norm pass, sums and average pools by the Norm rule),
+    # plus the z+ rule on every convolution and linear layer
+    composite = LayerMapComposite(layer_map=layer_map_base() + [(Convolution, ZPlus()), (Linear, ZPlus())],
+                                  canonizers=_lrp_canonizers(model))
     with torch.no_grad():
         n_classes = model(x[:1]).shape[-1]
     with _no_inplace(model), Gradient(model=model, composite=composite) as attributor:

@@ -251,10 +251,10 @@ def gather_T(g: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Te
 
 
 def gather(z: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A max-pool with fixed indices applied to ``z`` (shape broadcastable to ``like``)."""
-    z = z.expand(idx.shape[0], *like.shape[1:]) if z.shape[0] != idx.shape[0] or z.shape[2:] != like.shape[2:] \
-        else z
-    z = z.expand(like.shape) if z.shape != like.shape else z
+    """A max-pool with fixed indices applied to ``z`` (broadcastable to the pool's input)."""
+    target = (idx.shape[0],) + tuple(like.shape[1:])
+    if tuple(z.shape) != target:
+        z = z.expand(target)
     return z.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
 
 
@@ -315,7 +315,7 @@ def gather_same_T(g, idx, x, kernel, stride, dilation):
 
 def gather_same(z, idx, x, kernel, stride, dilation):
     pad = same_padding(x, kernel, stride, dilation)
-    z = z.expand((z.shape[0],) + tuple(x.shape[1:])) if z.shape[1:] != x.shape[1:] else z
+    z = z.expand((idx.shape[0],) + tuple(x.shape[1:]))
     zp = F.pad(z, pad)
     return gather(zp, idx, zp)
 
@@ -330,3 +330,19 @@ def conv_ones(m, x, weight, stride, padding, dilation, groups):
 
 def conv_ones_T(m, x, weight, stride, padding, dilation, groups):
     return conv_T(m, x, torch.ones_like(weight), stride, padding, dilation, groups)
+
+
+def torch_same_pads(x, kernel, dilation):
+    """F.pad amounts of PyTorch's ``padding='same'`` (extra padding on the right/bottom)."""
+    nd = x.dim() - 2
+    k, d = _tuple(kernel, nd), _tuple(dilation, nd)
+    pads = []
+    for i in reversed(range(nd)):
+        total = d[i] * (k[i] - 1)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def padded_window_sum(m, pads, kernel, stride, dilation, out_like):
+    """Window sum after explicit (possibly asymmetric) zero padding."""
+    return window_sum(F.pad(m, list(pads)), kernel, stride, 0, dilation, out_like)
