@@ -531,6 +531,95 @@ class Interpolate(Rule):
         return [b.call(interp_map_T, m, b.val(node.args[0]), b.val(node), mode, ac)]
 
 
+class Unsqueeze(Rule):
+    """unsqueeze / squeeze of size-1 axes: maps follow, channel axes are renumbered."""
+    pointwise = False
+
+    def _dim(self, b, node, rank):
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return d
+
+    def _name(self, node):
+        t = node.target
+        return t if isinstance(t, str) else t.__name__
+
+    def layout(self, b, node):
+        x = b.main_inputs(node)[0]
+        ci = b.true_caxes(x)
+        si, so = b.shape(x), b.shape(node)
+        if self._name(node) == "unsqueeze":
+            d = self._dim(b, node, len(so)) % len(so)
+            return tuple(c + 1 if c >= d else c for c in ci)
+        kept = [i for i in range(len(si)) if not (si[i] == 1 and len(so) < len(si) and
+                                                  (self._dim(b, node, len(si)) is None or
+                                                   i in _dims_of(self._dim(b, node, len(si)), len(si))))]
+        return tuple(kept.index(c) for c in ci if c in kept) or (len(so) - 1,)
+
+    def transpose(self, b, node, g):
+        return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
+
+    def shadow(self, b, node, ms):
+        return b.call(reshape_map, ms[0], b.val(node), b.caxes(node))
+
+    def shadow_T(self, b, node, m):
+        x = b.main_inputs(node)[0]
+        return [b.call(reshape_map_T, m, b.val(x), b.caxes(x))]
+
+
+def _dims_of(d, rank):
+    d = (d,) if isinstance(d, int) else tuple(d)
+    return tuple(v % rank for v in d)
+
+
+class MatMul(Rule):
+    """``a @ c`` with ``c`` a constant or a gate (attention pooling, e.g. global-context blocks).
+    Contracting a position axis of ``a`` connects all its positions to each output position."""
+    pointwise = False
+    gate_args = (0, 1)
+
+    def _main_left(self, b, node):
+        mains = b.main_inputs(node)
+        if node.args[0] not in mains:
+            b.unsupported(node, "matmul whose right operand carries relevance (only main @ constant)")
+        return node.args[0]
+
+    def layout(self, b, node):
+        a = self._main_left(b, node)
+        return b.true_caxes(a)
+
+    def shadow(self, b, node, ms):
+        a = self._main_left(b, node)
+        contracted_channel = (len(b.shape(a)) - 1) in b.true_caxes(a)
+        return b.call(matmul_map, ms[0], b.val(node), b.caxes(node), contracted_channel or b.unit == "neuron")
+
+    def shadow_T(self, b, node, m):
+        a = self._main_left(b, node)
+        contracted_channel = (len(b.shape(a)) - 1) in b.true_caxes(a)
+        return [b.call(matmul_map_T, m, b.val(a), b.caxes(a), contracted_channel or b.unit == "neuron")]
+
+
+def matmul_map(m, out, caxes, channel):
+    target = list(out.shape)
+    for a in caxes:
+        target[a] = 1
+    if channel:
+        return m.expand(target) if list(m.shape) != target else m
+    return m.sum(-1, keepdim=True).expand(target)
+
+
+def matmul_map_T(m, a, caxes, channel):
+    target = list(a.shape)
+    for c in caxes:
+        target[c] = 1
+    if channel:
+        return ops.expand_map(m, a, caxes)
+    return m.sum(-1, keepdim=True).expand(target)
+
+
+for t in ("method:unsqueeze", torch.unsqueeze, "method:squeeze", torch.squeeze):
+    register_rule(t, Unsqueeze())
+for t in (operator.matmul, torch.matmul, "method:matmul", torch.bmm, "method:bmm"):
+    register_rule(t, MatMul())
 register_rule(torch.cat, Cat())
 register_rule(torch.stack, Stack())
 register_rule(torch.concat, Cat())
