@@ -69,117 +69,90 @@ register_rule(nn.modules.batchnorm._BatchNorm, BatchNorm())
 register_rule(F.batch_norm, BatchNorm())
 
 
-# ----------------------------------------------------------------------- LayerNorm -------
+# ------------------------------------------------------- LayerNorm, GroupNorm ----------
 def ln_stats(x, ndim, eps):
+    """Mean and 1/std over the last ``ndim`` axes (LayerNorm's statistics)."""
     dims = tuple(range(x.dim() - ndim, x.dim()))
-    mu = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, keepdim=True, unbiased=False)
-    return mu, torch.rsqrt(var + eps)
+    return x.mean(dim=dims, keepdim=True), torch.rsqrt(x.var(dim=dims, keepdim=True, unbiased=False) + eps)
 
 
-def ln_T(g, x, ndim, weight, eps):
-    _, inv = ln_stats(x, ndim, eps)
-    g = g * inv if weight is None else g * weight * inv
-    return g
-
-
-def ln_affine(z, x, ndim, weight, bias, eps):
-    mu, inv = ln_stats(x, ndim, eps)
-    y = (z - mu) * inv if z is not None else -mu * inv
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-class LayerNorm(Rule):
-    linear = False
-
-    def spec(self, b, node):
-        if node.op == "call_module":
-            m = b.module(node)
-            return (node.args[0], len(m.normalized_shape), b.param(node, "weight"),
-                    b.param(node, "bias"), m.eps)
-        a = list(node.args) + [None] * 5
-        kw = node.kwargs
-        shape = a[1] if a[1] is not None else kw["normalized_shape"]
-        ndim = 1 if isinstance(shape, int) else len(shape)
-        w = a[2] if a[2] is not None else kw.get("weight")
-        bb = a[3] if a[3] is not None else kw.get("bias")
-        eps = a[4] if a[4] is not None else kw.get("eps", 1e-5)
-        return node.args[0], ndim, b.val(w), b.val(bb), eps
-
-    def transpose(self, b, node, g):
-        x, ndim, w, _, eps = self.spec(b, node)
-        return [b.call(ln_T, g, b.val(x), ndim, w, eps)]
-
-    def bias(self, b, node, zs):
-        x, ndim, w, bias, eps = self.spec(b, node)
-        return b.call(ln_affine, zs[0], b.val(x), ndim, w, bias, eps)
-
-
-register_rule(nn.LayerNorm, LayerNorm())
-register_rule(F.layer_norm, LayerNorm())
-
-
-# ----------------------------------------------------------------------- GroupNorm -------
 def gn_stats(x, groups, eps):
+    """Mean and 1/std per (sample, group), broadcast to (B, C, 1, ...)."""
     B, C = x.shape[:2]
     xg = x.reshape(B, groups, -1)
     mu = xg.mean(dim=2, keepdim=True)
     inv = torch.rsqrt(xg.var(dim=2, keepdim=True, unbiased=False) + eps)
-    shape = (B, groups, 1) + (1,) * (x.dim() - 2)
-    mu = mu.reshape(shape).expand(B, groups, C // groups, *([1] * (x.dim() - 2))).reshape(B, C, *([1] * (x.dim() - 2)))
-    inv = inv.reshape(shape).expand(B, groups, C // groups, *([1] * (x.dim() - 2))).reshape(B, C, *([1] * (x.dim() - 2)))
-    return mu, inv
+    ones = (1,) * (x.dim() - 2)
+    per_c = lambda t: t.reshape(B, groups, 1, *ones).expand(B, groups, C // groups, *ones).reshape(B, C, *ones)
+    return per_c(mu), per_c(inv)
 
 
-def gn_T(g, x, groups, weight, eps):
-    _, inv = gn_stats(x, groups, eps)
+def _stats(x, kind, arg, eps):
+    return ln_stats(x, arg, eps) if kind == "ln" else gn_stats(x, arg, eps)
+
+
+def _param(t, x, kind):
+    return t if kind == "ln" else _per_channel(t, x.dim())
+
+
+def norm_T(g, x, kind, arg, weight, eps):
+    """Transpose of a normalisation with its statistics held constant: a scale."""
+    _, inv = _stats(x, kind, arg, eps)
     g = g * inv
-    return g if weight is None else g * _per_channel(weight, x.dim())
+    return g if weight is None else g * _param(weight, x, kind)
 
 
-def gn_affine(z, x, groups, weight, bias, eps):
-    mu, inv = gn_stats(x, groups, eps)
+def norm_affine(z, x, kind, arg, weight, bias, eps):
+    """The normalisation (recorded statistics of ``x``) applied to ``z`` (None: zero)."""
+    mu, inv = _stats(x, kind, arg, eps)
     y = (z - mu) * inv if z is not None else -mu * inv
     if weight is not None:
-        y = y * _per_channel(weight, x.dim())
+        y = y * _param(weight, x, kind)
     if bias is not None:
-        y = y + _per_channel(bias, x.dim())
+        y = y + _param(bias, x, kind)
     return y
 
 
-class GroupNorm(Rule):
+class StatNorm(Rule):
+    """LayerNorm (kind "ln", over the last axes) and GroupNorm (kind "gn", over channel groups):
+    affine per position once the forward pass's statistics are constants."""
     linear = False
 
+    def __init__(self, kind):
+        self.kind = kind
+
     def spec(self, b, node):
+        """(input, ndim or groups, weight, bias, eps)."""
         if node.op == "call_module":
             m = b.module(node)
-            return node.args[0], m.num_groups, b.param(node, "weight"), b.param(node, "bias"), m.eps
+            arg = len(m.normalized_shape) if self.kind == "ln" else m.num_groups
+            return node.args[0], arg, b.param(node, "weight"), b.param(node, "bias"), m.eps
         a = list(node.args) + [None] * 5
         kw = node.kwargs
-        g = a[1] if a[1] is not None else kw["num_groups"]
-        w = a[2] if a[2] is not None else kw.get("weight")
-        bb = a[3] if a[3] is not None else kw.get("bias")
-        eps = a[4] if a[4] is not None else kw.get("eps", 1e-5)
-        return node.args[0], g, b.val(w), b.val(bb), eps
+        get = lambda i, k, d=None: a[i] if a[i] is not None else kw.get(k, d)
+        if self.kind == "ln":
+            shape = get(1, "normalized_shape")
+            arg = 1 if isinstance(shape, int) else len(shape)
+        else:
+            arg = get(1, "num_groups")
+        return node.args[0], arg, b.val(get(2, "weight")), b.val(get(3, "bias")), get(4, "eps", 1e-5)
 
     def layout(self, b, node):
-        return (1,)
+        return b.caxes(node.args[0]) if self.kind == "ln" else (1,)
 
     def transpose(self, b, node, g):
-        x, groups, w, _, eps = self.spec(b, node)
-        return [b.call(gn_T, g, b.val(x), groups, w, eps)]
+        x, arg, w, _, eps = self.spec(b, node)
+        return [b.call(norm_T, g, b.val(x), self.kind, arg, w, eps)]
 
     def bias(self, b, node, zs):
-        x, groups, w, bias, eps = self.spec(b, node)
-        return b.call(gn_affine, zs[0], b.val(x), groups, w, bias, eps)
+        x, arg, w, bias, eps = self.spec(b, node)
+        return b.call(norm_affine, zs[0], b.val(x), self.kind, arg, w, bias, eps)
 
 
-register_rule(nn.GroupNorm, GroupNorm())
-register_rule(F.group_norm, GroupNorm())
+register_rule(nn.LayerNorm, StatNorm("ln"))
+register_rule(F.layer_norm, StatNorm("ln"))
+register_rule(nn.GroupNorm, StatNorm("gn"))
+register_rule(F.group_norm, StatNorm("gn"))
 
 
 # ----------------------------------------------------------------------- F.normalize -----

@@ -23,14 +23,27 @@ def cat_T(g, dim, xs):
     return list(torch.split(g, sizes, dim=dim))
 
 
-def cat_bias(zs, xs, dim):
-    """The bias flowing out of a cat: pieces (None = zero) broadcast to a common batch size."""
+def list_bias(zs, xs, dim, how="cat"):
+    """The bias flowing out of a cat/stack: pieces (None = zero) broadcast to a common batch."""
     B = max((z.shape[0] for z in zs if z is not None), default=1)
     parts = []
     for z, x in zip(zs, xs):
         shape = (B,) + tuple(x.shape[1:])
         parts.append(x.new_zeros(shape) if z is None else z.expand(shape))
-    return torch.cat(parts, dim=dim)
+    return torch.cat(parts, dim=dim) if how == "cat" else torch.stack(parts, dim=dim)
+
+
+def _zero_filled(maps, xs, caxes):
+    """Maps of the list's items, zeros for items that carry no relevance (constants)."""
+    full = []
+    for m, x in zip(maps, xs):
+        if m is None:
+            shape = list(x.shape)
+            for a in caxes:
+                shape[a] = 1
+            m = x.new_zeros(shape)
+        full.append(m)
+    return full
 
 
 def cat_maps(maps, xs, dim, caxes, channel):
@@ -41,15 +54,7 @@ def cat_maps(maps, xs, dim, caxes, channel):
             if m is not None:
                 out = m if out is None else out + m
         return out
-    full = []
-    for m, x in zip(maps, xs):
-        if m is None:
-            shape = list(x.shape)
-            for a in caxes:
-                shape[a] = 1
-            m = x.new_zeros(shape)
-        full.append(m)
-    return torch.cat(full, dim=dim)
+    return torch.cat(_zero_filled(maps, xs, caxes), dim=dim)
 
 
 def cat_maps_T(m, xs, dim, channel):
@@ -164,29 +169,23 @@ def interp_map_T(m, x, out, mode, align_corners):
 
 
 # -------------------------------------------------------------------------- rules -------
-class Cat(Rule):
+class _ListOp(Rule):
+    """Ops over a list of tensors (cat, stack): per-item pieces routed back to the main inputs."""
     pointwise = False
+    how = "cat"
 
     def _spec(self, b, node):
         xs = node.args[0] if node.args else node.kwargs["tensors"]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        dim = dim % len(b.shape(node))
-        return list(xs), dim
+        return list(xs), dim % len(b.shape(node))
 
-    def layout(self, b, node):
-        xs, _ = self._spec(b, node)
-        mains = [x for x in xs if x in b.main_inputs(node)]
-        return b.caxes(mains[0])
-
-    def transpose(self, b, node, g):
-        xs, dim = self._spec(b, node)
-        pieces = b.call(cat_T, g, dim, [b.val(x) for x in xs], name="g_split")
+    def _route(self, b, node, pieces, xs):
+        """Item k of ``pieces`` to the k-th list item, summed when a tensor appears twice."""
         got = {}
         for k, x in enumerate(xs):
-            if x in b.main_inputs(node) and x not in got:
-                got[x] = b.call(operator.getitem, pieces, k)
-            elif x in got:  # the same tensor twice in the cat
-                got[x] = b.call(torch.add, got[x], b.call(operator.getitem, pieces, k))
+            if x in b.main_inputs(node):
+                p = b.call(operator.getitem, pieces, k)
+                got[x] = p if x not in got else b.call(torch.add, got[x], p)
         return b.first_occurrence(node, got)
 
     def bias(self, b, node, zs):
@@ -196,7 +195,19 @@ class Cat(Rule):
         by = dict(zip(b.main_inputs(node), zs))
         mains = set(b.main_inputs(node))
         pieces = [by.get(x) if x in mains else b.val(x) for x in xs]
-        return b.call(cat_bias, pieces, [b.val(x) for x in xs], dim)
+        return b.call(list_bias, pieces, [b.val(x) for x in xs], dim, self.how)
+
+
+class Cat(_ListOp):
+
+    def layout(self, b, node):
+        xs, _ = self._spec(b, node)
+        mains = [x for x in xs if x in b.main_inputs(node)]
+        return b.caxes(mains[0])
+
+    def transpose(self, b, node, g):
+        xs, dim = self._spec(b, node)
+        return self._route(b, node, b.call(cat_T, g, dim, [b.val(x) for x in xs], name="g_split"), xs)
 
     def shadow(self, b, node, ms):
         xs, dim = self._spec(b, node)
@@ -207,13 +218,7 @@ class Cat(Rule):
     def shadow_T(self, b, node, m):
         xs, dim = self._spec(b, node)
         channel = dim in b.caxes(node)
-        pieces = b.call(cat_maps_T, m, [b.val(x) for x in xs], dim, channel)
-        got = {}
-        for k, x in enumerate(xs):
-            if x in b.main_inputs(node):
-                p = b.call(operator.getitem, pieces, k)
-                got[x] = p if x not in got else b.call(torch.add, got[x], p)
-        return b.first_occurrence(node, got)
+        return self._route(b, node, b.call(cat_maps_T, m, [b.val(x) for x in xs], dim, channel), xs)
 
 
 class Reshape(Rule):
@@ -273,15 +278,10 @@ class Reshape(Rule):
             any(b.shape(x)[d] > 1 for d in range(2, len(b.shape(x))))
 
 
-class Stack(Rule):
+class Stack(_ListOp):
     """torch.stack: a new axis; before the channel axis it is a channel axis (paths stacked into
     one PFV, as in selective-kernel attention), otherwise a new position axis."""
-    pointwise = False
-
-    def _spec(self, b, node):
-        xs = list(node.args[0] if node.args else node.kwargs["tensors"])
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        return xs, dim % len(b.shape(node))
+    how = "stack"
 
     def _channel(self, b, node):
         xs, dim = self._spec(b, node)
@@ -296,13 +296,7 @@ class Stack(Rule):
 
     def transpose(self, b, node, g):
         xs, dim = self._spec(b, node)
-        pieces = b.call(torch.unbind, g, dim)
-        got = {}
-        for k, x in enumerate(xs):
-            if x in b.main_inputs(node):
-                p = b.call(operator.getitem, pieces, k)
-                got[x] = p if x not in got else b.call(torch.add, got[x], p)
-        return b.first_occurrence(node, got)
+        return self._route(b, node, b.call(torch.unbind, g, dim), xs)
 
     def shadow(self, b, node, ms):
         xs, dim = self._spec(b, node)
@@ -313,33 +307,11 @@ class Stack(Rule):
 
     def shadow_T(self, b, node, m):
         xs, dim = self._spec(b, node)
-        pieces = b.call(stack_maps_T, m, len(xs), dim, self._channel(b, node))
-        got = {}
-        for k, x in enumerate(xs):
-            if x in b.main_inputs(node):
-                p = b.call(operator.getitem, pieces, k)
-                got[x] = p if x not in got else b.call(torch.add, got[x], p)
-        return b.first_occurrence(node, got)
-
-    def bias(self, b, node, zs):
-        if all(z is None for z in zs):
-            return None
-        xs, dim = self._spec(b, node)
-        by = dict(zip(b.main_inputs(node), zs))
-        mains = set(b.main_inputs(node))
-        pieces = [by.get(x) if x in mains else b.val(x) for x in xs]
-        return b.call(stack_bias, pieces, [b.val(x) for x in xs], dim)
+        return self._route(b, node, b.call(stack_maps_T, m, len(xs), dim, self._channel(b, node)), xs)
 
 
 def stack_maps(maps, xs, dim, caxes, channel):
-    full = []
-    for m, x in zip(maps, xs):
-        if m is None:
-            shape = list(x.shape)
-            for a in caxes:
-                shape[a] = 1
-            m = x.new_zeros(shape)
-        full.append(m)
+    full = _zero_filled(maps, xs, caxes)
     if channel:
         out = full[0]
         for m in full[1:]:
@@ -352,15 +324,6 @@ def stack_maps_T(m, n, dim, channel):
     if channel:
         return [m.squeeze(dim) for _ in range(n)]
     return list(torch.unbind(m, dim))
-
-
-def stack_bias(zs, xs, dim):
-    B = max((z.shape[0] for z in zs if z is not None), default=1)
-    parts = []
-    for z, x in zip(zs, xs):
-        shape = (B,) + tuple(x.shape[1:])
-        parts.append(x.new_zeros(shape) if z is None else z.expand(shape))
-    return torch.stack(parts, dim=dim)
 
 
 class Permute(Rule):
