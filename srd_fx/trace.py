@@ -102,13 +102,17 @@ def trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphM
         if example is not None:
             import warnings
             try:
+                import copy
                 mt = _meta_tracer()
                 name = next(iter(__import__("inspect").signature(model.forward).parameters))
-                with _tag_forward_features(model), warnings.catch_warnings():
+                # trace a copy on the meta device (leaf modules then run on shapes only); the
+                # graph's targets are qualified names, so it is bound to the real model after
+                meta_model = copy.deepcopy(model).to("meta")
+                with _tag_forward_features(meta_model), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    graph = mt.trace(model, meta_args={name: torch.empty(example.shape, dtype=example.dtype,
-                                                                          device="meta")})
-                gm = fx.GraphModule(mt.root, graph, type(model).__name__)
+                    graph = mt.trace(meta_model, meta_args={name: torch.empty(example.shape, dtype=example.dtype,
+                                                                               device="meta")})
+                gm = fx.GraphModule(model, graph, type(model).__name__)
                 for n in gm.graph.nodes:  # meta values are not wanted downstream
                     n.meta.pop("tensor_meta", None)
                 gm.meta["srd_specialised"] = tuple(example.shape[1:])

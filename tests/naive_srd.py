@@ -6,7 +6,8 @@ described by hand as an ordered list of :class:`Block` s, and every sharing rati
 
     Lin_{i->j} x_i   from the block's full Jacobian (torch.autograd.functional.jacobian),
                      restricted to position i's channels (the block is affine once its recorded
-                     constants, e.g. max-pool indices, are fixed);
+                     constants, e.g. max-pool indices, gate values, normalisation statistics,
+                     are fixed);
     b                = F(0, ..., 0) with the same constants;
     P_a(i->j)        the number of structural paths from position i of input a to position j,
                      a product/sum of explicit 0/1 connectivity matrices written per op with loops;
@@ -48,6 +49,45 @@ def maxpool_fixed(c: Consts, key: str, x: torch.Tensor, kernel: int, stride: Opt
         c[key] = idx
     idx = c[key]
     return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+
+
+def recorded(c: Consts, key: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A data-dependent constant of the block (a gate value, a normalisation statistic):
+    ``fn()`` is evaluated on the first (real) forward only and stored in ``c[key]``; every later
+    evaluation of the block (Jacobian, zero input) reuses the stored value (SPEC §2, "Gates and
+    data-dependent constants")."""
+    if key not in c:
+        with torch.no_grad():
+            c[key] = fn().detach()
+    return c[key]
+
+
+def gate_fixed(c: Consts, key: str, x: torch.Tensor,
+               gate_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``x * g`` where the gate ``g = gate_fn(x)`` (a sigmoid output, a (1, C, 1, 1) squeeze
+    branch) is recorded on the real forward: the product is linear in ``x``, its structural
+    shadow is the identity, and the gate branch is not an input of the block (no relevance)."""
+    g = recorded(c, key, lambda: gate_fn(x))
+    return x * g
+
+
+def norm_fixed(c: Consts, key: str, x: torch.Tensor, dims: Sequence[int], weight: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """A normalisation over the axes ``dims`` of ``x`` (LayerNorm over channels: ``dims=(1,)`` for
+    NCHW) whose mean and variance (biased) are recorded on the real forward: an affine map
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` with constant mean and variance. ``weight``
+    and ``bias`` are per channel (axis 1) or None."""
+    dims = tuple(dims)
+    mean = recorded(c, key + ".mean", lambda: x.mean(dims, keepdim=True))
+    var = recorded(c, key + ".var", lambda: ((x - x.mean(dims, keepdim=True)) ** 2).mean(dims, keepdim=True))
+    y = (x - mean) / torch.sqrt(var + eps)
+    shape = [1] * x.dim()
+    shape[1] = -1
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +139,20 @@ def identity() -> Conn:
     return conn
 
 
+def pad(left: int, right: int, top: int, bottom: int) -> Conn:
+    """Zero padding (possibly asymmetric, as timm's 'same' convolutions do): every input position
+    connects to its shifted copy; the padded positions connect to nothing (they are not PFVs)."""
+    def conn(hw):
+        H, W = hw
+        Ho, Wo = H + top + bottom, W + left + right
+        P = torch.zeros(Ho * Wo, H * W, dtype=torch.float64)
+        for h in range(H):
+            for w in range(W):
+                P[(h + top) * Wo + (w + left), h * W + w] = 1.0
+        return P, (Ho, Wo)
+    return conn
+
+
 def chain(*ops: Conn) -> Conn:
     """Ops applied one after the other: path counts multiply (matrix product)."""
     def conn(hw):
@@ -124,7 +178,8 @@ class Block:
     name:   the name of the activation layer (its output tensor);
     inputs: names of the tensors the block reads ("input" or earlier block names);
     fn:     fn(consts, *xs) -> v, the pre-activation (batch of one sample); it must use
-            ``maxpool_fixed`` (or similar) for data-dependent constants;
+            ``maxpool_fixed``, ``gate_fixed``, ``norm_fixed`` or ``recorded`` for
+            data-dependent constants;
     shadow: for every input, a list of connectivity ops, one per structural branch from that
             input to the output (their path counts add up);
     act:    the activation applied to v (None: a virtual identity layer, e.g. the encoder output
