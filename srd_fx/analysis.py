@@ -51,7 +51,7 @@ class Layer:
 class GraphInfo:
     """Everything the builder and the rules need to know about the traced graph."""
 
-    def __init__(self, gm: fx.GraphModule, encoder_output: Optional[str] = None):
+    def __init__(self, gm: fx.GraphModule, encoder_output: Optional[str] = None, output_selector=None):
         self.gm = gm
         self.graph = gm.graph
         self.modules = dict(gm.named_modules())
@@ -64,6 +64,15 @@ class GraphInfo:
                 f"{[p.name for p in placeholders]}. Wrap the model so that forward(x) takes one tensor.")
         self.input = placeholders[0]
         self.output = next(n for n in self.nodes if n.op == "output")
+        self.logits_node = self.output
+        out = self.output.args[0]
+        if output_selector is not None and not callable(output_selector):
+            try:  # a key/index selects the logits node: the analysis starts from it
+                sel = out[output_selector]
+                if isinstance(sel, fx.Node):
+                    self.logits_node = sel
+            except (KeyError, IndexError, TypeError):
+                pass
         self.nx = nx.DiGraph()
         for n in self.nodes:
             self.nx.add_node(n)
@@ -198,7 +207,7 @@ class GraphInfo:
         if tagged is not None:
             return tagged
         idom = nx.immediate_dominators(self.nx, self.input)
-        chain, n = [], self.output
+        chain, n = [], self.logits_node
         while n is not self.input:
             chain.append(n)
             n = idom[n]
@@ -303,7 +312,7 @@ class GraphInfo:
     def head_nodes(self) -> List[fx.Node]:
         """Nodes after L that compute the logits (L excluded)."""
         desc = nx.descendants(self.nx, self.L)
-        anc = nx.ancestors(self.nx, self.output)
+        anc = nx.ancestors(self.nx, self.logits_node) | {self.logits_node}
         before = nx.ancestors(self.nx, self.L)
         for n in anc:
             if self.dep.get(n) and n not in desc and n is not self.L and n not in before \

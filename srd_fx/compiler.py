@@ -93,15 +93,17 @@ class Explainer(nn.Module):
     def build(self, example: torch.Tensor) -> "Explainer":
         """Analyse the traced graph with the shapes of ``example`` and generate the twin."""
         ex = example[:1].detach()
-        if self.traced is None or (self.traced.meta.get("srd_specialised") not in (None, tuple(ex.shape[1:]))):
-            self.traced = trace(self.model, ex)  # shape-specialised trace for this input size
+        if self.traced is None or (self.traced.meta.get("srd_specialised") not in (None, tuple(example.shape))):
+            self.traced = trace(self.model, example.detach())  # shape-specialised trace for this input
+        if self.traced.meta.get("srd_specialised") is not None:
+            ex = example.detach()
         try:
             shape_prop(self.traced, ex)
         except Exception as e:
             raise InputError(f"the model fails on an input of shape {tuple(example.shape)} "
                              f"({type(e).__name__}: {str(e).splitlines()[-1][:300]}); check the input size, "
                              "dtype and device") from e
-        self.info = GraphInfo(self.traced, self.options["encoder_output"])
+        self.info = GraphInfo(self.traced, self.options["encoder_output"], self.output_selector)
         self.__dict__.pop("_seeded_cache", None)
         o = self.options
         self.graph_module, self.layer_nodes = build_twin(
@@ -226,7 +228,12 @@ class Explainer(nn.Module):
             ts = target if isinstance(target, torch.Tensor) and target.dim() > 0 else None
             return SRDOutput.cat([self.forward(x[i:i + n], ts[i:i + n] if ts is not None else target)
                                   for i in range(0, x.shape[0], n)])
-        out = self.graph_module(x, target)
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # nothing to differentiate: do not keep the autograd graph through the parameters
+            with torch.no_grad():
+                out = self.graph_module(x, target)
+        else:
+            out = self.graph_module(x, target)
         return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"], out["lost"])
 
 

@@ -282,7 +282,10 @@ class PFVIndex:
         q = (q / qn[:, None]).to(self.vectors)
         Q = q.shape[0]
         ex = torch.full((Q,), -1, dtype=torch.long) if exclude_images is None else \
-            torch.as_tensor(exclude_images, dtype=torch.long).reshape(-1).expand(Q)
+            torch.as_tensor(exclude_images, dtype=torch.long).reshape(-1)
+        if ex.numel() not in (1, Q):
+            raise InputError(f"exclude_images must be one image index or one per query ({Q}), got {ex.numel()}")
+        ex = ex.expand(Q)
         ex = ex.to(self.device)
         per = max(1, int(chunk_size) // self.P)  # whole images per chunk
         best_s = torch.full((Q, 0), -math.inf, dtype=q.dtype, device=self.device)

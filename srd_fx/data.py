@@ -11,10 +11,10 @@ from disjoint sets of source digits (80 % / 20 % of the 1797 images), so no digi
 both.
 
 **Normalisation convention.**  Datasets return images in [0, 1].  Models see
-``normalize(image) = (image - mean) / std``: for digit scenes ``DIGITS_MEAN = DIGITS_STD``-style
-constants (0.5, 0.25 per channel, so 0 in model space is mid-grey, as 0 is the mean colour for
-ImageNet-normalised inputs); for ImageNet-style folders the ImageNet constants (or a timm model's
-``pretrained_cfg``).  Explanations, metrics and perturbations (Fidelity's "set to 0", Stability's
+``normalize(image, mean, std) = (image - mean) / std`` per channel: for digit scenes
+``DIGITS_MEAN = (0.5, 0.5, 0.5)`` and ``DIGITS_STD = (0.25, 0.25, 0.25)`` (so 0 in model space is
+mid-grey, as 0 is the mean colour for ImageNet-normalised inputs); for image folders the ImageNet
+constants ``IMAGENET_MEAN`` / ``IMAGENET_STD``.  Explanations, metrics and perturbations (Fidelity's "set to 0", Stability's
 Gaussian noise with sigma 0.1) all act on the normalised model input, as in the paper.
 
 **ImageFolder with masks** (:class:`ImageFolderWithMasks`): the ImageNet-S50 layout, i.e.

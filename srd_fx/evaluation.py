@@ -248,7 +248,7 @@ def plot_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mask
             ax.imshow(maps[j][i], cmap="bwr", vmin=-1, vmax=1, interpolation="nearest")
             ax.contour(masks[i].numpy().astype(float), levels=[0.5], colors="k", linewidths=0.6)
     for j, lab in enumerate(["input"] + [method_label(m.name) for m in methods]):
-        axes[0, j].set_title(lab, fontsize=7, rotation=30 if len(lab) > 10 else 0)
+        axes[0, j].set_title(lab, fontsize=7, rotation=30, ha="left")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

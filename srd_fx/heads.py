@@ -55,7 +55,7 @@ class _Selected(torch.nn.Module):
 
 def extract_head(info, selector=None) -> torch.nn.Module:
     head = _extract_head(info)
-    return head if selector is None else _Selected(head, selector)
+    return head if selector is None or info.logits_node is not info.output else _Selected(head, selector)
 
 
 def _extract_head(info) -> fx.GraphModule:
@@ -64,7 +64,8 @@ def _extract_head(info) -> fx.GraphModule:
     env = {info.L: g.placeholder("A")}
     for n in info.head_nodes():
         env[n] = g.node_copy(n, lambda a: env[a] if a in env else _const(g, env, a))
-    g.output(fx.node.map_arg(info.output.args[0], lambda a: env[a] if a in env else _const(g, env, a)))
+    target = info.output.args[0] if info.logits_node is info.output else info.logits_node
+    g.output(fx.node.map_arg(target, lambda a: env[a] if a in env else _const(g, env, a)))
     return fx.GraphModule(info.gm, g, "SRDHead")
 
 

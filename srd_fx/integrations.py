@@ -207,18 +207,27 @@ def _layer_name(model: nn.Module, layer: Any) -> str:
     raise TypeError(f"a layer is a name (input, low, high, a module name) or a submodule, got {type(layer).__name__}")
 
 
+#: pytorch-grad-cam targets that name one class (SRD always starts from that class's logit, Eq. 4)
+CLASSIFIER_TARGETS = ("ClassifierOutputTarget", "ClassifierOutputSoftmaxTarget", "ClassifierOutputReST")
+
+
 def _cam_targets(targets: Optional[Sequence[Any]], batch: int) -> Optional[List[int]]:
     if targets is None:
         return None
+    try:
+        from pytorch_grad_cam.utils import model_targets as mt
+        classifier = tuple(getattr(mt, n) for n in CLASSIFIER_TARGETS if hasattr(mt, n))
+    except ImportError:  # pragma: no cover - grad-cam is optional
+        classifier = ()
     out = []
     for t in targets:
         if isinstance(t, (int, np.integer)):
             out.append(int(t))
-        elif isinstance(getattr(t, "category", None), (int, np.integer)):
+        elif classifier and isinstance(t, classifier):
             out.append(int(t.category))
         else:
-            raise TypeError(f"SRD explains a class: give ClassifierOutputTarget(k) (or anything with an integer "
-                            f".category) or plain ints, got {type(t).__name__}")
+            raise TypeError(f"SRD explains one class of a classifier: give {' / '.join(CLASSIFIER_TARGETS)}(k) "
+                            f"or plain ints, got {type(t).__name__}")
     if len(out) not in (1, batch):
         raise ValueError(f"got {len(out)} targets for a batch of {batch} images")
     return out
@@ -233,7 +242,7 @@ class SRDCAM:
     ``pytorch_grad_cam.utils.image.show_cam_on_image`` and ``pytorch_grad_cam.metrics``.
     ``layer`` (or grad-cam's ``target_layers=[module]``) picks where SRD reads its relevance:
     "input" (SRD-input), "low" (encoder output), "high", or a module.  Targets are class indices
-    (``ClassifierOutputTarget`` or anything with ``.category``, or ints); SRD's head always starts
+    (``ClassifierOutputTarget`` and its softmax / ReST variants, or ints); SRD's head always starts
     from the class logit (SPEC Eq. 4).  Also a context manager, like the library's CAMs."""
 
     def __init__(self, model: nn.Module, layer: Any = "input", target_layers: Optional[Sequence[Any]] = None,

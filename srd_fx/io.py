@@ -154,9 +154,12 @@ def _load_weights(model: nn.Module, path: str, name: str) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} tensors in the file that the model lacks, e.g. {unexpected[:3]}")
         hint = "check the model name (it must be the architecture the weights were trained with)"
-        heads = [(k, a, b) for k, a, b in shapes if len(a) == 2 and len(b) == 2 and a[1] == b[1] and a[0] != b[0]]
-        if heads and len(heads) == len(shapes) and not missing and not unexpected:
-            hint = f"the file's classifier has {heads[-1][1][0]} outputs: pass --num-classes {heads[-1][1][0]}"
+        # only the last layer differs, and only in its number of outputs: a different class count
+        last = next(reversed(own)).rsplit(".", 1)[0] if own else None
+        if shapes and not missing and not unexpected and all(
+                k.rsplit(".", 1)[0] == last and len(a) == len(b) and a[1:] == b[1:] for k, a, b in shapes):
+            k_file = shapes[0][1][0]
+            hint = f"the file's classifier has {k_file} outputs: pass --num-classes {k_file}"
         raise ModelLoadError(f"the weights in {path!r} do not match {name!r}: " + "; ".join(parts)
                              + f". Hint: {hint}.")
     model.load_state_dict(sd, strict=True)

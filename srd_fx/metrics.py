@@ -171,10 +171,10 @@ def sparseness(model, x, y, a) -> np.ndarray:
 
 
 class CachedForward(nn.Module):
-    """Wraps a model and remembers its output for each exact input batch seen (by a hash of the
-    bytes).  Fidelity's perturbed inputs depend only on the image and the seeded random subsets, not
-    on the method, so with this wrapper the forward passes are shared by every method scored on the
-    same batch: results are identical, the work is done once."""
+    """Wraps a model and remembers its output for each exact input batch seen (keyed by a hash of
+    the input's bytes).  Fidelity's perturbed inputs depend only on the image and the seeded random
+    subsets, not on the method, so with this wrapper the forward passes are shared by every method
+    scored on the same batch: the results are identical, the work is done once."""
 
     def __init__(self, model: nn.Module, max_entries: int = 512):
         super().__init__()
@@ -185,7 +185,7 @@ class CachedForward(nn.Module):
 
     def forward(self, x):
         xc = x.detach().contiguous().cpu()
-        key = hashlib.blake2b(xc.numpy().tobytes(), digest_size=16).digest() + str(tuple(xc.shape)).encode()
+        key = hashlib.blake2b(xc.numpy().tobytes(), digest_size=16).digest() + repr((tuple(xc.shape), xc.dtype)).encode()
         hit = self._memo.get(key)
         if hit is not None:
             self.hits += 1

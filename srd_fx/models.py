@@ -82,6 +82,13 @@ class SmallVGG(nn.Module):
             nn.Flatten(1), nn.Linear(last * side * side, hidden), act_layer(), nn.Dropout(0.3),
             nn.Linear(hidden, num_classes))
 
+        # He initialisation of the convolutions, as torchvision's VGG (the plain, batch-norm-free stack
+        # hardly trains from PyTorch's default); the narrow classifier keeps PyTorch's default
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
     def forward(self, x):
         return self.classifier(self.avgpool(self.features(x)))
 
@@ -127,7 +134,8 @@ def load_model(name: str, *, weights: Optional[str] = None, pretrained: bool = F
 
     ``name`` is "torchvision:<name>", "timm:<name>" or a bare name (torchvision first, then timm).
     ``weights`` is a state-dict file; ``pretrained`` asks the library for its pretrained weights
-    (needs network access or a filled cache).  ``num_classes`` sets the classifier size."""
+    (needs network access or a filled cache).  ``num_classes`` sets the classifier size (default: the
+    library's, or the row count of the last 2-D weight in the ``weights`` file)."""
     if weights and pretrained:
         raise ValueError("give either weights=FILE or pretrained=True, not both")
     lib, _, arch = name.partition(":")
@@ -135,6 +143,12 @@ def load_model(name: str, *, weights: Optional[str] = None, pretrained: bool = F
         lib, arch = "", name
     if lib not in ("", "torchvision", "timm"):
         raise ValueError(f"unknown model library {lib!r} in {name!r}; use torchvision:<name> or timm:<name>")
+    sd = _read_state_dict(weights) if weights else None
+    if sd is not None and num_classes is None:
+        # the classifier is the last 2-D weight in the state dict; its rows are the classes
+        last = [v for k, v in sd.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
+        if last:
+            num_classes = int(last[-1].shape[0])
     kw = {} if num_classes is None else {"num_classes": num_classes}
     model = None
     if lib in ("", "torchvision"):
@@ -160,8 +174,7 @@ def load_model(name: str, *, weights: Optional[str] = None, pretrained: bool = F
                 raise RuntimeError(f"could not get timm's pretrained weights for {arch!r} ({e}); "
                                    f"download them elsewhere and pass --weights FILE") from None
             raise
-    if weights:
-        sd = _read_state_dict(weights)
+    if sd is not None:
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights in {weights!r} do not fit {name!r}: missing {list(missing)[:5]}, "

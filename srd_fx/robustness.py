@@ -430,6 +430,17 @@ class LRPZPlus(Method):
         return _channel_abs_sum(rel.detach())
 
 
+class LRPZPlusReLU(LRPZPlus):
+    """LRP z+ attacked on the original (ReLU) network directly: its map is a ratio of
+    activations, not piecewise constant, so it has a usable gradient without a surrogate.  On
+    the digit-scene ResNet this is the stronger attack: the softplus copy's LRP map resembles
+    the ReLU map but its input gradient is orders of magnitude larger and changes on a 1e-4
+    scale, too rough for Adam at lr 1e-3 (``experiments/attack_lrp_surrogate.py``)."""
+
+    name, label = "lrp_zplus_relu", "LRP z+ (ReLU-attacked)"
+    direct = True
+
+
 class SRD(Method):
     """SRD-input with head="ones" (Sec. 4.3), through the compiled, differentiable explainer."""
 
@@ -463,7 +474,8 @@ class SRDSurrogate(SRD):
 
 
 METHODS: Dict[str, type] = {m.name: m for m in (
-    Gradient, InputXGradient, GuidedBackprop, IntegratedGradients, LRPZPlus, SRD, SRDSurrogate)}
+    Gradient, InputXGradient, GuidedBackprop, IntegratedGradients, LRPZPlus, LRPZPlusReLU, SRD,
+    SRDSurrogate)}
 PAPER_METHODS = ("gradient", "input_x_gradient", "guided_backprop", "integrated_gradients",
                  "lrp_zplus", "srd")
 
@@ -474,7 +486,8 @@ def make_method(name: str, model: nn.Module, example: torch.Tensor, beta: Option
     sharpness of the attacked copy (None: attack the original network)."""
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    m = METHODS[name](model, example, beta)
+    cls = METHODS[name]
+    m = cls(model, example, None if getattr(cls, "direct", False) else beta)
     if isinstance(m, IntegratedGradients):
         m.n_steps = int(ig_steps)
     return m

@@ -30,8 +30,14 @@ class SRDTracer(fx.Tracer):
     norm+activation into its affine part and its activation layer."""
 
     def __init__(self):
+        import inspect
+        import rules
         self._timm_modules, fns = _timm_lists()
-        super().__init__(autowrap_functions=tuple(f for f in fns if callable(f)))
+        # plain-Python functions with a rule of their own (timm's swish, hard_sigmoid, ...) stay
+        # single nodes instead of being traced into (x * sigmoid(x) would look like a gate)
+        ruled = [f for f in rules._FUNCTION_RULES if inspect.isfunction(f)
+                 and not (getattr(f, "__module__", "") or "").startswith("torch")]
+        super().__init__(autowrap_functions=tuple(f for f in list(fns) + ruled if callable(f)))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         own = type(m) in rules_exact()
@@ -115,7 +121,7 @@ def trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphM
                 gm = fx.GraphModule(model, graph, type(model).__name__)
                 for n in gm.graph.nodes:  # meta values are not wanted downstream
                     n.meta.pop("tensor_meta", None)
-                gm.meta["srd_specialised"] = tuple(example.shape[1:])
+                gm.meta["srd_specialised"] = tuple(example.shape)
                 return gm
             except Exception:
                 pass

@@ -142,7 +142,14 @@ class _Key:
         self.key = key
 
     def __call__(self, out):
-        return out[self.key]
+        try:
+            return out[self.key]
+        except (KeyError, IndexError, TypeError):
+            from .errors import InputError
+            keys = list(out.keys()) if isinstance(out, dict) else (
+                f"indices 0..{len(out) - 1}" if isinstance(out, (tuple, list)) else type(out).__name__)
+            raise InputError(f"output_selector {self.key!r} does not select anything in the model's output; "
+                             f"available: {keys}") from None
 
 
 def add_all(*ts):
@@ -211,7 +218,11 @@ class Builder:
         return self.attr(f"{node.target}.{name}")
 
     def copy(self, node):
-        n = self.g.node_copy(node, lambda a: self.env[a])
+        return self.out_of_place(self.g.node_copy(node, lambda a: self.env[a]))
+
+    @staticmethod
+    def out_of_place(n):
+        """The twin never writes in place: recorded values must stay intact."""
         if n.op == "call_function" and n.target in _INPLACE_FN:
             n.target = _INPLACE_FN[n.target]
         elif n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
@@ -291,7 +302,7 @@ class Builder:
                 sub[i] = self.call(zeros1, self.val(i))
             else:
                 sub[i] = z if pointwise else self.call(materialize, z, self.val(i))
-        return self.g.node_copy(node, lambda a: sub.get(a, self.env.get(a)))
+        return self.out_of_place(self.g.node_copy(node, lambda a: sub.get(a, self.env.get(a))))
 
     def unbroadcast(self, g, i, node):
         if self.shape(i) == self.shape(node):

@@ -5,10 +5,14 @@ prints a failing example in a form that can be pasted into ``tests/test_regressi
 :func:`build` turns a spec into two things that share their weights:
 
 * an ``nn.Module`` written with the op forms a user would write — module, functional,
-  tensor-method and in-place activations, functional convolutions and batch norms, residual
-  adds by ``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_`` and ``-``, channel ``cat``
-  (also with the block input), SE-style gates (``x * sigmoid(fc(pool(x)))`` and kin), max and
-  average pooling with overlapping windows, padding and dilation;
+  tensor-method and in-place activations (every form in rules/activations.py), ``nn.Conv2d``
+  and ``F.conv2d`` (kernel 1-5, stride 1-2, integer/'same'/'valid' padding, dilation, groups,
+  depthwise, bias or not), ``nn.BatchNorm2d`` and ``F.batch_norm``, max/avg pooling with
+  overlapping windows, padding, dilation and ceil_mode, residual adds across 1-3 blocks by
+  ``+``, ``+=``, ``torch.add``, ``Tensor.add`` and ``-``, channel ``cat`` (also with the block
+  input), SE-style and spatial gates (``x * sigmoid(fc(pool(x)))`` and kin), channel split and
+  shuffle, ``F.pad``, constant scales, layer scale, nearest upsampling, dropout, and several
+  head forms;
 * the same network as a ``tests/naive_srd.Net``: its affine blocks, each with an explicit
   structural receptive field, for the pair-by-pair reference implementation of Eq. 6/11.
 
@@ -16,12 +20,14 @@ Every generated network is checked in float64 on 6x6..12x12 inputs (:func:`check
 
 * the explainer's logits equal the model's, bit for bit;
 * conservation: ``saliency.sum() + lost == R_L.sum()`` to 1e-10 (relative);
-* agreement with the naive implementation at the input and at every activation layer to 1e-8
-  of the relevance scale, from the same initial relevance R^L;
-* batch independence: explaining a batch equals explaining each sample alone, and a chunked
-  explainer (``chunk_size``) equals the unchunked one.
+* agreement with the naive implementation, from the same initial relevance R^L, to 1e-8 of the
+  relevance scale: the input map of the batch, and the input and every activation layer's map
+  sample by sample;
+* batch independence: each sample explained alone gives its row of the batch's map, and a
+  chunked explainer (``chunk_size=1``) equals the unchunked one.
 
-The CI run generates 25 networks; ``pytest --slow`` adds a 225-network run.
+The CI run generates 25 networks (plus an 87-case sweep over every activation form);
+``pytest --slow`` adds a 300-network run. See docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ else:
 _COMMON = dict(deadline=None, print_blob=False, **_MODE,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CI_SETTINGS = settings(max_examples=25, **_COMMON)
-FULL_SETTINGS = settings(max_examples=225, **_COMMON)
+FULL_SETTINGS = settings(max_examples=300, **_COMMON)
 
 
 # =============================================================================================
@@ -231,26 +237,87 @@ class FBN(nn.Module):
                             False, 0.1, 1e-5)
 
 
+def _pad(p):
+    return p if isinstance(p, str) else tuple(p)
+
+
 def make_conv(cs, cin):
-    k, s, p, d, g, bias = tuple(cs["k"]), cs["s"], tuple(cs["p"]), cs["d"], cs["g"], cs["bias"]
+    k, s, p, d, g, bias = tuple(cs["k"]), cs["s"], _pad(cs["p"]), cs["d"], cs["g"], cs["bias"]
     if cs.get("form", "module") == "functional":
         return FConv(cin, cs["cout"], k, s, p, d, g, bias)
     return nn.Conv2d(cin, cs["cout"], k, s, p, d, g, bias)
 
 
+def general_window(k, s, before, d, out_size):
+    """Structural connectivity of a sliding window with ``before`` padded positions on the
+    top/left and an output size given by ``out_size(hw)`` (asymmetric 'same' padding,
+    ceil_mode pooling): the naive ``window`` written for those cases."""
+    def conn(hw):
+        H, W = hw
+        Ho, Wo = out_size(hw)
+        P = torch.zeros(Ho * Wo, H * W, dtype=torch.float64)
+        for oh in range(Ho):
+            for ow in range(Wo):
+                for a in range(k[0]):
+                    for b in range(k[1]):
+                        ih, iw = oh * s - before[0] + a * d, ow * s - before[1] + b * d
+                        if 0 <= ih < H and 0 <= iw < W:
+                            P[oh * Wo + ow, ih * W + iw] += 1.0
+        return P, (Ho, Wo)
+    return conn
+
+
+def pad_conn(pad):
+    """F.pad(x, (left, right, top, bottom)): position (h, w) moves to (h + top, w + left); the
+    padded positions are not PFVs."""
+    left, right, top, bottom = pad
+
+    def conn(hw):
+        H, W = hw
+        Ho, Wo = H + top + bottom, W + left + right
+        P = torch.zeros(Ho * Wo, H * W, dtype=torch.float64)
+        for h in range(H):
+            for w in range(W):
+                P[(h + top) * Wo + (w + left), h * W + w] = 1.0
+        return P, (Ho, Wo)
+    return conn
+
+
+def nearest2_conn():
+    """Nearest-neighbour 2x upsampling: every output position copies one source position."""
+    def conn(hw):
+        H, W = hw
+        Ho, Wo = 2 * H, 2 * W
+        P = torch.zeros(Ho * Wo, H * W, dtype=torch.float64)
+        for oh in range(Ho):
+            for ow in range(Wo):
+                P[oh * Wo + ow, (oh // 2) * W + ow // 2] = 1.0
+        return P, (Ho, Wo)
+    return conn
+
+
 def conv_conn(cs):
-    return N.window(tuple(cs["k"]), cs["s"], tuple(cs["p"]), cs["d"])
+    k, d = tuple(cs["k"]), cs["d"]
+    if cs["p"] == "same":     # PyTorch pads d (k - 1) in total, the smaller half first
+        return general_window(k, 1, tuple(d * (kk - 1) // 2 for kk in k), d, lambda hw: hw)
+    if cs["p"] == "valid":
+        return N.window(k, cs["s"], 0, d)
+    return N.window(k, cs["s"], tuple(cs["p"]), d)
 
 
 def conv_out(cs, hw):
-    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                 for n, k, p, d, s in zip(hw, cs["k"], cs["p"], (cs["d"],) * 2, (cs["s"],) * 2))
+    if cs["p"] == "same":
+        return tuple(hw)
+    p = (0, 0) if cs["p"] == "valid" else cs["p"]
+    return tuple((n + 2 * pp - cs["d"] * (k - 1) - 1) // cs["s"] + 1 for n, k, pp in zip(hw, cs["k"], p))
 
 
 def make_bn(kind, c):
     if kind is None:
         return nn.Identity()
-    return FBN(c) if kind == "functional" else nn.BatchNorm2d(c)
+    if kind == "functional":
+        return FBN(c)
+    return nn.BatchNorm2d(c, affine=kind != "module_noaffine")
 
 
 class FPool(nn.Module):
@@ -261,8 +328,9 @@ class FPool(nn.Module):
     def forward(self, x):
         ps = self.ps
         if ps["kind"] == "max":
-            return F.max_pool2d(x, ps["k"], ps["s"], ps["p"], ps["d"])
-        return F.avg_pool2d(x, ps["k"], ps["s"], ps["p"], count_include_pad=ps["cip"])
+            return F.max_pool2d(x, ps["k"], ps["s"], ps["p"], ps["d"], ceil_mode=ps.get("ceil", False))
+        return F.avg_pool2d(x, ps["k"], ps["s"], ps["p"], ceil_mode=ps.get("ceil", False),
+                            count_include_pad=ps["cip"])
 
 
 def make_pool(ps):
@@ -271,23 +339,39 @@ def make_pool(ps):
     if ps["form"] == "functional":
         return FPool(ps)
     if ps["kind"] == "max":
-        return nn.MaxPool2d(ps["k"], ps["s"], ps["p"], ps["d"])
-    return nn.AvgPool2d(ps["k"], ps["s"], ps["p"], count_include_pad=ps["cip"])
+        return nn.MaxPool2d(ps["k"], ps["s"], ps["p"], ps["d"], ceil_mode=ps.get("ceil", False))
+    return nn.AvgPool2d(ps["k"], ps["s"], ps["p"], ceil_mode=ps.get("ceil", False), count_include_pad=ps["cip"])
 
 
 def pool_conn(ps):
-    return N.window(ps["k"], ps["s"], ps["p"], ps["d"] if ps["kind"] == "max" else 1)
+    d = ps["d"] if ps["kind"] == "max" else 1
+    if ps.get("ceil"):
+        return general_window((ps["k"],) * 2, ps["s"], (ps["p"],) * 2, d, lambda hw: pool_out(ps, hw))
+    return N.window(ps["k"], ps["s"], ps["p"], d)
 
 
 def pool_out(ps, hw):
+    """PyTorch's pooling output size (with its ceil_mode rule: the last window must start inside
+    the input or the left padding)."""
     d = ps["d"] if ps["kind"] == "max" else 1
-    return tuple((n + 2 * ps["p"] - d * (ps["k"] - 1) - 1) // ps["s"] + 1 for n in hw)
+    out = []
+    for n in hw:
+        span = n + 2 * ps["p"] - d * (ps["k"] - 1) - 1
+        o = (span + (ps["s"] - 1 if ps.get("ceil") else 0)) // ps["s"] + 1
+        if ps.get("ceil") and (o - 1) * ps["s"] >= n + ps["p"]:
+            o -= 1
+        out.append(o)
+    return tuple(out)
 
 
 def naive_pool(ps, module, c, key, x):
     """The pool in the naive description: max-pool indices are recorded constants."""
     if ps["kind"] == "max":
-        return N.maxpool_fixed(c, key, x, ps["k"], ps["s"], ps["p"], ps["d"])
+        if key not in c:
+            _, c[key] = F.max_pool2d(x.detach(), ps["k"], ps["s"], ps["p"], ps["d"],
+                                     ceil_mode=ps.get("ceil", False), return_indices=True)
+        idx = c[key]
+        return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
     return module(x)
 
 
@@ -303,6 +387,10 @@ def _add_(v, sc):
     return v.add_(sc)
 
 
+# Residual add forms drawn by the generator; ".add_" (``v = v.add_(sc)``) is a known core bug
+# (the twin's bias pass runs the in-place op on an expanded / leaf tensor: RuntimeError) and is
+# kept out of the draw until fixed (repro: tests/test_regressions.py).
+KNOWN_BAD_ADD = {".add_"}
 ADD_FORMS = {
     "+": lambda v, sc: v + sc,
     "sc+v": lambda v, sc: sc + v,
@@ -397,20 +485,106 @@ class Stage(nn.Module):
         return N.chain(*(([pool_conn(ps)] if ps else []) + list(ops)))
 
 
+class FDrop(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.5, training=self.training)
+
+
+class Post(nn.Module):
+    """Affine ops after the conv inside the block: a constant scale / shift / division, a
+    ConvNeXt-style per-channel layer scale (a parameter), nearest 2x upsampling."""
+
+    def __init__(self, kind, c):
+        super().__init__()
+        self.kind = kind
+        if kind == "param":
+            self.gamma = nn.Parameter(0.5 + torch.rand(c, 1, 1))
+        if kind == "upsample_module":
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, v):
+        k = self.kind
+        if k == "scalar":
+            return v * 0.5 + 0.25
+        if k == "div":
+            return v / 3.0 - 1.0
+        if k == "param":
+            return self.gamma * v
+        if k == "upsample":
+            return F.interpolate(v, scale_factor=2, mode="nearest")
+        if k == "upsample_module":
+            return self.up(v)
+        return v
+
+
 class ConvStage(Stage):
     def __init__(self, spec, cin):
         super().__init__(spec)
+        drop = spec.get("drop")
+        self.drop = nn.Identity() if drop is None else (FDrop() if drop == "functional" else nn.Dropout2d(0.3))
+        self.fpad = spec.get("fpad")
         self.conv = make_conv(spec["conv"], cin)
         self.bn = make_bn(spec["bn"], spec["conv"]["cout"])
+        self.post = Post(spec.get("post"), spec["conv"]["cout"])
         self.act = make_act(spec["act"], spec["conv"]["cout"])
 
+    def _v(self, x):
+        if self.fpad is not None:
+            x = F.pad(x, tuple(self.fpad))
+        return self.post(self.bn(self.conv(self.drop(x))))
+
     def forward(self, x):
-        return self.act(self.bn(self.conv(self.pre(x))))
+        return self.act(self._v(self.pre(x)))
 
     def naive(self, xin, tag):
-        blk = N.Block(tag, [xin], lambda c, x: self.bn(self.conv(self.pre_apply(c, x))),
-                      [[self.pre_chain(conv_conn(self.spec["conv"]))]], self.act)
+        ops = ([pad_conn(self.fpad)] if self.fpad is not None else []) + [conv_conn(self.spec["conv"])]
+        if self.spec.get("post") in ("upsample", "upsample_module"):
+            ops.append(nearest2_conn())
+        blk = N.Block(tag, [xin], lambda c, x: self._v(self.pre_apply(c, x)), [[self.pre_chain(*ops)]], self.act)
         return [blk], tag
+
+
+class ShuffleStage(Stage):
+    """ShuffleNet-v2 style: split the channels in two halves, convolve one, concatenate, shuffle
+    the channels (view/transpose/view), then a mixing 1x1 conv and an activation."""
+
+    def __init__(self, spec, cin):
+        super().__init__(spec)
+        h = cin // 2
+        self.conv = make_conv(spec["conv"], cin - h)
+        self.bn = make_bn(spec["bn"], spec["conv"]["cout"])
+        self.act1 = make_act(spec["act1"], spec["conv"]["cout"])
+        self.mix = nn.Conv2d(h + spec["conv"]["cout"], spec["cout"], 1)
+        self.act = make_act(spec["act"], spec["cout"])
+        self.h, self.cin, self.ccat = h, cin, h + spec["conv"]["cout"]
+
+    def _split(self, x):
+        if self.spec["split"] == "chunk" and self.cin % 2 == 0:
+            return x.chunk(2, dim=1)
+        if self.spec["split"] in ("chunk", "split"):
+            return torch.split(x, [self.h, self.cin - self.h], dim=1)
+        return x[:, :self.h], x[:, self.h:]
+
+    def _mix(self, a, y):
+        z = torch.cat([a, y], 1)
+        C = self.ccat
+        if C % 2 == 0:   # channel shuffle with 2 groups
+            B, _, H, W = z.shape
+            z = z.view(B, 2, C // 2, H, W).transpose(1, 2).contiguous().view(B, C, H, W)
+        return self.mix(z)
+
+    def forward(self, x):
+        x = self.pre(x)
+        a, b = self._split(x)
+        y = self.act1(self.bn(self.conv(b)))
+        return self.act(self._mix(a, y))
+
+    def naive(self, xin, tag):
+        b1 = N.Block(tag + ".b", [xin], lambda c, x: self.bn(self.conv(self._split(self.pre_apply(c, x))[1])),
+                     [[self.pre_chain(conv_conn(self.spec["conv"]))]], self.act1)
+        b2 = N.Block(tag, [tag + ".b", xin], lambda c, y, x: self._mix(self._split(self.pre_apply(c, x))[0], y),
+                     [[N.window(1)], [self.pre_chain(N.window(1))]], self.act)
+        return [b1, b2], tag
 
 
 class ResStage(Stage):
@@ -426,6 +600,10 @@ class ResStage(Stage):
             self.bns.append(make_bn(inner["bn"], cout))
             self.acts.append(make_act(inner["act"], cout) if i < len(spec["inner"]) - 1 else nn.Identity())
             c = cout
+        self.act = make_act(spec["act"], cout)
+        if spec.get("shared_act"):   # one activation module called several times (torchvision style)
+            for i in range(len(spec["inner"]) - 1):
+                self.acts[i] = self.act
         sc = spec["shortcut"]
         s = spec["inner"][0]["conv"]["s"]
         if sc == "identity":
@@ -437,7 +615,6 @@ class ResStage(Stage):
         else:  # ResNet-D style: average pool then 1x1 conv
             self.short = nn.Sequential(nn.AvgPool2d(3, s, 1), nn.Conv2d(cin, cout, 1, bias=True))
         self.add = ADD_FORMS[spec["add"]]
-        self.act = make_act(spec["act"], cout)
 
     def short_conn(self):
         sc, s = self.spec["shortcut"], self.spec["inner"][0]["conv"]["s"]
@@ -601,7 +778,7 @@ class GateStage(Stage):
         return [N.Block(tag, [xin], fn, [shadows], self.act)], tag
 
 
-STAGES = {"conv": ConvStage, "res": ResStage, "cat": CatStage, "gate": GateStage}
+STAGES = {"conv": ConvStage, "res": ResStage, "cat": CatStage, "gate": GateStage, "shuffle": ShuffleStage}
 
 
 class Head(nn.Module):
@@ -668,6 +845,8 @@ class FuzzNet(nn.Module):
 
 
 def stage_channels(s, cin):
+    if s["type"] == "shuffle":
+        return s["cout"]
     if s["type"] == "conv":
         return s["conv"]["cout"]
     if s["type"] == "res":
@@ -724,6 +903,10 @@ def conv_spec(draw, cin, hw, *, same=False, stride=None, cout=None, max_c=6):
         pw = draw(st.integers(0, d * (kw - 1) // 2 + (1 if kw > 1 else 0)))
     cs = dict(cout=cout, k=[kh, kw], s=s, p=[ph, pw], d=d, g=1, bias=draw(st.booleans()),
               form=draw(st.sampled_from(["module", "module", "functional"])))
+    if s == 1 and stride is None and draw(st.integers(0, 4)) == 0:
+        cs["p"] = draw(st.sampled_from(["same"] if same else ["same", "valid"]))  # string padding
+        if not same:
+            cs["k"] = [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
     if min(conv_out(cs, hw)) < 2:  # too small: fall back to a 1x1 convolution keeping the size
         cs.update(k=[1, 1], s=1, p=[0, 0], d=1)
     groups = [g for g in range(2, cin + 1) if cin % g == 0 and cout % g == 0]
@@ -742,7 +925,7 @@ def pool_spec(draw, hw, *, allow_none=True):
     p = draw(st.integers(0, k // 2))
     d = draw(st.sampled_from([1, 1, 2])) if kind == "max" else 1
     ps = dict(kind=kind, k=k, s=s, p=p, d=d, cip=draw(st.booleans()),
-              form=draw(st.sampled_from(["module", "functional"])))
+              form=draw(st.sampled_from(["module", "functional"])), ceil=draw(st.integers(0, 3)) == 0)
     if min(pool_out(ps, hw)) < 2:
         return None
     return ps
@@ -753,15 +936,32 @@ ACTS = st.sampled_from(DRAWN_ACTS)
 
 @st.composite
 def stage_spec(draw, cin, hw):
-    kind = draw(st.sampled_from(["conv", "res", "cat", "gate"]))
+    kind = draw(st.sampled_from(["conv", "res", "cat", "gate"] + (["shuffle"] if cin >= 2 else [])))
     pre = draw(pool_spec(hw))
     if pre is not None:
         hw = pool_out(pre, hw)
-    bn = st.sampled_from([None, "module", "functional"])
+    bn = st.sampled_from([None, "module", "functional", "module_noaffine"])
     if kind == "conv":
+        fpad = None
+        if draw(st.integers(0, 4)) == 0:   # an explicit (asymmetric) F.pad before the conv
+            fpad = [draw(st.integers(0, 2)) for _ in range(4)]
+            hw = (hw[0] + fpad[2] + fpad[3], hw[1] + fpad[0] + fpad[1])
         cs = draw(conv_spec(cin, hw))
-        s = dict(type="conv", pre=pre, conv=cs, bn=draw(bn), act=draw(ACTS))
-        return s, conv_out(cs, hw)
+        post = draw(st.sampled_from([None, None, None, "scalar", "div", "param", "upsample", "upsample_module"]))
+        out = conv_out(cs, hw)
+        if post in ("upsample", "upsample_module"):
+            if max(out) > 8:
+                post = None
+            else:
+                out = (2 * out[0], 2 * out[1])
+        s = dict(type="conv", pre=pre, conv=cs, bn=draw(bn), act=draw(ACTS), fpad=fpad, post=post,
+                 drop=draw(st.sampled_from([None, None, "module", "functional"])))
+        return s, out
+    if kind == "shuffle":
+        cs = draw(conv_spec(cin - cin // 2, hw, same=True, max_c=4))
+        s = dict(type="shuffle", pre=pre, conv=cs, bn=draw(bn), act1=draw(ACTS), act=draw(ACTS),
+                 cout=draw(st.integers(1, 6)), split=draw(st.sampled_from(["chunk", "split", "slice"])))
+        return s, hw
     if kind == "res":
         n = draw(st.integers(1, 3))
         stride = draw(st.sampled_from([1, 1, 2])) if min(hw) >= 4 else 1
@@ -774,7 +974,8 @@ def stage_spec(draw, cin, hw):
         out_hw = conv_out(inner[0]["conv"], hw)
         options = ["conv", "conv_bn", "pool_conv"] + (["identity"] * 3 if cout == cin and stride == 1 else [])
         s = dict(type="res", pre=pre, cout=cout, inner=inner, shortcut=draw(st.sampled_from(options)),
-                 add=draw(st.sampled_from(sorted(ADD_FORMS))), act=draw(ACTS))
+                 shared_act=draw(st.booleans()),
+                 add=draw(st.sampled_from(sorted(set(ADD_FORMS) - KNOWN_BAD_ADD))), act=draw(ACTS))
         return s, out_hw
     if kind == "cat":
         mode = draw(st.sampled_from(["cat_then_act", "act_then_cat"]))
@@ -793,9 +994,15 @@ def stage_spec(draw, cin, hw):
     # gate
     where = draw(st.sampled_from(["inblock", "post"]))
     residual = where == "inblock" and draw(st.booleans())
-    cs = draw(conv_spec(cin, hw, same=residual, cout=cin if residual else None))
+    gate = draw(st.sampled_from(GATE_KINDS))
+    cout = cin if residual else None
+    if where == "post" and gate in ("spatial", "cbam_spatial"):
+        # a one-channel sigmoid activation times a one-channel spatial gate is ambiguous to the
+        # core (both factors look like gates; tests/test_regressions.py), so keep >= 2 channels
+        cout = draw(st.integers(2, 6))
+    cs = draw(conv_spec(cin, hw, same=residual, cout=cout))
     mid = conv_out(cs, hw)
-    s = dict(type="gate", pre=pre, where=where, conv=cs, bn=draw(bn), gate=draw(st.sampled_from(GATE_KINDS)),
+    s = dict(type="gate", pre=pre, where=where, conv=cs, bn=draw(bn), gate=gate,
              mul=draw(st.sampled_from(sorted(MUL_FORMS) if where == "inblock" else
                                       sorted(k for k in MUL_FORMS if k != "*="))),
              residual=residual, act=draw(ACTS))
@@ -868,11 +1075,16 @@ def check_network(spec, batch=2, naive=True):
     assert err <= BATCH_TOL * scale, f"chunk_size=1 differs by {err:.3e}"
     torch.testing.assert_close(chunked.lost, out.lost, rtol=0, atol=BATCH_TOL * scale)
 
-    # 2. agreement with the pair-by-pair reference from a dense random R_L
+    # 2. agreement with the pair-by-pair reference from a dense random R_L: the input map of the
+    #    whole batch, and every layer's map sample by sample.  (Layer maps are compared per sample
+    #    because a max-pool over *identical* PFVs -- bias-only positions whose receptive field is
+    #    dead -- picks its arg-max by rounding, which differs between a batch and a single sample;
+    #    the relevance parked there is lost further down, so input maps do not depend on it.)
     figures = dict(conservation=conservation_error(out), naive_err=None)
     if naive:
         R_L = torch.rand(batch, *L.shape[-2:], dtype=torch.float64, generator=g) + 0.1
-        e2 = srd_fx.compile(m, head=_fixed_head(R_L), layers="all")
+        cur = {"R": R_L}
+        e2 = srd_fx.compile(m, head=lambda A, logits, target: cur["R"], layers="all")
         out2 = e2(x)
         assert conservation_error(out2) <= CONSERVE_TOL
         ref = N.propagate(net, x, R_L)
@@ -880,15 +1092,20 @@ def check_network(spec, batch=2, naive=True):
         names = [b.name for b in net.blocks]
         assert len(layers) == len(names), f"activation layers {layers} vs naive blocks {names}"
         scale = max(_max_abs(R_L, *ref.values()), 1e-300)
-        worst = 0.0
+        err = (out2.saliency - ref["input"]).abs().max().item()
+        worst = err / scale
+        assert err <= AGREE_TOL * scale, f"input map: max |srd_fx - naive| = {err:.3e} > {AGREE_TOL} * {scale:.3e}"
         pairs = [("input", "input")] + list(zip(layers, names))
-        for got_key, ref_key in pairs:
-            got, want = out2.relevance[got_key], ref[ref_key]
-            assert got.shape == want.shape, f"{got_key}: {tuple(got.shape)} vs naive {tuple(want.shape)}"
-            err = (got - want).abs().max().item()
-            worst = max(worst, err / scale)
-            assert err <= AGREE_TOL * scale, \
-                f"layer {got_key} (naive {ref_key}): max |srd_fx - naive| = {err:.3e} > {AGREE_TOL} * {scale:.3e}"
+        for b in range(batch):
+            cur["R"] = R_L[b:b + 1]
+            ob = e2(x[b:b + 1])
+            for got_key, ref_key in pairs:
+                got, want = ob.relevance[got_key][0], ref[ref_key][b]
+                assert got.shape == want.shape, f"{got_key}: {tuple(got.shape)} vs naive {tuple(want.shape)}"
+                err = (got - want).abs().max().item()
+                worst = max(worst, err / scale)
+                assert err <= AGREE_TOL * scale, (f"sample {b}, layer {got_key} (naive {ref_key}): "
+                                                  f"max |srd_fx - naive| = {err:.3e} > {AGREE_TOL} * {scale:.3e}")
         figures["naive_err"] = worst
     return figures
 
@@ -901,6 +1118,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @CI_SETTINGS
 @given(spec=network_spec())
 def test_random_networks(spec):
@@ -909,10 +1127,11 @@ def test_random_networks(spec):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @FULL_SETTINGS
 @given(spec=network_spec(max_stages=4))
 def test_random_networks_full(spec):
-    """225 more generated networks (run with --slow)."""
+    """300 more generated networks, up to 4 stages (run with --slow)."""
     check_network(spec)
 
 

@@ -27,7 +27,7 @@ HELP = ("Ablation of SRD (paper Appendix F): scalar neurons vs PFVs with post-ac
 #: variant -> (label, srd_fx.compile keyword arguments)
 VARIANTS = {
     "neuron": ("Neuron (LRP-0)", dict(unit="neuron", value="pre")),
-    "post": ("PFV, post-activation", dict(unit="pfv", value="post")),
+    "post": ("PFV (post-activation)", dict(unit="pfv", value="post")),
     "srd": ("SRD (PFV, pre-activation)", dict(unit="pfv", value="pre")),
 }
 
@@ -97,13 +97,14 @@ def draw_maps(panels, path):
         for c, v in enumerate(variants, start=1):
             im = axes[r, c].imshow(_display(maps[v][j].numpy()), cmap="bwr", vmin=-1, vmax=1)
             if r == 0:
-                axes[r, c].set_title(VARIANTS[v][0], fontsize=8)
+                axes[r, c].set_title(VARIANTS[v][0].replace(" (", "\n("), fontsize=8)
         if r == 0:
             axes[r, 0].set_title("image", fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.colorbar(im, ax=axes, shrink=0.6, label="relevance / max |relevance|")
+    fig.suptitle("Ablation (Appendix F): input relevance for the predicted class", fontsize=9)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path

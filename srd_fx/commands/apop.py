@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                        "are the sorted class-folder indices.")
     u.add_argument("--image-size", type=int, default=224, help="Centre-crop side for --imagefolder images "
                                                                "(resized to SIZE*256/224 first).")
-    u.add_argument("--num-classes", type=int, default=None, help="Classifier size of --model (default: the "
-                                                                 "number of ImageFolder classes).")
+    u.add_argument("--num-classes", type=int, default=None, help="Classifier size of --model (default: read "
+                                                                 "from the weights file).")
     u.add_argument("--mean", type=float, nargs=3, default=None, help="Normalisation mean of --model (default: "
                                                                      "the timm model's, else ImageNet's).")
     u.add_argument("--std", type=float, nargs=3, default=None, help="Normalisation std of --model (default: "
@@ -103,8 +103,7 @@ def _user_source(args):
     if not os.path.isdir(args.imagefolder):
         raise SystemExit(f"srd-fx apop: --imagefolder {args.imagefolder!r} is not a directory")
     ds = ImageFolder(args.imagefolder)
-    k = args.num_classes or len(ds.classes)
-    model = load_model(args.model, weights=args.weights, num_classes=k)
+    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(args.mean or cfg.get("mean") or D.IMAGENET_MEAN)
     std = tuple(args.std or cfg.get("std") or D.IMAGENET_STD)
@@ -115,6 +114,12 @@ def _user_source(args):
     items = [ds[i] for i in range(n)]
     x = torch.stack([a for a, _ in items])
     y = torch.tensor([b for _, b in items])
+    with torch.no_grad():
+        k = model(x[:1]).shape[-1]
+    if len(ds.classes) > k:
+        raise SystemExit(f"srd-fx apop: {args.imagefolder!r} has {len(ds.classes)} class folders but "
+                         f"{args.model} has {k} outputs; labels are the sorted folder indices, so the "
+                         "folder must hold (a prefix of) the model's classes in its order")
     info = {"source": os.path.abspath(args.imagefolder), "model": args.model, "weights": args.weights,
             "image_size": s, "mean": mean, "std": std, "classes": len(ds.classes)}
     yield args.model, model, x, y, info
@@ -141,11 +146,23 @@ def write_table(results, out_dir, inputs):
         w.writerows(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    chance = {name: r["chance"] for name, r in results.items()}
     lines.append("")
-    lines.append("Chance: " + "; ".join(f"{n}: top-1 {_fmt(c['top1'])}, top-5 {_fmt(c['top5'])}"
-                                        for n, c in chance.items())
-                 + ". Images: " + "; ".join(f"{n}: {r['n']}" for n, r in results.items()) + ".")
+    notes = []
+    chances = {(r["chance"]["top1"], r["chance"]["top5"], r["num_classes"]) for r in results.values()}
+    if len(chances) == 1:
+        c1, c5, k = chances.pop()
+        notes.append(f"Chance: top-1 {_fmt(c1)}, top-5 {_fmt(c5)} ({k} classes).")
+    else:
+        notes.append("Chance: " + "; ".join(f"{n}: top-1 {_fmt(r['chance']['top1'])}, top-5 "
+                                            f"{_fmt(r['chance']['top5'])}" for n, r in results.items()) + ".")
+    sizes = {r["n"] for r in results.values()}
+    notes.append(f"Images: {sizes.pop()} per model." if len(sizes) == 1 else
+                 "Images: " + "; ".join(f"{n}: {r['n']}" for n, r in results.items()) + ".")
+    reported = [f"{n}: {_fmt(r['reported_test_accuracy'])}" for n, r in results.items()
+                if r.get("reported_test_accuracy") is not None]
+    if reported:
+        notes.append("Test accuracy recorded at training (srd_fx.train): " + "; ".join(reported) + ".")
+    lines.append(" ".join(notes))
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text)
@@ -165,8 +182,8 @@ def write_binarize(results, out_dir):
                 acc = r["accuracy"][f"binarize/{l}"]
                 w.writerow([name, j, l, r["module_of"].get(l) or "", _fmt(acc["top1"]), _fmt(acc["top5"])])
     n = len(results)
-    fig, axes = plt.subplots(n, 1, figsize=(max(6.0, 0.55 * max(len(r["binarized"]) for r in results.values()) + 2),
-                                            3.2 * n), squeeze=False)
+    width = max(6.0, 0.55 * max(len(r["binarized"]) for r in results.values()) + 2) + 2.2
+    fig, axes = plt.subplots(n, 1, figsize=(width, 3.2 * n), squeeze=False)
     for ax, (name, r) in zip(axes[:, 0], results.items()):
         layers = r["binarized"]
         idx = list(range(len(layers)))
@@ -182,7 +199,7 @@ def write_binarize(results, out_dir):
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}: particular layer binarisation ({r['n']} images)", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="lower left")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = os.path.join(out_dir, "binarize.png")
     fig.savefig(path, dpi=130)

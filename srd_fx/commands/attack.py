@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=int, default=64, help="Side in pixels of the digit scenes and models.")
     g.add_argument("--pool", type=int, default=1000, help="Number of test scenes the random pairs are drawn "
                                                           "from.")
+    g.add_argument("--min-accuracy", type=float, default=0.5,
+                   help="Refuse to attack a trained model whose test accuracy is below this (an untrained "
+                        "model's explanations say nothing about the method); 0 disables the check.")
     g.add_argument("--cache-dir", default=None, help="Cache directory of the trained models (default: "
                                                      "$SRD_FX_CACHE or ~/.cache/srd_fx).")
     a = p.add_argument_group("attack (SPEC.md §6)")
@@ -324,6 +327,12 @@ def run(args) -> int:
     for arch in args.arch:
         model, acc = get_trained(arch=arch, act=args.act, size=args.size, cache_dir=args.cache_dir,
                                  progress=not args.no_progress)
+        if acc < args.min_accuracy:
+            print(f"error: the trained {arch}/{args.act} model has test accuracy {acc:.3f} < --min-accuracy "
+                  f"{args.min_accuracy}: it did not learn, and attacking its explanations would measure "
+                  f"nothing. Retrain it (delete its file in the cache directory, or change the training "
+                  f"settings) or pass --min-accuracy 0 to attack it anyway.", file=sys.stderr)
+            return 2
         models[f"{arch}-{args.act}"] = {"model": model.eval(), "accuracy": acc}
     argv = sys.argv[1:]
     if "attack" in argv:

@@ -41,6 +41,11 @@ def add_arguments(p):
                    help="index pre-activation PFVs (the vectors SRD decomposes; default) or post-activation ones")
     p.add_argument("--repeat-images", action="store_true",
                    help="allow several neighbours from one image (default: the best PFV of each image)")
+    p.add_argument("--crop-mass", type=float, default=0.9,
+                   help="an ERF crop is the box of the fewest pixels holding this fraction of the positive "
+                        "ERF mass (default: 0.9)")
+    p.add_argument("--min-crop", type=int, default=12,
+                   help="smallest side of an ERF crop in pixels, grown around the ERF (default: 12)")
     p.add_argument("--chunk-size", type=int, default=65536,
                    help="PFVs compared at a time during the search, bounding its memory (default: 65536)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass when indexing (default: 64)")
@@ -54,6 +59,8 @@ def add_arguments(p):
                    help="training scenes if the model is not cached yet (default: the training recipe's)")
     p.add_argument("--n-test", type=int, default=None,
                    help="test scenes for the recorded accuracy if the model is trained now (default: the recipe's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="training learning rate if the model is not cached yet (default: the recipe's)")
     p.add_argument("--out", default=None, help="output PNG (default: results/concepts_<arch>.png)")
     p.add_argument("--json", default=None, help="also write the numbers of the figure to this JSON file")
 
@@ -73,12 +80,16 @@ def run(args) -> int:
     for name in ("neighbours", "n_sub", "n_index", "chunk_size", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.crop_mass <= 1:
+        raise SystemExit(f"--crop-mass must be in (0, 1], got {args.crop_mass}")
+    if args.min_crop < 1:
+        raise SystemExit("--min-crop must be at least 1 pixel")
     if not 0 <= args.image < args.n_index:
         raise SystemExit(f"--image must be in [0, --n-index={args.n_index}), got {args.image}")
     layer = args.layer or DEFAULT_LAYER[args.arch]
     out_png = args.out or os.path.join("results", f"concepts_{args.arch}.png")
-    train_kw = {k: v for k, v in (("epochs", args.epochs), ("n_train", args.n_train), ("n_test", args.n_test))
-                if v is not None}
+    train_kw = {k: v for k, v in (("epochs", args.epochs), ("n_train", args.n_train), ("n_test", args.n_test),
+                                  ("lr", args.lr)) if v is not None}
 
     model, acc = get_trained(arch=args.arch, act=args.act, size=args.size, cache_dir=args.cache_dir, **train_kw)
     model = model.to(args.device).eval()
@@ -93,7 +104,7 @@ def run(args) -> int:
     res = explain_pfv(explainer, index, images, args.image,
                       None if args.position is None else _position(args.position),
                       k=args.neighbours, n_sub=args.n_sub, target=args.target, transform=normalize,
-                      distinct_images=not args.repeat_images)
+                      distinct_images=not args.repeat_images, mass=args.crop_mass, min_size=args.min_crop)
     q = res.query
     print(f"query: image {q.image} (label {q.label}, predicted {int(res.logits.argmax())}), {layer} {q.position}: "
           f"{100 * q.score:.1f}% of the relevance for class {res.target} at this layer")

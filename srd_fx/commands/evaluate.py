@@ -2,6 +2,7 @@
 image folder with masks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -10,8 +11,9 @@ import sys
 import time
 
 NAME = "evaluate"
-HELP = ("Score SRD and 16 baselines with the paper's metrics; write a Table-2-style table (methods x "
-        "metrics), a Table-4-style table (Fidelity across activations) and a figure of maps.")
+HELP = ("Score SRD (low, high, input resolution) and 14 baseline maps with the paper's metrics; write a "
+        "Table-2-style table (methods x metrics), a Table-4-style table (Fidelity across activations) and "
+        "a figure of maps.")
 
 DEFAULT_TABLE2 = ["resnet:relu", "vgg:relu"]
 DEFAULT_TABLE4 = [f"resnet:{a}" for a in ("relu", "elu", "leakyrelu", "silu", "gelu", "tanh")]
@@ -38,6 +40,8 @@ def add_arguments(p):
                         "digit ResNets (relu elu leakyrelu silu gelu tanh); 'none' skips it.")
     p.add_argument("--weights", default=None,
                    help="State-dict file for the (single) torchvision/timm model given with --models.")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="Classifier size of a torchvision/timm model (default: from --weights, else the library's).")
     p.add_argument("--pretrained", action="store_true",
                    help="Use the library's pretrained weights for torchvision/timm models (needs them cached or network access).")
     p.add_argument("--methods", nargs="+", default=None,
@@ -80,6 +84,15 @@ def _model_label(spec: str) -> str:
     if arch in ("resnet", "vgg"):
         return f"{'ResNet' if arch == 'resnet' else 'VGG'} ({ACT_LABELS.get(act, act)})"
     return spec
+
+
+def _t4_label(spec: str, specs) -> str:
+    """Table-4 column: the activation when every model is the same digit architecture."""
+    archs = {x.partition(":")[0] for x in specs}
+    arch, _, act = spec.partition(":")
+    if len(archs) == 1 and arch in ("resnet", "vgg"):
+        return ACT_LABELS.get(act, act)
+    return _model_label(spec)
 
 
 def _none(lst):
@@ -163,7 +176,8 @@ def run(args) -> int:
             if args.weights and len(t2_specs) + len(t4_specs) > 1:
                 raise SystemExit("error: --weights applies to a single model; give one model with --models")
             try:
-                model = load_model(spec, weights=args.weights, pretrained=args.pretrained)
+                model = load_model(spec, weights=args.weights, pretrained=args.pretrained,
+                                   num_classes=args.num_classes)
             except (ValueError, FileNotFoundError, RuntimeError) as e:
                 raise SystemExit(f"error: {e}")
             from srd_fx.train import accuracy
@@ -173,8 +187,8 @@ def run(args) -> int:
         return model
 
     os.makedirs(args.out, exist_ok=True)
-    record = dict(command="srd-fx " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(("srd-fx", "__main__.py")) else None,
-                  argv=sys.argv, data=args.data, size=size, n_images=len(images), metric_settings=vars(settings),
+    record = dict(command=command_line(args), data=args.data, size=size, n_images=len(images),
+                  metric_settings=dataclasses.asdict(settings),
                   torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
                   tables={})
     cache: dict = {}  # (spec) -> scores, so a model in both tables is scored once per metric
@@ -205,10 +219,8 @@ def run(args) -> int:
         print(md)
     if t4_specs:
         t0 = time.perf_counter()
-        res4 = {_model_label(s).replace("ResNet (", "").rstrip(")") if digits else _model_label(s):
-                scores_for(s, ["Fidelity"]) for s in t4_specs}
-        acc4 = {(_model_label(s).replace("ResNet (", "").rstrip(")") if digits else _model_label(s)):
-                accuracies[_model_label(s)] for s in t4_specs}
+        res4 = {_t4_label(s, t4_specs): scores_for(s, ["Fidelity"]) for s in t4_specs}
+        acc4 = {_t4_label(s, t4_specs): accuracies[_model_label(s)] for s in t4_specs}
         record["tables"]["table4"] = dict(models=t4_specs, metrics=["Fidelity"], seconds=round(time.perf_counter() - t0, 1))
         md = E.table4_markdown(res4, acc4, n_images=len(images))
         _write(args.out, "table4.md", md, written)
@@ -223,9 +235,37 @@ def run(args) -> int:
         fig.savefig(path, dpi=110)
         written.append(path)
     record["test_accuracy"] = accuracies
-    _write(args.out, "run.json", json.dumps(record, indent=1, default=str) + "\n", written)
+    # run.json keeps the latest run that produced each table
+    runs_path = os.path.join(args.out, "run.json")
+    runs = {}
+    if os.path.exists(runs_path):
+        try:
+            with open(runs_path) as f:
+                runs = json.load(f)
+        except (OSError, ValueError):
+            runs = {}
+    for table in record["tables"] or {"figure": None}:
+        runs[table] = record
+    _write(args.out, "run.json", json.dumps(runs, indent=1, default=str) + "\n", written)
     print("wrote " + ", ".join(written))
     return 0
+
+
+def command_line(args) -> str:
+    """The full command line of this run, every option spelled out (for results/ and the docs)."""
+    parts = ["srd-fx", NAME]
+    for k, v in vars(args).items():
+        if k.startswith("_") or k == "command" or v is None or v is False or v == []:
+            continue
+        opt = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(opt)
+        elif isinstance(v, list):
+            for item in v if k == "train_setting" else [v]:
+                parts += [opt] + ([item] if k == "train_setting" else [str(x) for x in item])
+        else:
+            parts += [opt, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _write(out, name, text, written):
