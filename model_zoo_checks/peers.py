@@ -21,6 +21,7 @@ with the side-by-side table (the SRD column comes from the SRD sweep's records).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -99,7 +100,15 @@ def run_captum(model, x1, target: int) -> Dict:
 def check_peers(name: str, opts: Options) -> Dict:
     """zennit and captum LRP on one model (never raises)."""
     import torch
+    before = torch.get_num_threads()
     torch.set_num_threads(max(1, opts.threads))
+    try:
+        return _check_peers(name, opts)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_peers(name: str, opts: Options) -> Dict:
     rec: Dict = dict(model=name, module=lists.module_of(name), family=lists.family_of(name, lists.module_of(name)),
                      status="fail", category=None)
     try:
@@ -113,11 +122,8 @@ def check_peers(name: str, opts: Options) -> Dict:
     x1 = x[:1]
     target = int(ref[0].argmax())
     rec["input_size"] = list(x.shape[1:])
-    rec["zennit"] = run_zennit(model, x1, target)
-    # a fresh copy: a failed zennit/captum run may leave hooks or merged norms behind
-    model = build_model(name, opts)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # each method gets its own copy: a failed run may leave hooks or merged norms behind
+    rec["zennit"] = run_zennit(copy.deepcopy(model), x1, target)
     rec["captum"] = run_captum(model, x1, target)
     rec["status"] = "pass"
     rec["category"] = "pass"
@@ -161,6 +167,10 @@ def main(argv=None) -> int:
     cache = {} if args.fresh else load_cache(PEERS_CACHE)
     todo = [] if args.report_only else [n for n in names if n not in cache or
                                         cache[n].get("options") != opts.key()]
+    from .cli import PARAMS_CACHE
+    if len(todo) > 1 and PARAMS_CACHE.exists():
+        counts = json.loads(PARAMS_CACHE.read_text())
+        todo.sort(key=lambda n: (counts.get(n) is None, counts.get(n) or 0))
     print(f"peers: {len(names)} models, {len(todo)} to run", file=sys.stderr)
 
     def keep(rec):

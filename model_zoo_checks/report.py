@@ -74,6 +74,16 @@ def family_table(names: Sequence[str], records: Dict[str, Dict]) -> List[Dict]:
     return out
 
 
+def _short_error(err: Optional[str]) -> str:
+    """Group peer errors: captum's 'Module of type <class X> has no rule' by X, else the type."""
+    import re
+    err = err or "?"
+    m = re.search(r"Module of type <class '([\w.]+)'>", err)
+    if m:
+        return f"no LRP rule for {m.group(1).rsplit('.', 1)[-1]}"
+    return err.split(":")[0]
+
+
 def _peer_summary(names: Sequence[str], peers: Dict) -> Optional[Dict]:
     recs = peers.get("records", {})
     if not recs or not names:
@@ -88,7 +98,7 @@ def _peer_summary(names: Sequence[str], peers: Dict) -> Optional[Dict]:
             produced=sum(g.get("produced", False) for g in got),
             finite=sum(g.get("produced", False) and g.get("finite", False) for g in got),
             conserved=sum(bool(g.get("conserved")) for g in got),
-            errors=Counter((g.get("error") or "").split(":")[0] for g in got if not g.get("produced")),
+            errors=Counter(_short_error(g.get("error")) for g in got if not g.get("produced")),
         )
     return out
 
@@ -120,8 +130,9 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     w("")
     w("## Summary")
     w("")
-    w(f"- Default list: **{s['total']}** timm CNN architectures in **{s['families']}** families.")
-    w(f"- **Passed {s['passed']} / {s['total']} = {_pct(s['passed'], s['total'])}** of the default list "
+    scope = "the default list" if set(names) == set(lists.default_models()) else "this selection"
+    w(f"- Models: **{s['total']}** timm CNN architectures in **{s['families']}** families ({scope}).")
+    w(f"- **Passed {s['passed']} / {s['total']} = {_pct(s['passed'], s['total'])}** of {scope} "
       f"(failed {s['failed']}, skipped as too large {s['skipped']}, not run {s['not_run']}). "
       f"Of the models actually checked: {_pct(s['passed'], s['passed'] + s['failed'])}.")
     if s["stale"]:

@@ -147,6 +147,18 @@ def redraw_constant_init(model, seed: int) -> List[str]:
     return changed
 
 
+def _mem_available() -> Optional[float]:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def build_model(name: str, opts: Options):
     """The float64 eval-mode model of the sweep (see the module docstring)."""
     import timm
@@ -264,19 +276,39 @@ def _rel(a, b):
 
 # ---------------------------------------------------------------------------------- the check
 def check_model(name: str, opts: Options) -> Dict:
-    """Build, compile and check one model; never raises (failures are in the record)."""
+    """Build, compile and check one model; never raises (failures are in the record).  Runs with
+    ``opts.threads`` torch threads and restores the caller's setting."""
     import torch
+    before = torch.get_num_threads()
     torch.set_num_threads(max(1, opts.threads))
+    try:
+        return _check_model(name, opts)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_model(name: str, opts: Options) -> Dict:
+    import torch
     from . import lists
     rec: Dict = dict(model=name, module=lists.module_of(name), family=lists.family_of(name, lists.module_of(name)),
                      status="fail", category=None, op=None, reason=None, detail=None, params=None,
                      input_size=None, times={}, metrics={})
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     n = count_params_meta(name)
     rec["params"] = n
     if n is not None and n > opts.max_params_m * 1e6:
         rec.update(status="skipped", category="too-large",
                    reason=f"skipped: too large ({n / 1e6:.0f}M parameters > --max-params {opts.max_params_m:g}M)")
+        return rec
+    need = (n or 0) * 8 * 3 + 1.5e9     # float64 weights, their init and the activations, roughly
+    waited = 0
+    while _mem_available() is not None and _mem_available() < need and waited < 600:
+        time.sleep(15)                  # another big model is running: wait for its memory
+        waited += 15
+    if _mem_available() is not None and _mem_available() < need:
+        rec.update(status="skipped", category="too-large",
+                   reason=f"skipped: too large for the free memory (needs ~{need / 1e9:.0f} GB, "
+                          f"{_mem_available() / 1e9:.0f} GB available after waiting {waited} s)")
         return rec
     try:
         t = time.perf_counter()
@@ -311,6 +343,7 @@ def check_model(name: str, opts: Options) -> Dict:
     except Exception as e:
         rec.update(classify_exception(e, stage, model))
         rec["times"]["total_s"] = time.perf_counter() - t_all
+        rec["times"]["total_cpu_s"] = time.process_time() - c_all
         return rec
 
     with torch.no_grad():
@@ -366,6 +399,7 @@ def check_model(name: str, opts: Options) -> Dict:
         if not b_err <= BATCH_TOL:
             fails.append(("batch-dependence", f"batch of 2 vs alone: relative error {b_err:.3g} in {worst}"))
     rec["times"]["total_s"] = time.perf_counter() - t_all
+    rec["times"]["total_cpu_s"] = time.process_time() - c_all
     if fails:
         rec["category"] = fails[0][0]
         rec["reason"] = "; ".join(r for _, r in fails)
@@ -389,6 +423,7 @@ def _resolve(spec: str) -> Callable:
 def _worker(conn, task: str, opts: Options):
     os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))
     fn = _resolve(TASKS[task])
+    fp = code_fingerprint(opts)   # the code this worker imported
     while True:
         try:
             name = conn.recv()
@@ -401,6 +436,7 @@ def _worker(conn, task: str, opts: Options):
         except BaseException as e:  # the check functions catch their own; this is a last resort
             rec = dict(model=name, status="fail", category="exception",
                        reason=f"runner: {type(e).__name__}: {str(e)[:250]}")
+        rec["fingerprint"] = fp
         conn.send(rec)
 
 
@@ -443,7 +479,7 @@ def run_models(names: Sequence[str], opts: Options, *, task: str = "srd", jobs: 
         from . import lists
         rec.setdefault("module", lists.module_of(rec["model"]))
         rec.setdefault("family", lists.family_of(rec["model"], rec["module"]))
-        rec["fingerprint"] = fp
+        rec.setdefault("fingerprint", fp)
         rec["task"] = task
         rec["srd_fx_version"] = srd_fx.__version__
         out.append(rec)
@@ -464,6 +500,11 @@ def run_models(names: Sequence[str], opts: Options, *, task: str = "srd", jobs: 
 
     ctx = mp.get_context("spawn")
     queue = list(names)
+    import signal
+    if hasattr(signal, "SIGTERM") and __import__("threading").current_thread() is __import__("threading").main_thread():
+        def _term(signum, frame):   # `kill PID` stops the workers too (the finally below)
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, _term)
     slots = [_Slot(ctx, task, opts) for _ in range(min(jobs, len(queue)) or 1)]
     try:
         while queue or any(s.name for s in slots):

@@ -303,3 +303,8 @@ def test_cli_refuses_model_without_weights(tmp_path):
     from srd_fx.cli import main
     with pytest.raises(SystemExit, match="--weights"):
         main(["apop", "--model", "torchvision:resnet18", "--out", str(tmp_path)])
+    _image_folder(tmp_path / "data", n_per_class=1)
+    torch.save(torchvision.models.resnet18(num_classes=1).state_dict(), tmp_path / "w1.pt")
+    with pytest.raises(SystemExit, match="2 class folders but torchvision:resnet18 has 1 outputs"):
+        main(["apop", "--model", "torchvision:resnet18", "--weights", str(tmp_path / "w1.pt"),
+              "--imagefolder", str(tmp_path / "data"), "--image-size", "32", "--out", str(tmp_path)])

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         f.write(f"![SRD demo]({os.path.basename(args.out)})\n\n"
                 f"Made by `{cmd.strip()}` in {total:.0f} s ({'model loaded from the cache' if cached else 'training'} "
                 f"{times['model']:.0f} s, grid {times['grid']:.0f} s, table {times.get('table', 0):.0f} s; "
-                f"{torch.get_num_threads()} torch threads); digit-scenes ResNet, test accuracy {acc:.3f}.\n\n"
+                f"torch threads: {torch.get_num_threads()}); digit-scenes ResNet, test accuracy {acc:.3f}.\n\n"
                 + table)
     print(f"done in {total:.0f} s: {args.out}, {md}")
     return 0

@@ -1,0 +1,177 @@
+"""The Quantus metrics, as configured for the paper, on hand-made maps with known values."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from srd_fx import metrics as M
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine this is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+H = 32
+
+
+class Linear(nn.Module):
+    """f(x) = sum_{c,h,w} W[k,h,w] x[c,h,w] (+ bias): a model whose logit drops are known exactly."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (K, H, W), shared by the channels
+
+    def forward(self, x):
+        return torch.einsum("bchw,khw->bk", x, self.weight) + 1.0
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(1)
+    return Linear(torch.rand(3, H, H)).eval()
+
+
+def _batch(B=4):
+    x = torch.rand(B, 3, H, H) + 0.1
+    y = torch.arange(B) % 3
+    s = torch.zeros(B, H, H, dtype=torch.bool)
+    s[:, 8:20, 8:20] = True
+    return x, y, s
+
+
+# ----------------------------------------------------------------------------- prepare -------------
+def test_prepare_divides_by_max_and_clamps():
+    a = torch.tensor([[[2.0, -6.0], [1.0, 0.0]]])
+    p = M.prepare(a)
+    assert torch.equal(p, torch.tensor([[[1.0, -1.0], [0.5, 0.0]]]))  # -3 clamped to -1
+    # a map with no positive value is scaled by its magnitude; an all-zero map stays zero
+    assert torch.equal(M.prepare(torch.tensor([[[-2.0, -1.0]]])), torch.tensor([[[-1.0, -0.5]]]))
+    assert torch.equal(M.prepare(torch.zeros(1, 3, 3)), torch.zeros(1, 3, 3))
+
+
+def test_prepare_resizes_low_resolution_maps_bilinearly():
+    low = torch.zeros(1, 4, 4)
+    low[0, 1, 2] = 3.0
+    p = M.prepare(low, (64, 64))
+    assert p.shape == (1, 64, 64)
+    ref = torch.nn.functional.interpolate(low[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(p, ref / ref.max())
+    # the peak lands on the upsampled cell (rows 16..31, cols 32..47)
+    r, c = divmod(int(p[0].argmax()), 64)
+    assert 16 <= r < 32 and 32 <= c < 48
+
+
+def test_prepare_refuses_nan():
+    with pytest.raises(FloatingPointError):
+        M.prepare(torch.tensor([[[float("nan"), 1.0]]]))
+
+
+# ----------------------------------------------------------------------------- localisation --------
+def test_pointing_game_inside_outside_and_tolerance(model):
+    x, y, s = _batch()
+    a = torch.zeros(4, H, H)
+    a[0, 10, 10] = 1    # inside the mask
+    a[1, 2, 2] = 1      # far outside
+    a[2, 14, 22] = 1    # 3 px right of the mask (cols 8..19)
+    a[3, 14, 24] = 1    # 5 px right of the mask
+    assert M.pointing_game(model, x, y, a, s, tolerance=0).tolist() == [1, 0, 0, 0]
+    assert M.pointing_game(model, x, y, a, s, tolerance=3).tolist() == [1, 0, 1, 0]
+    assert M.pointing_game(model, x, y, a, s, tolerance=5).tolist() == [1, 0, 1, 1]
+
+
+def test_default_tolerance_is_15px_at_224():
+    st = M.MetricSettings()
+    assert st.tolerance(224) == 15 and st.tolerance(64) == 4
+    assert M.MetricSettings(pointing_tolerance=0).tolerance(224) == 0
+
+
+def test_attribution_localisation_known_ratios(model):
+    x, y, s = _batch()
+    a = torch.zeros(4, H, H)
+    a[0, 8:20, 8:20] = torch.rand(12, 12)          # entirely inside -> 1
+    a[1, 10, 10] = 1.0
+    a[1, 0, 0] = 1.0                               # half the positive mass inside -> 0.5
+    a[2, 10, 10] = 1.0
+    a[2, 0:4, 0:4] = -1.0                          # negative relevance outside does not count -> 1
+    a[3, 10, 10], a[3, 0, 0], a[3, 0, 1], a[3, 0, 2] = 1.0, 1.0, 1.0, 1.0   # 1/4 inside
+    got = M.attribution_localisation(model, x, y, a, s)
+    assert np.allclose(got, [1.0, 0.5, 1.0, 0.25], atol=1e-6)
+
+
+def test_localisation_refuses_empty_masks(model):
+    x, y, s = _batch()
+    s[1] = False
+    with pytest.raises(ValueError, match="empty"):
+        M.attribution_localisation(model, x, y, torch.rand(4, H, H), s)
+
+
+# ----------------------------------------------------------------------------- sparseness ----------
+def test_sparseness_gini_known_values(model):
+    x, y, _ = _batch()
+    d = H * H
+    a = torch.zeros(4, H, H)
+    a[0, 3, 5] = 1.0                               # one-hot: Gini (d-1)/d
+    a[1] = 0.5                                     # constant: Gini 0
+    a[2, :8] = 1.0                                 # a quarter of the pixels equal, the rest 0: 1 - 1/4
+    a[3, :8] = -1.0                                # the Gini index is taken of |map|
+    got = M.sparseness(model, x, y, a)
+    assert got[0] > 0.998 and abs(got[0] - (d - 1) / d) < 1e-3   # Quantus adds 1e-7 to every entry
+    assert abs(got[1]) < 1e-6
+    assert abs(got[2] - 0.75) < 1e-3 and abs(got[3] - 0.75) < 1e-3
+
+
+# ----------------------------------------------------------------------------- fidelity ------------
+def test_fidelity_of_exact_contributions_is_one(model):
+    """For a linear model f(x) = sum W x, setting features to 0 drops the logit by the sum of their
+    contributions W x; the exact contribution map therefore correlates perfectly (Bhatt et al.)."""
+    x, y, _ = _batch()
+    x = x[:, :1].expand(-1, 3, -1, -1).contiguous()      # equal channels: one map per pixel is exact
+    contrib = model.weight[y] * x[:, 0]                   # (B, H, W), positive
+    st = M.MetricSettings(fidelity_runs=30)
+    assert np.allclose(M.fidelity(model, x, y, contrib, st), 1.0, atol=1e-5)
+    # a map that orders the pixels backwards (a constant minus the contribution) correlates -1
+    backwards = contrib.amax((1, 2), keepdim=True) - contrib
+    assert np.allclose(M.fidelity(model, x, y, backwards, st), -1.0, atol=1e-5)
+    rand = M.fidelity(model, x, y, torch.rand(4, H, H), st)
+    assert np.all(np.abs(rand) < 0.6)
+
+
+def test_fidelity_is_reproducible_and_cached_forward_is_exact(model):
+    x, y, _ = _batch()
+    a = torch.rand(4, H, H)
+    st = M.MetricSettings(fidelity_runs=10, seed=3)
+    cached = M.CachedForward(model).eval()
+    first = M.fidelity(cached, x, y, a, st)
+    assert cached.misses == 11 and cached.hits == 0          # the clean input + 10 perturbed inputs
+    # another map on the same batch reuses every forward pass and matches the uncached model
+    other = torch.rand(4, H, H)
+    assert np.allclose(M.fidelity(cached, x, y, other, st), M.fidelity(model, x, y, other, st))
+    assert cached.hits == 11
+    assert np.array_equal(first, M.fidelity(model, x, y, a, st))
+
+
+# ----------------------------------------------------------------------------- stability -----------
+def test_stability_of_constant_and_identity_explanations(model):
+    x, y, _ = _batch()
+    st = M.MetricSettings(stability_samples=5)
+    const = torch.rand(1, H, H)
+    a0 = const.expand(4, -1, -1)
+    assert np.allclose(M.stability(model, x, y, a0, lambda m, xx, tt: const.expand(len(xx), -1, -1), st), 0.0)
+    # phi(x) = x[:, 0]: ||dphi|| / ||dx|| = ||noise_0|| / ||noise|| ~ 1/sqrt(3) for i.i.d. noise on 3 channels
+    got = M.stability(model, x, y, x[:, 0], lambda m, xx, tt: xx[:, 0], st)
+    assert np.allclose(got, 1 / math.sqrt(3), atol=0.03)
+    # and it scales with the explanation
+    got2 = M.stability(model, x, y, 2 * x[:, 0], lambda m, xx, tt: 2 * xx[:, 0], st)
+    assert np.allclose(got2, 2 * got, rtol=0.05)
+
+
+def test_shape_errors_are_explained(model):
+    x, y, s = _batch()
+    with pytest.raises(ValueError, match="prepare"):
+        M.sparseness(model, x, y, torch.rand(4, 8, 8))
