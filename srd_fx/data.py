@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch

@@ -32,7 +32,7 @@ RES_MARK = {"low": "†", "high": "‡", "input": ""}
 Scores = Dict[str, Dict[str, np.ndarray]]  # method -> metric -> per-image scores
 
 
-def _metric_scores(name, model, cached, x, y, a, s, method, settings: M.MetricSettings):
+def _metric_scores(name, model, fid_metric, x, y, a, s, method, settings: M.MetricSettings):
     try:
         if name == "Pointing":
             return M.pointing_game(model, x, y, a, s, tolerance=settings.tolerance(x.shape[-1]))
@@ -41,7 +41,7 @@ def _metric_scores(name, model, cached, x, y, a, s, method, settings: M.MetricSe
         if name == "Sparseness":
             return M.sparseness(model, x, y, a)
         if name == "Fidelity":
-            return M.fidelity(cached, x, y, a, settings)
+            return M.fidelity(model, x, y, a, settings, metric=fid_metric)
         if name == "Stability":
             def explain(mdl, xx, tt):
                 return M.prepare(method(model, xx, tt), xx.shape[-2:])
@@ -86,14 +86,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks
         x = D.normalize(images[sl], mean, std)
         y = labels[sl].long()
         s = masks[sl].bool()
-        cached = M.CachedForward(model).eval()
         bsettings = dataclasses.replace(settings, seed=settings.seed + bi)
+        fid_metric = M.fidelity_metric(bsettings)  # shares subsets and forward passes across methods
         for method in methods:
             bar.set_postfix(method=method.name)
             t0 = time.perf_counter()
             a = M.prepare(method(model, x, y), x.shape[-2:])
             for k in metrics:
-                out[method.name][k].append(_metric_scores(k, model, cached, x, y, a, s, method, bsettings))
+                out[method.name][k].append(_metric_scores(k, model, fid_metric, x, y, a, s, method, bsettings))
             times[method.name] += time.perf_counter() - t0
             bar.update(1)
     bar.close()

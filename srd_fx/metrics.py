@@ -20,8 +20,9 @@ Stability (↓)      ``LocalLipschitzEstimate``               Gaussian noise sig
 =================  =======================================  ==========================================
 
 The normalisation is done by :func:`prepare`, per map; Quantus' own (``normalise_by_max``, over the
-whole batch by default, and 0/0 for an all-zero map) is switched off.  Quantus draws its random subsets and noise from NumPy's global generator: the functions
-here seed it (``seed``), so every method is scored on the same pixel subsets and noise draws.
+whole batch by default, and 0/0 for an all-zero map) is switched off.  Quantus draws its random
+subsets and noise from NumPy's global generator: the functions here seed it (``seed``), so every
+method is scored on the same feature subsets and noise draws.
 """
 from __future__ import annotations
 
@@ -29,12 +30,11 @@ import contextlib
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 #: metric name -> True when higher is better
@@ -49,8 +49,8 @@ class MetricSettings:
 
     pointing_tolerance: pixels the mask is dilated by for the Pointing Game (None: 15 px at 224 px,
     scaled to the input); fidelity_runs / fidelity_subset: Bhatt et al.'s number of random subsets
-    and pixels per subset; fidelity_baseline: the value the chosen pixels are set to (in model input
-    space); stability_samples / stability_sigma: noise draws and their standard deviation; seed:
+    and of input features per subset; fidelity_baseline: the value the chosen features are set to
+    (in model input space); stability_samples / stability_sigma: noise draws and their standard deviation; seed:
     NumPy seed for Quantus' random draws."""
     pointing_tolerance: Optional[int] = None
     fidelity_runs: int = 100
@@ -170,45 +170,70 @@ def sparseness(model, x, y, a) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64)
 
 
-class CachedForward(nn.Module):
-    """Wraps a model and remembers its output for each exact input batch seen (keyed by a hash of
-    the input's bytes).  Fidelity's perturbed inputs depend only on the image and the seeded random
-    subsets, not on the method, so with this wrapper the forward passes are shared by every method
-    scored on the same batch: the results are identical, the work is done once."""
-
-    def __init__(self, model: nn.Module, max_entries: int = 512):
-        super().__init__()
-        self.model = model
-        self.max_entries = max_entries
-        self._memo: Dict[bytes, torch.Tensor] = {}
-        self.hits = self.misses = 0
-
-    def forward(self, x):
-        xc = x.detach().contiguous().cpu()
-        key = hashlib.blake2b(xc.numpy().tobytes(), digest_size=16).digest() + repr((tuple(xc.shape), xc.dtype)).encode()
-        hit = self._memo.get(key)
-        if hit is not None:
-            self.hits += 1
-            return hit.clone()
-        self.misses += 1
-        out = self.model(x)
-        if len(self._memo) >= self.max_entries:
-            self._memo.pop(next(iter(self._memo)))
-        self._memo[key] = out.detach().clone()
-        return out
-
-
-def fidelity(model, x, y, a, settings: MetricSettings = MetricSettings()) -> np.ndarray:
-    """Quantus ``FaithfulnessCorrelation`` (Bhatt et al.): Pearson correlation, over random pixel
-    subsets, between the summed attribution of the subset and the drop of the target logit when
-    the subset is set to ``settings.fidelity_baseline``."""
+def _shared_faithfulness_class():
     import quantus
+
+    class SharedFaithfulnessCorrelation(quantus.FaithfulnessCorrelation):
+        """Quantus' ``FaithfulnessCorrelation`` whose random subsets and logit drops are computed once
+        per input batch and reused for every further map of the same batch.
+
+        The first call runs Quantus' own loop (the same random draws in the same order, the same
+        perturbation function and model calls) and keeps the subsets and the logit drops; later
+        calls on the same inputs only sum each map over the kept subsets and correlate.  The
+        scores are therefore exactly Quantus' (a test checks this), while the 100 forward passes and
+        the subset sampling are paid once per batch instead of once per method."""
+
+        _shared = None
+
+        def evaluate_batch(self, model, x_batch, y_batch, a_batch, **kwargs):
+            if x_batch.shape != a_batch.shape:
+                a_batch = np.broadcast_to(a_batch, x_batch.shape)
+            batch_size = a_batch.shape[0]
+            a_batch = a_batch.reshape(batch_size, -1)
+            n_features = a_batch.shape[-1]
+            key = (hashlib.blake2b(np.ascontiguousarray(x_batch).tobytes(), digest_size=16).digest(),
+                   np.asarray(y_batch).tobytes(), self.nr_runs, self.subset_size)
+            if self._shared is None or self._shared[0] != key:
+                rows = np.arange(batch_size)
+                x_input = model.shape_input(x_batch, x_batch.shape, channel_first=True, batched=True)
+                y_pred = model.predict(x_input)[rows, y_batch]
+                subsets, deltas = [], []
+                for _ in range(self.nr_runs):
+                    a_ix = np.stack([np.random.choice(n_features, self.subset_size, replace=False)
+                                     for _ in range(batch_size)], axis=0)
+                    x_perturbed = self.perturb_func(arr=x_batch.reshape(batch_size, -1), indices=a_ix)
+                    x_input = model.shape_input(x_perturbed.reshape(*x_batch.shape), x_batch.shape,
+                                                channel_first=True, batched=True)
+                    deltas.append(y_pred - model.predict(x_input)[rows, y_batch])
+                    subsets.append(a_ix)
+                self._shared = (key, subsets, np.stack(deltas, axis=1))
+            _, subsets, pred_deltas = self._shared
+            att_sums = np.stack([a_batch[np.arange(batch_size)[:, None], a_ix].sum(axis=-1) for a_ix in subsets],
+                                axis=1)
+            return self.similarity_func(a=att_sums, b=pred_deltas, batched=True).tolist()
+
+    return SharedFaithfulnessCorrelation
+
+
+def fidelity_metric(settings: MetricSettings = MetricSettings(), shared: bool = True):
+    """The Fidelity metric object: Quantus' ``FaithfulnessCorrelation`` with the paper's settings
+    (``shared=True``: the subclass that reuses one batch's subsets and logit drops across maps)."""
+    import quantus
+    cls = _shared_faithfulness_class() if shared else quantus.FaithfulnessCorrelation
+    return _make(cls, nr_runs=settings.fidelity_runs, subset_size=settings.fidelity_subset,
+                 perturb_baseline=float(settings.fidelity_baseline), abs=False, normalise=False,
+                 return_aggregate=False, disable_warnings=True)
+
+
+def fidelity(model, x, y, a, settings: MetricSettings = MetricSettings(), metric=None) -> np.ndarray:
+    """Quantus ``FaithfulnessCorrelation`` (Bhatt et al.): Pearson correlation, over random subsets
+    of input features, between the summed attribution of the subset and the drop of the target
+    logit when the subset is set to ``settings.fidelity_baseline``.  Pass the same ``metric``
+    (from :func:`fidelity_metric`) for every map of one batch to share the forward passes."""
     x, y, a = _np(x), _np(y), _np(a)
     _check(x, a)
-    metric = _make(quantus.FaithfulnessCorrelation, 
-        nr_runs=settings.fidelity_runs, subset_size=settings.fidelity_subset,
-        perturb_baseline=float(settings.fidelity_baseline), abs=False, normalise=False,
-        return_aggregate=False, disable_warnings=True)
+    if metric is None:
+        metric = fidelity_metric(settings)
     np.random.seed(settings.seed)
     with _quiet():
         scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a[:, None].copy(), device="cpu",

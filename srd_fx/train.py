@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as D
-from .models import ACTIVATIONS, ARCHS, _act, build
+from .models import ARCHS, _act, build
 
 #: bump when the training recipe changes, so old cache entries are not reused
 RECIPE_VERSION = 1

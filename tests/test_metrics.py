@@ -142,18 +142,37 @@ def test_fidelity_of_exact_contributions_is_one(model):
     assert np.all(np.abs(rand) < 0.6)
 
 
-def test_fidelity_is_reproducible_and_cached_forward_is_exact(model):
+class Counting(nn.Module):
+    """The real model, counting the images it is run on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.model(x)
+
+
+def test_shared_fidelity_equals_quantus_and_runs_the_model_once_per_batch(model):
+    import quantus
     x, y, _ = _batch()
-    a = torch.rand(4, H, H)
+    maps = [torch.rand(4, H, H) for _ in range(3)]
     st = M.MetricSettings(fidelity_runs=10, seed=3)
-    cached = M.CachedForward(model).eval()
-    first = M.fidelity(cached, x, y, a, st)
-    assert cached.misses == 11 and cached.hits == 0          # the clean input + 10 perturbed inputs
-    # another map on the same batch reuses every forward pass and matches the uncached model
-    other = torch.rand(4, H, H)
-    assert np.allclose(M.fidelity(cached, x, y, other, st), M.fidelity(model, x, y, other, st))
-    assert cached.hits == 11
-    assert np.array_equal(first, M.fidelity(model, x, y, a, st))
+    counting = Counting(model).eval()
+    shared = M.fidelity_metric(st)
+    got = [M.fidelity(counting, x, y, a, st, metric=shared) for a in maps]
+    assert counting.images == 4 * (1 + 10)          # the clean batch + 10 perturbed batches, once
+    for a, g in zip(maps, got):
+        plain = M.fidelity(model, x, y, a, st, metric=M.fidelity_metric(st, shared=False))
+        assert isinstance(M.fidelity_metric(st, shared=False), quantus.FaithfulnessCorrelation)
+        assert np.array_equal(g, plain)
+    # another seed draws other subsets: different scores
+    assert not np.array_equal(M.fidelity(model, x, y, maps[0], M.MetricSettings(fidelity_runs=10, seed=4)), got[0])
+    # a new batch is not confused with the kept one
+    x2 = x.flip(0)
+    assert np.array_equal(M.fidelity(model, x2, y, maps[0], st, metric=shared),
+                          M.fidelity(model, x2, y, maps[0], st, metric=M.fidelity_metric(st, shared=False)))
 
 
 # ----------------------------------------------------------------------------- stability -----------
