@@ -151,41 +151,34 @@ def run(args) -> int:
     return 0
 
 
-def _metrics(metrics, model, ex, ds, args):
-    """Fidelity and Sparseness (Quantus, via srd_fx.metrics) of each variant on the first ``--n`` test
-    scenes, explaining the labelled class; maps prepared as everywhere (resize, / max, clamp)."""
-    import numpy as np
-    import torch
+def variant_method(model, variant):
+    """The variant as a :class:`srd_fx.baselines.Method` (``method(model, x, target) -> (B, H, W)``),
+    compiled once per input shape, so that the evaluation harness scores it like any baseline."""
+    import srd_fx
+    from srd_fx.baselines import Method
+    compiled = {}
 
-    from srd_fx import data as D
-    images, labels, _ = ds.tensors(args.n)
-    x = D.normalize(images)
-    settings = metrics.MetricSettings(seed=args.seed)
-    cached = metrics.CachedForward(model).eval()   # Fidelity's perturbed inputs are shared by the variants
-    scores = {v: {"Fidelity": [], "Sparseness": []} for v in ex}
-    batches = range(0, len(x), args.batch_size)
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="ablation metrics", leave=False)
-    for i in batches:
-        xb, yb = x[i:i + args.batch_size], labels[i:i + args.batch_size]
-        for v, e in ex.items():
-            with torch.no_grad():
-                a = metrics.prepare(e(xb, yb).saliency, xb.shape[-2:])
-            scores[v]["Fidelity"].append(metrics.fidelity(cached, xb, yb, a, settings))
-            scores[v]["Sparseness"].append(metrics.sparseness(model, xb, yb, a))
-    out = {}
-    for v, per in scores.items():
-        out[v] = {}
-        for k, parts in per.items():
-            vals = np.concatenate(parts)
-            if not np.isfinite(vals).all():
-                print(f"warning: {v} {k}: {int((~np.isfinite(vals)).sum())} non-finite scores dropped",
-                      file=sys.stderr)
-            vals = vals[np.isfinite(vals)]
-            out[v][k] = {"mean": float(vals.mean()), "sem": float(vals.std(ddof=1) / np.sqrt(len(vals))),
-                         "n": int(len(vals))}
-    return out
+    def fn(m, x, t):
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key not in compiled:
+            compiled[key] = srd_fx.compile(m, example_input=x[:1], **VARIANTS[variant][1])
+        return compiled[key](x, target=t).saliency
+
+    return Method(VARIANTS[variant][0], fn, "input", "srd_fx")
+
+
+def _metrics(metrics, model, ex, ds, args):
+    """Fidelity and Sparseness of each variant on the first ``--n`` test scenes, through the evaluation
+    harness (``srd_fx.evaluation.evaluate``: labelled class as target, maps prepared by
+    ``srd_fx.metrics.prepare``, Quantus metrics, one seed per batch shared by the variants)."""
+    from srd_fx import evaluation as E
+    images, labels, masks = ds.tensors(args.n)
+    methods = [variant_method(model, v) for v in ex]
+    scores = E.evaluate(model, images, labels, masks, methods=methods, metrics=("Fidelity", "Sparseness"),
+                        settings=metrics.MetricSettings(seed=args.seed), batch_size=args.batch_size,
+                        progress=not args.no_progress)
+    summary = E.summarise(scores)
+    return {v: summary[VARIANTS[v][0]] for v in ex}
 
 
 def _write_table(results, args):
@@ -209,8 +202,8 @@ def _write_table(results, args):
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"Mean ± standard error over the first {args.n} digit-scene test images (size {args.size}), "
                   f"explaining the labelled class; Quantus FaithfulnessCorrelation (Fidelity) and "
-                  f"Sparseness via srd_fx.metrics, seed {args.seed}. Images whose score is not finite "
-                  f"(e.g. an all-zero map has no correlation) are left out of the mean: n counts the rest."]
+                  f"Sparseness via srd_fx.evaluation / srd_fx.metrics, seed {args.seed}. Images whose score is not "
+                  f"finite (Quantus cannot score an all-zero map) are left out of the mean: n counts the rest."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text)
