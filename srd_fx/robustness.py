@@ -365,7 +365,7 @@ class IntegratedGradients(_GradientFamily):
     """Zero baseline, captum's Gauss-Legendre rule with ``n_steps`` points."""
 
     name, label = "integrated_gradients", "Integrated Gradients"
-    n_steps = 16
+    n_steps = 8
 
     def _ig(self, net, x, target, create_graph):
         from captum.attr._utils.approximation_methods import approximation_parameters
@@ -481,7 +481,7 @@ PAPER_METHODS = ("gradient", "input_x_gradient", "guided_backprop", "integrated_
 
 
 def make_method(name: str, model: nn.Module, example: torch.Tensor, beta: Optional[float] = 10.0,
-                ig_steps: int = 16) -> Method:
+                ig_steps: int = 8) -> Method:
     """Build the method ``name`` (one of ``METHODS``) for ``model``.  ``beta``: softplus
     sharpness of the attacked copy (None: attack the original network)."""
     if name not in METHODS:
@@ -563,9 +563,9 @@ def _check_inputs(x_org, x_target, lo, hi):
 
 
 def manipulate(model: nn.Module, method, x_org: torch.Tensor, x_target: torch.Tensor, *,
-               lambda1: float = 1e11, lambda2: float = 1e6, lr: float = 1e-3, max_steps: int = 300,
+               lambda1: float = 1e11, lambda2: float = 1e6, lr: float = 1e-3, max_steps: int = 200,
                eps: float = 8 / 255, stop_mse: float = 1e-3, beta: Optional[float] = 10.0,
-               clamp: Tuple[float, float] = (0.0, 1.0), ig_steps: int = 16,
+               clamp: Tuple[float, float] = (0.0, 1.0), ig_steps: int = 8,
                step_callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> AttackResult:
     """Manipulate the explanation ``method`` of ``model`` at ``x_org`` towards that of
     ``x_target`` (SPEC.md §6).  Every pair in the batch is attacked independently.

@@ -299,7 +299,7 @@ def test_run_experiment_writes_table_and_figures(tmp_path):
     from srd_fx.commands import attack as A
     from srd_fx.cli import build_parser
     args = build_parser().parse_args(["attack", "--pairs", "3"])
-    assert args.pairs == 3 and args.max_steps == 100 and args.beta == 10.0
+    assert args.pairs == 3 and args.max_steps == 200 and args.beta == 10.0
     m = tiny()
     imgs = images(6, 12, seed=2)
     labels = torch.arange(6) % 4

@@ -99,12 +99,11 @@ def draw_maps(panels, path):
             if r == 0:
                 axes[r, c].set_title(VARIANTS[v][0].replace(" (", "\n("), fontsize=8)
         if r == 0:
-            axes[r, 0].set_title("image", fontsize=8)
+            axes[r, 0].set_title("image\n(maps: predicted class)", fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.colorbar(im, ax=axes, shrink=0.6, label="relevance / max |relevance|")
-    fig.suptitle("Ablation (Appendix F): input relevance for the predicted class", fontsize=9)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -54,9 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--pairs", type=int, default=20, help="Number of random (original, target) image pairs "
                                                          "(the paper uses 100).")
     a.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=sorted(METHODS),
-                   help="Explanation methods to attack; srd_softplus attacks SRD through the softplus copy "
-                        "too (an extra check, not in the paper).")
-    a.add_argument("--max-steps", type=int, default=100, help="Maximum number of optimiser steps per pair.")
+                   help="Explanation methods to attack (default: the paper's six); two extra attacks are "
+                        "available as checks: lrp_zplus_relu attacks LRP z+ on the ReLU network itself and "
+                        "srd_softplus attacks SRD through the softplus copy.")
+    a.add_argument("--max-steps", type=int, default=200, help="Maximum number of optimiser steps per pair.")
     a.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the perturbation (in the "
                                                           "model's normalised input units).")
     a.add_argument("--lambda1", type=float, default=1e11, help="Weight of the explanation term.")
@@ -100,7 +101,7 @@ def _stats(vals: Sequence[float]) -> Dict[str, float]:
 
 
 def run_experiment(models: Dict[str, dict], images, labels, pairs: Sequence[Tuple[int, int]],
-                   methods: Sequence[str], out: str, *, mean, std, max_steps: int = 100, lr: float = 1e-3,
+                   methods: Sequence[str], out: str, *, mean, std, max_steps: int = 200, lr: float = 1e-3,
                    lambda1: float = 1e11, lambda2: float = 1e6, eps_pixels: float = 8 / 255,
                    stop_mse: float = 1e-3, beta: float = 10.0, ig_steps: int = 8, batch_size: int = 10,
                    examples: int = 1, progress: bool = True, device: str = "cpu", command: str = "",
