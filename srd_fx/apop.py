@@ -11,13 +11,13 @@ can
 * ``binarize`` one chosen activation layer: its output becomes ``(v > 0)`` in an otherwise
   normal forward pass ("particular layer binarisation", Fig. 6).
 
-    import srd_fx
-    a = srd_fx.apop(model.eval())
+    from srd_fx.apop import apop, binarize
+    a = apop(model.eval())
     logits = a.record(x)                           # == model(x); stores the pattern
     z = a.run(torch.zeros_like(x))                 # APOP on an empty image
     zr = a.run(torch.ones_like(x), mode="apop_relu")
     b = a.binarize(x, a.layers[0])                 # first activation layer binarised
-    f = srd_fx.apop_binarize(model, "layer1.0.relu")   # the same as a stand-alone callable
+    f = binarize(model, "layer1.0.relu")           # the same as a stand-alone nn.Module
 
 Layers are addressed like in :func:`srd_fx.compile`: by fx node name (``a.layers``, e.g.
 ``"layer1_0_relu_1"``) or by module name (a module called several times means its last call).
