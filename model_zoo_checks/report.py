@@ -139,8 +139,17 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
         w(f"- {s['stale']} record(s) come from an older version of the compiler (fingerprint differs) "
           "and are marked *stale* below; rerun to refresh them.")
     w(f"- Checks (float64): compile; logits relative error <= {LOGITS_TOL:g}; "
-      f"|sum R^input - sum R^L| <= {CONSERVATION_TOL:g} * sum|R^L| per sample; every map finite "
+      f"|sum R^input + lost - sum R^L| <= {CONSERVATION_TOL:g} * sum|R^L| per sample; every map finite "
       f"(`layers=\"all\"`); batch of 2 equals the samples alone (relative error <= {BATCH_TOL:g}).")
+    lost = [(n, records[n]["metrics"].get("lost_frac")) for n in names
+            if records.get(n, {}).get("status") == "pass" and (records[n].get("metrics") or {}).get("lost_frac")]
+    lost = sorted(((n, f) for n, f in lost if f and f > CONSERVATION_TOL), key=lambda t: -t[1])
+    w(f"- *lost* is the relevance SRD drops, per SPEC.md \"Conservation\", where a position's PFV norm "
+      "or its bias-share denominator D_j is zero (`out.lost`); the check verifies that it accounts for the "
+      f"whole imbalance. Passing models with lost > {CONSERVATION_TOL:g} * sum|R^L|: {len(lost)}"
+      + (f" (largest: {', '.join(f'{n} {100 * f:.2f}%' for n, f in lost[:5])}) — ReLU layers of "
+         "few channels followed by 1x1 convolutions, where every channel of a position can be zero."
+         if lost else "."))
     if s["compile_s_median"] is not None:
         w(f"- Compile time (`srd_fx.compile(model, layers=\"all\", example_input=x)`, wall clock): median "
           f"{s['compile_s_median']:.2f} s, 90th percentile {s['compile_s_p90']:.2f} s, max {s['compile_s_max']:.2f} s.")

@@ -91,7 +91,9 @@ def code_fingerprint(opts: Options) -> str:
     """Hash of the compiler's source, the library versions and the result-changing options:
     a cached record is reused only when it matches."""
     h = hashlib.sha256()
-    files = sorted((REPO / "srd_fx").glob("*.py")) + sorted((REPO / "rules").glob("*.py")) + [Path(__file__)]
+    # the compiler pipeline and the rules (not the evaluation/CLI modules, which cannot change a record)
+    core = ("compiler", "trace", "analysis", "twin", "ops", "heads", "errors")
+    files = [REPO / "srd_fx" / f"{c}.py" for c in core] + sorted((REPO / "rules").glob("*.py")) + [Path(__file__)]
     for f in files:
         try:
             h.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -368,11 +370,16 @@ def _check_model(name: str, opts: Options) -> Dict:
                 m["conservation_head"] = "ones (Grad-CAM head is zero on this random network)"
             except Exception as e:
                 fails.append(("exception", f"head='ones' rerun: {type(e).__name__}: {str(e)[:200]}"))
-        s_in = cons_out.saliency.flatten(1).sum(1)
+        # SPEC.md "Conservation": relevance is lost exactly where ||v_j|| or D_j is zero; the
+        # explainer reports it per sample (out.lost), so the balance checked is R^input + lost = R^L.
+        s_in = cons_out.saliency.flatten(1).sum(1) + cons_out.lost.reshape(-1).to(cons_out.saliency.dtype)
         s_L = cons_out.R_L.flatten(1).sum(1)
         a_L = cons_out.R_L.flatten(1).abs().sum(1)
         m["sum_R_L"] = [float(v) for v in s_L]
-        m["sum_R_input"] = [float(v) for v in s_in]
+        m["sum_R_input"] = [float(v) for v in cons_out.saliency.flatten(1).sum(1)]
+        m["lost"] = [float(v) for v in cons_out.lost.reshape(-1)]
+        m["lost_frac"] = max((float(l.abs()) / float(al) for l, al in zip(cons_out.lost.reshape(-1), a_L)
+                              if float(al) > 0), default=None)
         cons = [(float((si - sl).abs()) / float(al)) if float(al) > 0 else float("nan")
                 for si, sl, al in zip(s_in, s_L, a_L)]
         m["conservation_rel_err"] = max((c for c in cons if not math.isnan(c)), default=None)
@@ -382,7 +389,7 @@ def _check_model(name: str, opts: Options) -> Dict:
         bad_c = [i for i, (si, sl, al) in enumerate(zip(s_in, s_L, a_L))
                  if not float((si - sl).abs()) <= CONSERVATION_TOL * float(al)]
         if bad_c and not bad:
-            fails.append(("conservation", f"|sum R^input - sum R^L| / sum|R^L| = "
+            fails.append(("conservation", f"|sum R^input + lost - sum R^L| / sum|R^L| = "
                                           f"{m['conservation_rel_err']:.3g} > {CONSERVATION_TOL:g} (sample(s) {bad_c}"
                                           f"{', head=ones' if cons_out is not out else ''})"))
         b_err = 0.0

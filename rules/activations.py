@@ -41,6 +41,13 @@ for f in (torch.sigmoid, F.sigmoid, torch.sigmoid_, F.hardsigmoid):
 for f in (F.softmax, torch.softmax):
     register_rule(f, Activation(F.softmax, gate_capable=True, name="softmax"))
 
+# max(x, tau) with a learned or constant threshold tau (FRN's TLU): an element-wise nonlinearity
+# of x; the analysis refuses it when both operands depend on the input.
+for f in (torch.maximum, torch.fmax, torch.clamp_min):
+    register_rule(f, Activation(f, name=f.__name__))
+for meth in ("maximum", "fmax", "clamp_min"):
+    register_rule("method:" + meth, Activation(getattr(torch, meth), name=meth))
+
 for meth in ("relu", "relu_", "tanh", "tanh_"):
     register_rule("method:" + meth, Activation(getattr(torch, meth.rstrip("_")), name=meth))
 for meth in ("sigmoid", "sigmoid_"):

@@ -2,6 +2,7 @@
 the channel layout of every tensor, on a networkx view of the traced graph."""
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,6 +20,11 @@ from .trace import encoder_node
 # ops that only re-view a tensor: a gate stays a gate through them
 _VIEWS = {"view", "reshape", "expand", "expand_as", "contiguous", "flatten", "unsqueeze", "squeeze",
           "to", "type_as", "float"}
+_METADATA = (torch.dtype, torch.device, torch.Size, int, float, bool, str, type(None))
+_RESAMPLES = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
+_REDUCTIONS = {"var", "std", "mean", "sum", "norm", "amax", "amin", "vector_norm", "var_mean", "std_mean"}
+_STAT_UNARY = {"sqrt", "rsqrt", "add", "sub", "mul", "truediv", "div", "pow", "clamp", "clamp_min",
+               "square", "abs", "reciprocal", "iadd", "imul", "getitem"}
 
 
 def how_to_register(node: fx.Node, modules) -> str:
@@ -99,9 +105,13 @@ class GraphInfo:
         return self.modules[node.target]
 
     def _depends_on_input(self):
+        """Which nodes' values depend on the input.  Metadata of the input (``x.dtype``,
+        ``x.shape``, ``x.size(2)``) does not carry input values: ``tau.to(x.dtype)`` is a constant."""
         dep = {}
         for n in self.nodes:
-            dep[n] = n.op == "placeholder" or any(dep.get(i, False) for i in n.all_input_nodes)
+            dep[n] = n.op == "placeholder" or any(dep.get(i, False) and n.meta.get("type") not in _METADATA
+                                                  and i.meta.get("type") not in _METADATA
+                                                  for i in n.all_input_nodes)
         return dep
 
     def _split_source(self, node):
@@ -143,8 +153,33 @@ class GraphInfo:
         return n
 
     def _gate_capable(self, n) -> bool:
-        r = self.rule.get(self._producer(n))
+        p = self._producer(n)
+        while isinstance(p, fx.Node) and p.op == "call_function" and \
+                getattr(p.target, "__name__", "") in _RESAMPLES and p.args:
+            p = self._producer(p.args[0])   # an upsampled gate (GhostNetV2's attention) is a gate
+        r = self.rule.get(p)
         return isinstance(r, R.Activation) and r.gate_capable
+
+    def _statistic(self, n) -> bool:
+        """``n`` is a normalisation statistic broadcast back to full shape (EvoNorm's
+        ``group_std(x).expand(...).reshape(B, C, H, W)``): a reduction of an input-dependent
+        tensor (var/std/mean/sum/norm with fewer elements than its input) followed only by views
+        and element-wise ops with constants (sqrt, rsqrt, + eps, ...)."""
+        seen = 0
+        while isinstance(n, fx.Node) and seen < 32:
+            seen += 1
+            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+            if n.op not in ("call_method", "call_function"):
+                return False
+            if name in _REDUCTIONS:
+                src = n.args[0] if n.args else None
+                return self.is_tensor(n) and self.is_tensor(src) and \
+                    math.prod(self.shape(n)) < math.prod(self.shape(src))
+            dep = [a for a in n.all_input_nodes if self.dep.get(a)]
+            if len(dep) != 1 or not (name in _VIEWS or name in _STAT_UNARY):
+                return False
+            n = dep[0]
+        return False
 
     def _reduced(self, a, c) -> bool:
         """``a`` broadcasts onto ``c`` with fewer elements (a squeeze branch, a spatial attention
@@ -171,10 +206,10 @@ class GraphInfo:
                 continue
             a, c = ops_[0], ops_[1]
             if getattr(r, "divisor_only", False):
-                if self._reduced(c, a) or self._gate_capable(c):
+                if self._reduced(c, a) or self._gate_capable(c) or self._statistic(c):
                     self.gates[n] = c
                 continue
-            ra, rc = self._reduced(a, c), self._reduced(c, a)
+            ra, rc = self._reduced(a, c) or self._statistic(a), self._reduced(c, a) or self._statistic(c)
             if ra != rc:
                 self.gates[n] = a if ra else c
                 continue
@@ -265,6 +300,10 @@ class GraphInfo:
             ins = self.main_inputs(a)
             if not ins:
                 continue
+            if len(ins) > 1:
+                self.unsupported(a, f"an element-wise nonlinearity of {len(ins)} input-dependent tensors "
+                                    f"({', '.join(i.name for i in ins)}) is not an activation layer of one "
+                                    "pre-activation; register a rule for it")
             layers.append(Layer(name=a.name, node=a, pre=ins[0]))
         if self.L not in act_set:
             layers.append(Layer(name=self.L.name, node=self.L, pre=self.L, virtual=True))

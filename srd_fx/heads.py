@@ -70,10 +70,29 @@ def _extract_head(info) -> fx.GraphModule:
 
 
 def _const(g, env, a):
+    """Copy a node the head uses that is not downstream of L: a parameter, or an input-independent
+    expression of parameters (e.g. RmsNorm's ``weight.reshape(...)``), copied with its arguments."""
     if a.op == "get_attr":
         env[a] = g.get_attr(a.target)
         return env[a]
-    raise KeyError(a.name)
+    if a.op in ("call_function", "call_method", "call_module") and not _depends_on_input(a):
+        env[a] = g.node_copy(a, lambda b: env[b] if b in env else _const(g, env, b))
+        return env[a]
+    raise KeyError(f"the head (the part of the model after the encoder output L) uses node {a.name!r}, "
+                   "which is computed from the input before L; pass encoder_output= a later node")
+
+
+def _depends_on_input(n) -> bool:
+    seen, todo = set(), [n]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op == "placeholder":
+            return True
+        todo.extend(m.all_input_nodes)
+    return False
 
 
 def _spatial(A, caxes):
