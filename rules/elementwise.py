@@ -119,6 +119,11 @@ for cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, n
     register_rule(cls, _identity)
 for t in (F.dropout, F.dropout2d, "method:contiguous", "method:clone", torch.clone):
     register_rule(t, _identity)
+try:  # torchvision's stochastic depth (fx-wrapped): the identity outside training mode
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+    register_rule(_stochastic_depth, _identity)
+except ImportError:  # pragma: no cover - torchvision is optional for the compiler
+    pass
 for t in ("method:float", "method:double", "method:half", "method:to", "method:type_as",
           "method:bfloat16"):
     register_rule(t, Affine())

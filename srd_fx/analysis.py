@@ -216,6 +216,12 @@ class GraphInfo:
             ga, gc = self._gate_capable(a), self._gate_capable(c)
             if ga != gc:
                 self.gates[n] = a if ga else c
+            elif ga and gc:
+                # both are sigmoid-like outputs of the same shape (a one-channel sigmoid
+                # activation times a CBAM spatial gate): the one computed from the other is the gate
+                a_to_c, c_to_a = nx.has_path(self.nx, a, c), nx.has_path(self.nx, c, a)
+                if a_to_c != c_to_a:
+                    self.gates[n] = c if a_to_c else a
             # otherwise: no identifiable gate; refused if the node is on the main path
 
     # ------------------------------------------------------------------ L ------------------

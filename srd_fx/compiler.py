@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from .analysis import GraphInfo
-from .errors import InputError, NonFiniteError, TrainingModeError
-from .trace import check_eval, shape_prop, trace
+from .errors import InputError, NonFiniteError, TrainingModeError, UnsupportedOpError
+from .trace import TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
 from .twin import build_twin
 
 Head = Union[str, Callable]
@@ -74,7 +74,7 @@ class Explainer(nn.Module):
         self.info: Optional[GraphInfo] = None
         try:
             self.traced = trace(model)
-        except Exception:
+        except TraceError:
             ex = example_input if example_input is not None else _default_example(model)
             if ex is None:  # may trace once the input size is known (shape-dependent branches)
                 self.traced = None
@@ -93,16 +93,20 @@ class Explainer(nn.Module):
     def build(self, example: torch.Tensor) -> "Explainer":
         """Analyse the traced graph with the shapes of ``example`` and generate the twin."""
         ex = example[:1].detach()
-        if self.traced is None or (self.traced.meta.get("srd_specialised") not in (None, tuple(example.shape))):
+        if not specialised_for(self.traced, example.shape):
             self.traced = trace(self.model, example.detach())  # shape-specialised trace for this input
         if self.traced.meta.get("srd_specialised") is not None:
             ex = example.detach()
         try:
-            shape_prop(self.traced, ex)
+            traced_out = shape_prop(self.traced, ex)
         except Exception as e:
             raise InputError(f"the model fails on an input of shape {tuple(example.shape)} "
                              f"({type(e).__name__}: {str(e).splitlines()[-1][:300]}); check the input size, "
                              "dtype and device") from e
+        if self.options["check"]:
+            check_trace_matches(self.model, ex, traced_out)
+        if self.output_selector is None:
+            _check_single_output(self.traced)
         self.info = GraphInfo(self.traced, self.options["encoder_output"], self.output_selector)
         self.__dict__.pop("_seeded_cache", None)
         o = self.options
@@ -121,7 +125,7 @@ class Explainer(nn.Module):
         if node not in cache:
             o = self.options
             gm, _ = build_twin(self.info, _root_of(self.model), layers="all", eps=o["eps"],
-                               value=o["value"], check=False, seed=node)
+                               value=o["value"], unit=o["unit"], check=False, seed=node)
             cache[node] = gm
         return node, cache[node]
 
@@ -135,12 +139,15 @@ class Explainer(nn.Module):
             self.build(x)
         node, gm = self._seeded(layer)
         shape = list(self.info.shape(node))
-        for a in self.info.caxes(node):
-            shape[a] = 1
+        per_neuron = self.options["unit"] == "neuron"   # unit="neuron": one relevance per neuron
+        if not per_neuron:
+            for a in self.info.caxes(node):
+                shape[a] = 1
         shape[0] = x.shape[0]
         if R.numel() != _prod(shape):
-            raise InputError(f"relevance for layer {layer!r} must have {tuple(s for i, s in enumerate(shape) if i not in self.info.caxes(node))} "
-                             f"per sample, got {tuple(R.shape)}")
+            raise InputError(f"relevance for layer {layer!r} must have "
+                             f"{tuple(s for i, s in enumerate(shape) if i != 0 and (per_neuron or i not in self.info.caxes(node)))} "
+                             f"{'neuron values' if per_neuron else 'values'} per sample, got {tuple(R.shape)}")
         out = gm(x, R.reshape(shape))
         return out["saliency"] if read is None else self._read(out, read)
 
@@ -158,6 +165,9 @@ class Explainer(nn.Module):
         layer's spatial dims; default: all positions), as backward passes seeded one-hot, batched
         over positions: returns (B, P, H, W).  Each ERF sums to 1 where norms are non-degenerate.
         With ``read`` (layer names): a dict layer -> (B, P, h, w) of what reaches those layers."""
+        if self.options["unit"] == "neuron":
+            raise InputError("erf() seeds one PFV (SPEC §3) and is defined for unit='pfv'; with "
+                             "unit='neuron' seed the neurons you want with propagate(x, layer, R)")
         if self.graph_module is None:
             self.build(x)
         node, gm = self._seeded(layer)
@@ -209,9 +219,8 @@ class Explainer(nn.Module):
             if isinstance(x, torch.Tensor) and self.graph_module is not None and x.dim() != len(self.info.shape(self.info.input)):
                 raise InputError(f"expected an input of rank {len(self.info.shape(self.info.input))}, got "
                                  f"shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
-        spec = self.traced.meta.get("srd_specialised") if self.traced is not None else None
-        if self.graph_module is not None and spec is not None and isinstance(x, torch.Tensor) \
-                and tuple(x.shape[1:]) != spec:
+        if self.graph_module is not None and isinstance(x, torch.Tensor) \
+                and not specialised_for(self.traced, x.shape):
             self.graph_module = None  # the trace depends on the input size: rebuild for this one
         if self.graph_module is None:
             if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -235,6 +244,17 @@ class Explainer(nn.Module):
         else:
             out = self.graph_module(x, target)
         return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"], out["lost"])
+
+
+def _check_single_output(gm) -> None:
+    """A model returning a tuple/dict needs ``output_selector`` (said before the analysis looks
+    for the encoder output, which the other outputs could confuse)."""
+    from torch.fx.passes.shape_prop import TensorMetadata
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if not (isinstance(out, torch.fx.Node) and isinstance(out.meta.get("tensor_meta"), TensorMetadata)):
+        raise UnsupportedOpError(
+            "the model returns a tuple/dict, not a logits tensor (B, classes): pass "
+            "output_selector= (e.g. output_selector='logits', 0, or a callable) to srd_fx.compile.")
 
 
 def _non_finite(named):

@@ -110,76 +110,18 @@ def build(arch: str, act: str = "relu", num_classes: int = 10, size: int = 64) -
 
 
 # ----------------------------------------------------------------------------- real models --------
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"weights file {path!r} does not exist") from None
-    except Exception as e:  # a pickled module or a format torch cannot read safely
-        raise ValueError(f"could not read weights from {path!r} ({e}); save them with "
-                         f"torch.save(model.state_dict(), path)") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-        obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-        return obj
-    raise ValueError(f"{path!r} does not hold a state dict (got {type(obj).__name__})")
-
-
 def load_model(name: str, *, weights: Optional[str] = None, pretrained: bool = False,
                num_classes: Optional[int] = None) -> nn.Module:
-    """A torchvision or timm model by name, in eval mode.
-
-    ``name`` is "torchvision:<name>", "timm:<name>" or a bare name (torchvision first, then timm).
-    ``weights`` is a state-dict file; ``pretrained`` asks the library for its pretrained weights
-    (needs network access or a filled cache).  ``num_classes`` sets the classifier size (default: the
-    library's, or the row count of the last 2-D weight in the ``weights`` file)."""
-    if weights and pretrained:
-        raise ValueError("give either weights=FILE or pretrained=True, not both")
-    lib, _, arch = name.partition(":")
-    if not arch:
-        lib, arch = "", name
-    if lib not in ("", "torchvision", "timm"):
-        raise ValueError(f"unknown model library {lib!r} in {name!r}; use torchvision:<name> or timm:<name>")
-    sd = _read_state_dict(weights) if weights else None
-    if sd is not None and num_classes is None:
-        # the classifier is the last 2-D weight in the state dict; its rows are the classes
-        last = [v for k, v in sd.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
+    """:func:`srd_fx.io.load_model` (torchvision/timm names, factories, ``weights``/``pretrained``),
+    with ``num_classes`` defaulting to the row count of the last 2-D weight of the ``weights`` file,
+    so that a checkpoint of a model fine-tuned on another label set loads without saying so."""
+    from .io import load_model as _load, read_state_dict
+    if weights and num_classes is None:
+        last = [v for k, v in read_state_dict(weights).items()
+                if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
         if last:
             num_classes = int(last[-1].shape[0])
-    kw = {} if num_classes is None else {"num_classes": num_classes}
-    model = None
-    if lib in ("", "torchvision"):
-        import torchvision
-        if arch in torchvision.models.list_models():
-            try:
-                model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **kw)
-            except Exception as e:
-                if pretrained:
-                    raise RuntimeError(f"could not get torchvision's pretrained weights for {arch!r} ({e}); "
-                                       f"download them elsewhere and pass --weights FILE") from None
-                raise
-        elif lib == "torchvision":
-            raise ValueError(f"torchvision has no model {arch!r}")
-    if model is None:
-        import timm
-        if not timm.is_model(arch):
-            raise ValueError(f"no torchvision or timm model called {arch!r}")
-        try:
-            model = timm.create_model(arch, pretrained=pretrained, **kw)
-        except Exception as e:
-            if pretrained:
-                raise RuntimeError(f"could not get timm's pretrained weights for {arch!r} ({e}); "
-                                   f"download them elsewhere and pass --weights FILE") from None
-            raise
-    if sd is not None:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights in {weights!r} do not fit {name!r}: missing {list(missing)[:5]}, "
-                             f"unexpected {list(unexpected)[:5]} (is num_classes right?)")
-    return model.eval()
+    return _load(name, weights=weights, pretrained=pretrained, num_classes=num_classes)
 
 
 def num_outputs(model: nn.Module, size: int = 64) -> int:

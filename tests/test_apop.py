@@ -105,7 +105,7 @@ def test_same_input_reproduces_logits_exactly(resnet, mode):
     torch.manual_seed(1)
     for model, shape in ((resnet, (2, 3, 16, 16)), (_VGGish().eval(), (2, 3, 32, 32))):
         x = torch.randn(shape)
-        a = apop(model)
+        a = srd_fx.apop(model)          # the package-level entry point (issue 6: `srd_fx.apop(model)`)
         with torch.no_grad():
             y = model(x)
             assert torch.equal(a.record(x), y)

@@ -150,3 +150,14 @@ def test_lost_relevance_accounts_for_the_whole_imbalance():
     e = srd_fx.compile(m, head="ones")
     out = _balanced(e, x)
     assert (out.lost > 1e-3).all(), out.lost   # the imbalance is real and fully reported
+
+
+def test_torchvision_stochastic_depth_is_the_identity_in_eval():
+    """torchvision's EfficientNet calls ``torchvision.ops.stochastic_depth`` (an fx-wrapped
+    function) in every residual block: the identity outside training."""
+    import torchvision
+    m = torchvision.models.efficientnet_b0(num_classes=5).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    e = srd_fx.compile(m, example_input=x[:1])
+    _balanced(e, x)
+    assert "stochastic_depth" in e.code

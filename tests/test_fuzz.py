@@ -176,25 +176,16 @@ def _timm_functional():
              "sigmoid", "hard_sigmoid")}
 
 
-# Core bugs found by this suite (tests/test_regressions.py holds their strict-xfail repros):
-# timm's *functional* activations are registered as rules but fx traces into them, so the rule
-# never applies (swish/quick_gelu silently become a gated linear map, hard_sigmoid a ReLU6 block
-# with a shifted bias; mish/hard_swish/hard_mish are refused).  They are kept out of the random
-# vocabulary, and xfail in the sweep, until the core wraps registered functions as fx leaves.
-KNOWN_CORE_BUGS = {
-    "timm.swish": "fx traces into timm's swish: x * sigmoid(x) becomes a gate, the layer vanishes",
-    "timm.quick_gelu": "fx traces into timm's quick_gelu: x * sigmoid(1.702 x) becomes a gate",
-    "timm.hard_sigmoid": "fx traces into timm's hard_sigmoid: relu6(x + 3) / 6 moves the layer",
-    "timm.mish": "fx traces into timm's mish: x * tanh(softplus(x)) is refused as a product",
-    "timm.hard_swish": "fx traces into timm's hard_swish: x * relu6(x + 3) / 6 is refused",
-    "timm.hard_mish": "fx traces into timm's hard_mish: 0.5 x (x + 2).clamp(0, 2) is refused",
-}
+# timm's *functional* activations (swish, quick_gelu, hard_sigmoid, mish, hard_swish, hard_mish)
+# were the first core bug this suite found: fx traced into them, so their rule never applied
+# (tests/test_regressions.py keeps the repro).  Since the tracer wraps them as leaves they are
+# drawn like every other activation.
 
 MODULE_ACTS = {**_module_acts(), **_timm_acts()}
 FUNCTIONAL_ACTS = {**_FUNCTIONAL, **_timm_functional()}
 # "F.relu" first: Hypothesis shrinks towards the first element.
 ACT_NAMES = ["F.relu"] + sorted(k for k in list(MODULE_ACTS) + list(FUNCTIONAL_ACTS) if k != "F.relu")
-DRAWN_ACTS = [k for k in ACT_NAMES if k not in KNOWN_CORE_BUGS]
+DRAWN_ACTS = list(ACT_NAMES)
 
 
 def make_act(key: str, c: int) -> nn.Module:
@@ -1135,9 +1126,7 @@ def test_random_networks_full(spec):
     check_network(spec)
 
 
-@pytest.mark.parametrize("key", [
-    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="needs core: " + KNOWN_CORE_BUGS[k]))
-    if k in KNOWN_CORE_BUGS else k for k in ACT_NAMES])
+@pytest.mark.parametrize("key", ACT_NAMES)
 def test_every_activation_form(key):
     """Every activation form the rules cover, once, in a residual+pool network (a targeted sweep,
     so that coverage of the vocabulary does not depend on what Hypothesis draws)."""

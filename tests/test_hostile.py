@@ -429,10 +429,9 @@ class _PerSampleLoop(nn.Module):
         return torch.cat([self.m(x[i:i + 1]) for i in range(x.shape[0])])
 
 
-@pytest.mark.xfail(strict=True, reason="needs core: the shape-specialised retrace (trace.py, "
-                   "MetaTracer fallback) is built from example[:1] and keyed on x.shape[1:], so a loop "
-                   "over the batch is unrolled once and a batch of 3 silently returns 1 row of logits")
 def test_loop_over_the_batch_is_not_baked_in():
+    """Was a core bug: the shape-specialised retrace unrolled the loop for one batch size. The
+    retrace is now repeated with another batch size and a graph that changes is refused."""
     m = _PerSampleLoop().eval()
     x = xin(3)
     try:
@@ -441,6 +440,21 @@ def test_loop_over_the_batch_is_not_baked_in():
         assert "batch" in str(e)
         return
     assert out.logits.shape == (3, 5) and torch.equal(out.logits, m(x))
+
+
+def test_size_specialised_trace_is_reused_across_batch_sizes():
+    """A trace specialised to the input *size* does not depend on the batch size: it is made
+    once and reused for batches of 1, 2 and 5 (it used to be redone on every call)."""
+    m = _ShapeBranch().eval()
+    e = srd_fx.compile(m)
+    e(xin(2, hw=(16, 16)))
+    traced = e.traced
+    assert traced.meta["srd_specialised"] == (3, 16, 16)
+    for b in (1, 5, 2):
+        x = xin(b, hw=(16, 16))
+        out = e(x)
+        assert e.traced is traced
+        assert torch.equal(out.logits, m(x)) and conservation(out) <= 1e-10
 
 
 class _ItemScale(nn.Module):
@@ -513,6 +527,8 @@ class _InPlace(nn.Module):
             return c["g"]
         if self.mode == "imul_gate_on_activation":
             b = N.Block("b", ["a"], lambda c, a_: m.c2(a_ * gate(c, a_)), [[N.window(3, 1, 1)]], F.relu)
+        elif self.mode == "bare_relu_":  # relu(c2(a)), a = relu(c1 x): no residual
+            b = N.Block("b", ["a"], lambda c, a_: m.c2(a_), [[N.window(3, 1, 1)]], F.relu)
         else:  # every other mode computes relu(c2(a) + a) with a = relu(c1 x)
             b = N.Block("b", ["a"], lambda c, a_: m.c2(a_) + a_, [[N.window(3, 1, 1), N.identity()]], F.relu)
         return N.Net([a, b], head=lambda A: m.fc(A.mean((2, 3))))
@@ -538,22 +554,91 @@ def test_inplace_ops_on_shared_tensors(mode):
     _check_inplace(mode)
 
 
-# The following are core bugs found by this suite (minimal repros; see tests/test_regressions.py
-# for the generated networks that found them).
-_NEEDS_CORE_INPLACE = {
-    "relu_inplace_shared": "F.relu(y, inplace=True) while y is read again: the twin computes the "
-                           "out-of-place relu, so y keeps its pre-activation value; logits differ "
-                           "from model(x) and nothing is raised",
-    "bare_relu_": "y.relu_() as a statement: fx drops the mutation's data flow; the activation layer "
-                  "disappears and the logits differ from model(x), silently",
-    "bare_add_": "v.add_(a) as a statement: the residual is not part of the block; logits differ",
+# Core bugs found by this suite, fixed since (srd_fx/trace.py, functionalise_inplace: the readers
+# of a tensor after an in-place op read the op's result, and the op becomes out-of-place):
+_FIXED_INPLACE = {
+    "relu_inplace_shared": "F.relu(y, inplace=True) while y is read again: the twin computed the "
+                           "out-of-place relu, so y kept its pre-activation value; logits differed "
+                           "from model(x) and nothing was raised",
+    "bare_relu_": "y.relu_() as a statement: fx dropped the mutation's data flow; the activation layer "
+                  "disappeared and the logits differed from model(x), silently",
+    "bare_add_": "v.add_(a) as a statement: the residual was not part of the block; logits differed",
 }
 
 
-@pytest.mark.parametrize("mode", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="needs core: " + r))
-                                  for k, r in _NEEDS_CORE_INPLACE.items()])
-def test_inplace_ops_on_shared_tensors_needing_core(mode):
-    _check_inplace(mode)
+@pytest.mark.parametrize("mode", list(_FIXED_INPLACE))
+def test_inplace_ops_on_shared_tensors_fixed(mode):
+    m = _InPlace(mode).double().eval()
+    out = agree(m, m.naive(), xin())           # the naive map of the function the model computes
+    with torch.no_grad():
+        assert torch.equal(out.logits, m(xin()))
+
+
+class _InPlaceMore(nn.Module):
+    """More in-place forms: the module form on a shared tensor, ``inplace`` given positionally,
+    the tensor reached through eval-mode identity/dropout (which return their input), and three that cannot be followed (a write through a slice, a write seen through an earlier
+    view, a second Python name for the mutated tensor)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(2)
+        self.mode = mode
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.ident, self.drop = nn.Identity(), nn.Dropout(0.3)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.mode == "module_inplace_shared":   # nn.ReLU(inplace=True)(y), y read again
+            z = self.act(y)
+            v = self.c2(z) + y
+        elif self.mode == "through_identity":      # the same tensor under two names, then relu_
+            sc = y
+            z = self.act(self.drop(self.ident(y)))
+            v = self.c2(z) + sc
+        elif self.mode == "positional_inplace":    # F.relu(y, True), y read again
+            z = F.relu(y, True)
+            v = self.c2(z) + y
+        elif self.mode == "write_through_slice":   # a[:, :2] scaled in place, a read afterwards
+            a = F.relu(y)
+            a[:, :2].mul_(0.5)
+            v = self.c2(a)
+        elif self.mode == "write_seen_by_view":    # b = a.view(...); a.add_(1); b read afterwards
+            a = F.relu(y)
+            b = a.view(a.shape)
+            a.add_(1.0)
+            v = self.c2(b)
+        else:                                      # "second_name": out = a; out += f(a); a read
+            a = F.relu(y)
+            out = a
+            out += self.c2(a)
+            v = out + a
+        return self.fc(F.relu(v).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["module_inplace_shared", "positional_inplace", "through_identity"])
+def test_more_inplace_forms_give_the_map_of_the_model(mode):
+    m = _InPlaceMore(mode).double().eval()
+    x = xin()
+    ref = _InPlace("relu_inplace_shared").double().eval()   # same weights, the same function
+    out = agree(m, ref.naive(), x)
+    with torch.no_grad():
+        assert torch.equal(out.logits, m(x))
+
+
+@pytest.mark.parametrize("mode,err,words", [
+    ("write_through_slice", srd_fx.UnsupportedOpError, "in place"),
+    ("write_seen_by_view", srd_fx.UnsupportedOpError, "in place"),
+    ("second_name", srd_fx.TraceError, "in-place"),
+])
+def test_inplace_writes_fx_cannot_follow_are_refused(mode, err, words):
+    """Each of these used to give a map of another function than the model's, silently."""
+    m = _InPlaceMore(mode).double().eval()
+    with pytest.raises(err, match=words):
+        srd_fx.compile(m)(xin())
+    assert torch.isfinite(m(xin())).all()   # the model itself runs: only the explanation refuses
 
 
 # =============================================================================================
@@ -593,10 +678,9 @@ def test_multi_output_without_selector_says_output_selector(kind):
         srd_fx.compile(_Multi(kind).eval())(xin())
 
 
-@pytest.mark.xfail(strict=True, reason="needs core: when a second output is computed from the input "
-                   "(here x.mean()), the encoder-output search fails first and the error says 'could not "
-                   "find the encoder output L' instead of asking for output_selector")
 def test_tuple_with_an_input_statistic_says_output_selector():
+    """Was a core bug: the encoder-output search failed first ('could not find the encoder
+    output L'); the output is now checked before the analysis."""
     with pytest.raises(srd_fx.UnsupportedOpError, match="output_selector"):
         srd_fx.compile(_Multi("tuple_with_input_stat").eval())(xin())
 
