@@ -3,6 +3,7 @@
 transpose: ``conv_transpose`` with the same stride/padding/dilation/groups (``srd_fx.ops.conv_T``);
 shadow:    a ones kernel of the same size, stride, padding and dilation on one-channel maps.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -63,7 +64,18 @@ class Conv(Rule):
         p, asym = self._padding(b, node)
         if asym:  # asymmetric 'same': let autograd transpose it
             return b.vjp(node, g)
+        scale = _bn_scale_of(g)
+        if scale is not None:  # conv -> batch norm: one fused step (the scale may go into the weight);
+            # the product g * scale is left to dead-code elimination (another path may still read it)
+            return [b.call(ops.conv_T, g.args[0], b.val(x), w, stride, p, dilation, groups, scale)]
         return [b.call(ops.conv_T, g, b.val(x), w, stride, p, dilation, groups)]
+
+    @staticmethod
+    def _identity_window(kernel, stride, p, dilation):
+        """A 1x1 window with stride 1 and no padding: the shadow is the identity."""
+        flat = lambda v: list(v) if isinstance(v, (tuple, list)) else [v]  # noqa: E731
+        return isinstance(p, (int, tuple, list)) and all(v == 1 for v in flat(kernel) + flat(stride) + flat(dilation)) \
+            and not any(flat(p))
 
     def shadow(self, b, node, ms):
         x, w, _, stride, _, dilation, groups, kernel = self.spec(b, node)
@@ -72,19 +84,23 @@ class Conv(Rule):
             pads = b.call(ops.torch_same_pads, b.val(x), kernel, dilation)
             if b.unit == "neuron":
                 b.unsupported(node, "asymmetric padding='same' with unit='neuron'")
-            return b.call(ops.padded_window_sum, ms[0], pads, kernel, stride, dilation, b.val(node))
+            return b.call(ops.padded_window_sum, ms[0], pads, kernel, stride, dilation, b.size_of(node))
         if b.unit == "neuron":
             return b.call(ops.conv_ones, ms[0], b.val(x), w, stride, p, dilation, groups)
-        return b.call(ops.window_sum, ms[0], kernel, stride, p, dilation, b.val(node))
+        if self._identity_window(kernel, stride, p, dilation):
+            return ms[0]
+        return b.call(ops.window_sum, ms[0], kernel, stride, p, dilation, b.size_of(node))
 
     def shadow_T(self, b, node, m):
         x, w, _, stride, _, dilation, groups, kernel = self.spec(b, node)
         padding, asym = self._padding(b, node)
         if asym:
             pads = b.call(ops.torch_same_pads, b.val(x), kernel, dilation)
-            return b.vjp_shadow(ops.padded_window_sum, (pads, kernel, stride, dilation, b.val(node)), m, x)
+            return b.vjp_shadow(ops.padded_window_sum, (pads, kernel, stride, dilation, b.size_of(node)), m, x)
         if b.unit == "neuron":
             return [b.call(ops.conv_ones_T, m, b.val(x), w, stride, padding, dilation, groups)]
+        if self._identity_window(kernel, stride, padding, dilation):
+            return [m]
         return [b.call(ops.window_sum_T, m, kernel, stride, padding, dilation, b.val(x))]
 
     def bias(self, b, node, zs):
@@ -96,6 +112,17 @@ class Conv(Rule):
             bias = b.param(node, "bias") if node.op == "call_module" else b.val(_arg(node, 2, "bias", None))
             return b.call(channel_bias, bias, len(b.shape(node)))
         return b.apply_with_inputs(node, zs)
+
+
+def _bn_scale_of(g):
+    """The batch-norm scale when ``g`` is the ``g * bn_scale`` of a batch norm's transpose
+    (rules/norm.py), else None."""
+    from .norm import bn_scale
+    if getattr(g, "op", None) != "call_function" or g.target is not torch.mul or len(g.args) != 2 \
+            or g.kwargs:
+        return None
+    sc = g.args[1]
+    return sc if getattr(sc, "op", None) == "call_function" and sc.target is bn_scale else None
 
 
 _conv = Conv()

@@ -4,6 +4,8 @@ BatchNorm (eval): a per-channel scale and shift.  LayerNorm, GroupNorm, ``F.norm
 statistics of the forward pass are recorded constants, so each is affine per position.
 All keep positions (shadow = identity).  Batch norm in training mode is refused.
 """
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -113,6 +115,32 @@ def norm_affine(z, x, kind, arg, weight, bias, eps):
     return y
 
 
+def norm_stats(x, kind, arg, eps):
+    """The statistics (mean, 1/std) of the forward pass, computed once and recorded: the
+    transpose and the bias reuse them, and the normalisation's input need not be kept."""
+    if kind == "ln":
+        dims = tuple(range(x.dim() - arg, x.dim()))
+        var, mu = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
+        return mu, torch.rsqrt(var + eps)
+    return gn_stats(x, arg, eps)
+
+
+def norm_T_rec(g, inv, kind, weight):
+    """Transpose of a normalisation with recorded 1/std: a scale (and the per-channel weight)."""
+    g = g * inv
+    return g if weight is None else g * _param(weight, g, kind)
+
+
+def norm_affine_rec(z, mu, inv, kind, weight, bias):
+    """The normalisation with recorded statistics applied to ``z`` (None: zero)."""
+    y = (z - mu) * inv if z is not None else -mu * inv
+    if weight is not None:
+        y = y * _param(weight, y, kind)
+    if bias is not None:
+        y = y + _param(bias, y, kind)
+    return y
+
+
 class StatNorm(Rule):
     """LayerNorm (kind "ln", over the last axes) and GroupNorm (kind "gn", over channel groups):
     affine per position once the forward pass's statistics are constants."""
@@ -140,13 +168,21 @@ class StatNorm(Rule):
     def layout(self, b, node):
         return b.caxes(node.args[0]) if self.kind == "ln" else (1,)
 
+    def record(self, b, node):
+        out = b.copy(node)
+        x, arg, _, _, eps = self.spec(b, node)
+        stats = b.call(norm_stats, b.val(x), self.kind, arg, eps, name="stats_" + node.name)
+        b.set_recorded(node, "mu", b.call(operator.getitem, stats, 0, name="mu_" + node.name))
+        b.set_recorded(node, "inv", b.call(operator.getitem, stats, 1, name="inv_" + node.name))
+        return out
+
     def transpose(self, b, node, g):
-        x, arg, w, _, eps = self.spec(b, node)
-        return [b.call(norm_T, g, b.val(x), self.kind, arg, w, eps)]
+        _, _, w, _, _ = self.spec(b, node)
+        return [b.call(norm_T_rec, g, b.recorded(node, "inv"), self.kind, w)]
 
     def bias(self, b, node, zs):
-        x, arg, w, bias, eps = self.spec(b, node)
-        return b.call(norm_affine, zs[0], b.val(x), self.kind, arg, w, bias, eps)
+        _, _, w, bias, _ = self.spec(b, node)
+        return b.call(norm_affine_rec, zs[0], b.recorded(node, "mu"), b.recorded(node, "inv"), self.kind, w, bias)
 
 
 register_rule(nn.LayerNorm, StatNorm("ln"))

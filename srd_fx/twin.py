@@ -8,6 +8,10 @@ For every affine block (SPEC §7), in reverse order of the activation layers:
     b      = F(0, ..., 0)                             rule.bias, only where it is not zero
     D      = S(||x||)                                 rule.shadow
     R_bias = ||x|| * S^T(<b, s> / D)                  rule.shadow_T
+
+The backward is one reverse sweep over the graph (class Backward): blocks that share ops push
+the sum of their g (and of their <b, s> / D) through each shared op once, and b and D are
+emitted once per op.
 """
 from __future__ import annotations
 
@@ -258,6 +262,25 @@ class Builder:
             return self.g.create_node("call_function", fn, tuple(args), kwargs, name=node.name)
         return self.copy(node)
 
+    def size_of(self, node):
+        """The shape of a forward value, taken right after it is computed: code that needs only
+        the shape (shadow windows) then does not keep the tensor alive until the backward."""
+        key = (node, "shape")
+        if key not in self._recorded:
+            val = self.val(node)
+            if not isinstance(val, fx.Node):
+                return val
+            with self.g.inserting_after(val):
+                self._recorded[key] = self.g.call_function(getattr, (val, "shape"), name="shape_" + node.name)
+        return self._recorded[key]
+
+    def norm_of(self, node):
+        """||x|| per position of a forward value, emitted once however many blocks consume it."""
+        key = (node, "norm")
+        if key not in self._recorded:
+            self._recorded[key] = self.call(ops.pfv_norm, self.val(node), self.caxes(node), name=f"n_{node.name}")
+        return self._recorded[key]
+
     def set_recorded(self, node, key, twin):
         self._recorded[(node, key)] = twin
 
@@ -294,6 +317,8 @@ class Builder:
         take them as they are (broadcast); others get them expanded to the input's shape."""
         mains = self.main_inputs(node)
         pointwise = getattr(self.info.rule.get(node), "pointwise", False)
+        if self._is_plain_add(node, mains) and sum(z is None for z in zs) == 1:
+            return next(z for z in zs if z is not None)  # b + 0: no zeros to materialise and add
         sub = {}
         for i, z in zip(mains, zs):
             if i in sub:
@@ -303,6 +328,17 @@ class Builder:
             else:
                 sub[i] = z if pointwise else self.call(materialize, z, self.val(i))
         return self.out_of_place(self.g.node_copy(node, lambda a: sub.get(a, self.env.get(a))))
+
+    @staticmethod
+    def _is_plain_add(node, mains):
+        """``a + b`` of two distinct block tensors (no alpha, no constant operand)."""
+        if node.op == "call_function":
+            ok = node.target in (operator.add, operator.iadd, torch.add)
+        else:
+            ok = node.op == "call_method" and node.target in ("add", "add_")
+        return ok and not node.kwargs and len(node.args) == 2 and len(mains) == 2 \
+            and mains[0] is not mains[1] and all(isinstance(a, fx.Node) for a in node.args) \
+            and set(node.args) == set(mains)
 
     def unbroadcast(self, g, i, node):
         if self.shape(i) == self.shape(node):
@@ -323,72 +359,126 @@ class Builder:
 
 
 # ----------------------------------------------------------------------- the SRD backward ---
-def emit_block(b: Builder, lay: Layer, R_k, contributions: Dict[fx.Node, List[fx.Node]], lost: list):
-    """Emit the SRD backward through the affine block of layer ``lay`` (SPEC §2, §7)."""
-    info, tag = b.info, lay.name
-    pre, cax = lay.pre, b.caxes(lay.pre)
-    v = b.val(pre)
-    lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, name="lost_" + tag))
-    if b.value == "post" and not lay.virtual:
-        s = b.call(ops.sharing_post, R_k, v, b.val(lay.node), cax, b.eps, name="s_" + tag)
-    else:
-        s = b.call(ops.sharing, R_k, v, cax, b.eps, name="s_" + tag)
-    block = set(lay.block)
+def _sum(b: Builder, parts: List[fx.Node], name: str) -> fx.Node:
+    return parts[0] if len(parts) == 1 else b.call(add_all, *parts, name=name)
 
-    # linear share: transpose the block node by node
-    g: Dict[fx.Node, List[fx.Node]] = {pre: [s]}
-    for n in reversed(lay.block):
-        gs = g.pop(n, None)
-        if not gs:
-            continue
-        g_n = gs[0] if len(gs) == 1 else b.call(add_all, *gs, name="g_" + n.name)
-        rule = info.rule[n]
-        for i, gi in zip(b.main_inputs(n), rule.transpose(b, n, g_n)):
-            if gi is not None:
-                g.setdefault(i, []).append(gi)
-    share = {}
-    for a in lay.inputs:
-        gs = g.get(a)
-        if not gs:
-            continue
-        g_a = gs[0] if len(gs) == 1 else b.call(add_all, *gs, name="g_" + a.name)
-        share[a] = b.call(ops.pfv_dot, b.val(a), g_a, b.caxes(a), name=f"Rlin_{a.name}_{tag}")
 
-    # bias share: b = F(0), shared by the structural receptive field of each output position
-    z: Dict[fx.Node, Optional[fx.Node]] = {}
-    for n in lay.block:
-        zs = [z.get(i) if i in block else None for i in b.main_inputs(n)]
-        z[n] = info.rule[n].bias(b, n, zs)
-    bias = z.get(pre) if pre in block else None
-    if bias is not None:
-        beta = b.call(ops.pfv_dot, bias, s, cax, name="beta_" + tag)
-        norms = {a: b.call(ops.pfv_norm, b.val(a), b.caxes(a), name=f"n_{a.name}") for a in lay.inputs}
-        m: Dict[fx.Node, fx.Node] = dict(norms)
-        for n in lay.block:
-            rule, mains = info.rule[n], b.main_inputs(n)
-            m[n] = rule.shadow(b, n, [m[i] for i in mains])
-            if rule.pointwise and any(b._map_shape(i) != b._map_shape(n) for i in mains):
-                m[n] = b.call(ops.map_like, m[n], b.val(n), b.caxes(n))
-        q = b.call(ops.safe_div, beta, m[pre], name="q_" + tag)
-        lost.append(b.call(ops.lost_bias, beta, m[pre], name="lost_bias_" + tag))
-        mt: Dict[fx.Node, List[fx.Node]] = {pre: [q]}
-        for n in reversed(lay.block):
-            qs = mt.pop(n, None)
-            if not qs:
+class Backward:
+    """The SRD backward (SPEC §2, §7) as one reverse sweep over the graph.
+
+    Every block's quantities are linear in its sharing ratio ``s`` (linear share) and in its
+    ``q = beta / D`` (bias share), and the transposes of an op do not depend on the block, so
+    blocks that share ops (a residual stream with no activation on it, as in ConvNeXt) push the
+    *sum* of their ``g`` and ``q`` through each shared op once: the cost is that of one backward
+    pass, not one per block.  At a block input ``x``, all consumers done:
+
+        R_x = <x, sum g> + ||x|| * sum q         (R_lin + R_bias summed over the blocks using x)
+
+    The block bias ``b = F(0)`` and the shadow ``D = S(||x||)`` of an op's output depend only on
+    the op (its block inputs are the same activation outputs in every block that contains it):
+    each is emitted once and reused."""
+
+    def __init__(self, b: Builder, lost: list):
+        info = b.info
+        self.b, self.info, self.lost = b, info, lost
+        self.boundary = {a for lay in info.layers for a in lay.inputs}  # activation outputs, input
+        self.interior = {n for lay in info.layers for n in lay.block}
+        self.g: Dict[fx.Node, List[fx.Node]] = {}   # pending Lin^T s, summed over blocks
+        self.q: Dict[fx.Node, List[fx.Node]] = {}   # pending S^T(beta / D), summed over blocks
+        self._z: Dict[fx.Node, Optional[fx.Node]] = {}
+        self._m: Dict[fx.Node, fx.Node] = {}
+
+    # -- per-op facts, emitted once ------------------------------------------------------------
+    def _upstream(self, n):
+        """Interior ops that ``n`` depends on inside blocks (n included), in forward order."""
+        out, seen, stack = [], set(), [n]
+        while stack:
+            k = stack.pop()
+            if k in seen or k in self.boundary:
                 continue
-            q_n = qs[0] if len(qs) == 1 else b.call(add_all, *qs)
-            for i, qi in zip(b.main_inputs(n), info.rule[n].shadow_T(b, n, q_n)):
+            seen.add(k)
+            out.append(k)
+            stack.extend(self.b.main_inputs(k))
+        return sorted(out, key=self.info.order.get)
+
+    def bias(self, n):
+        """F(0) at op ``n``: every activation output upstream set to zero (None: structurally 0)."""
+        if n in self.boundary:
+            return None
+        for k in self._upstream(n):
+            if k not in self._z:
+                zs = [None if i in self.boundary else self._z[i] for i in self.b.main_inputs(k)]
+                self._z[k] = self.info.rule[k].bias(self.b, k, zs)
+        return self._z[n]
+
+    def shadow(self, n):
+        """D at op ``n``: the norms of the block inputs summed over its structural receptive field."""
+        b = self.b
+        if n in self.boundary:
+            return b.norm_of(n)
+        for k in self._upstream(n):
+            if k not in self._m:
+                rule, mains = self.info.rule[k], b.main_inputs(k)
+                m = rule.shadow(b, k, [self._m[i] if i not in self.boundary else b.norm_of(i) for i in mains])
+                if rule.pointwise and any(b._map_shape(i) != b._map_shape(k) for i in mains):
+                    m = b.call(ops.map_like, m, b.val(k), b.caxes(k))
+                self._m[k] = m
+        return self._m[n]
+
+    # -- the sweep -------------------------------------------------------------------------------
+    def relevance_at(self, a) -> Optional[fx.Node]:
+        """R at a block input: linear share plus bias share from every block that consumes it."""
+        b, parts = self.b, []
+        gs = self.g.pop(a, None)
+        if gs:
+            g_a = _sum(b, gs, "g_" + a.name)
+            # a new tensor; build_twin drops the flag where another op also reads it
+            fresh = g_a.op == "call_function" and (
+                g_a.target in (ops.conv_T, ops.gather_T) or (g_a.target is add_all and len(g_a.args) > 1))
+            parts.append(b.call(ops.pfv_dot, b.val(a), g_a, b.caxes(a), name="Rlin_" + a.name,
+                                **({"overwrite_g": True} if fresh else {})))
+        qs = self.q.pop(a, None)
+        if qs:
+            parts.append(b.call(operator.mul, b.norm_of(a), _sum(b, qs, "q_" + a.name), name="Rbias_" + a.name))
+        if len(parts) == 2:
+            return b.call(operator.add, parts[0], parts[1], name="R_" + a.name)
+        return parts[0] if parts else None
+
+    def seed(self, lay: Layer, R_k):
+        """Start the backward of layer ``lay``'s block from its relevance ``R_k``."""
+        b, tag = self.b, lay.name
+        pre, cax = lay.pre, b.caxes(lay.pre)
+        v = b.val(pre)
+        if b.value == "post" and not lay.virtual:
+            a = b.val(lay.node)
+            va = b.call(ops.pfv_dot, v, a, cax, name="va_" + tag)  # <v, act(v)>, once for both uses
+            self.lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, va, name="lost_" + tag))
+            s = b.call(ops.sharing_post, R_k, v, a, cax, b.eps, va, name="s_" + tag)
+        else:
+            nv2 = b.call(ops.sq_norm, v, cax, name="nv2_" + tag)  # ||v||^2, once for both uses
+            self.lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, nv2, name="lost_" + tag))
+            s = b.call(ops.sharing, R_k, v, cax, b.eps, nv2, name="s_" + tag)
+        self.g.setdefault(pre, []).append(s)
+        bias = self.bias(pre) if pre in self.interior else None
+        if bias is not None:
+            beta = b.call(ops.pfv_dot, bias, s, cax, name="beta_" + tag)
+            D = self.shadow(pre)
+            self.q.setdefault(pre, []).append(b.call(ops.safe_div, beta, D, name="q_" + tag))
+            self.lost.append(b.call(ops.lost_bias, beta, D, name="lost_bias_" + tag))
+
+    def transpose(self, n):
+        """Push the pending g and q of interior op ``n`` to its inputs."""
+        b, rule = self.b, self.info.rule[n]
+        gs = self.g.pop(n, None)
+        if gs:
+            for i, gi in zip(b.main_inputs(n), rule.transpose(b, n, _sum(b, gs, "g_" + n.name))):
+                if gi is not None:
+                    self.g.setdefault(i, []).append(gi)
+        qs = self.q.pop(n, None)
+        if qs:
+            for i, qi in zip(b.main_inputs(n), rule.shadow_T(b, n, _sum(b, qs, "q_" + n.name))):
                 if qi is not None:
-                    mt.setdefault(i, []).append(qi)
-        for a in lay.inputs:
-            qs = mt.get(a)
-            if not qs:
-                continue
-            q_a = qs[0] if len(qs) == 1 else b.call(add_all, *qs)
-            rb = b.call(operator.mul, norms[a], q_a, name=f"Rbias_{a.name}_{tag}")
-            share[a] = b.call(operator.add, share[a], rb, name=f"R_{a.name}_{tag}") if a in share else rb
-    for a, r in share.items():
-        contributions.setdefault(a, []).append(r)
+                    self.q.setdefault(i, []).append(qi)
 
 
 def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("input",), eps=1e-12,
@@ -443,21 +533,26 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     else:
         raise ValueError(f"head must be 'gradcam', 'ones' or a callable (A, logits, target) -> R, got {head!r}")
 
-    # 3. the SRD backward, block by block, last activation layer first
-    contributions: Dict[fx.Node, List[fx.Node]] = {}
+    # 3. the SRD backward: one reverse sweep, last op first (see Backward)
     R_of: Dict[fx.Node, fx.Node] = {}
     lost: List[fx.Node] = []
-    for lay in sorted(info.layers, key=lambda l: info.order[l.node], reverse=True):
-        parts = list(contributions.pop(lay.node, []))
-        if lay.node is L:
-            parts.append(R_L)
-        if not parts:
-            continue
-        R_k = parts[0] if len(parts) == 1 else b.call(add_all, *parts, name="R_" + lay.name)
-        R_of[lay.node] = R_k
-        emit_block(b, lay, R_k, contributions, lost)
-    parts = contributions.pop(info.input, [])
-    R_in = parts[0] if len(parts) == 1 else (b.call(add_all, *parts, name="R_input") if parts else None)
+    bw = Backward(b, lost)
+    layers_at: Dict[fx.Node, List[Layer]] = {}
+    for lay in info.layers:
+        layers_at.setdefault(lay.node, []).append(lay)
+    R_in = None
+    for n in sorted(set(layers_at) | bw.boundary | bw.interior, key=info.order.get, reverse=True):
+        R_n = bw.relevance_at(n) if n in bw.boundary else None
+        if n is L:
+            R_n = R_L if R_n is None else b.call(add_all, R_n, R_L, name="R_" + n.name)
+        if n is info.input:
+            R_in = R_n
+        elif R_n is not None and n in layers_at:
+            R_of[n] = R_n
+            for lay in layers_at[n]:
+                bw.seed(lay, R_n)
+        if n in bw.interior:
+            bw.transpose(n)
     if R_in is None:
         R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, b.caxes(info.input)))
     R_of[info.input] = R_in
@@ -476,6 +571,9 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     lost_total = b.call(add_all, *lost, name="lost") if lost else None
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
                 "R_L": b.call(ops.position_map, R_L, info.caxes(L), name="out_R_L")})
+    for n in b.g.nodes:  # overwrite a temporary in place only where nothing else reads it
+        if n.target is ops.pfv_dot and n.kwargs.get("overwrite_g") and len(n.args[1].users) != 1:
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "overwrite_g"}
     gm = fx.GraphModule(root, b.g, "SRDExplainer")
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -285,10 +285,6 @@ def test_neuron_ones_conserves_up_to_reported_loss(cls):
     torch.testing.assert_close(out.lost, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs core: with value='post', ops.sharing_post drops relevance where |<v, act(v)>| <= eps (a "
-    "dead ReLU neuron, or a PFV whose channels are all <= 0), but twin.emit_block counts in out.lost "
-    "only ||v||^2 <= eps"))
 @pytest.mark.parametrize("unit,channels", [("neuron", 8), ("pfv", 1)])
 def test_post_value_reports_what_it_drops(unit, channels):
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
