@@ -203,3 +203,21 @@ def test_product_without_gate_is_refused():
 
     with pytest.raises(srd_fx.UnsupportedOpError, match="gate"):
         srd_fx.compile(Sq().eval())(torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny"])
+def test_explaining_writes_nothing_outside_its_temporaries(arch):
+    """The generated backward writes some products in place into fresh temporaries
+    (``overwrite_g``): the input, the parameters, the buffers and the recorded activations that
+    the model or a second call would read must stay untouched, and a second call gives the same
+    maps bit for bit."""
+    m = getattr(torchvision.models, arch)(num_classes=4).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x0 = x.clone()
+    state0 = {k: v.clone() for k, v in m.state_dict().items()}
+    e = srd_fx.compile(m, layers="all", example_input=x[:1])
+    a, b = e(x), e(x)
+    assert torch.equal(x, x0)
+    assert all(torch.equal(v, state0[k]) for k, v in m.state_dict().items())
+    assert torch.equal(a.saliency, b.saliency) and all(torch.equal(a.relevance[k], b.relevance[k]) for k in a.relevance)
+    assert torch.equal(a.logits, m(x))
