@@ -9,14 +9,6 @@ from srd_fx import baselines as B
 from srd_fx.models import build, cam_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine this is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SIZE = 64
 SMALL = 32   # the every-method sweep runs at 32x32 to stay fast
 

@@ -16,14 +16,6 @@ import srd_fx
 from srd_fx.concepts import PFVIndex, erf_box, explain_pfv, feature_extractor, plot_concepts, sub_concepts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()

@@ -15,15 +15,6 @@ TORCHVISION = ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "resnet50"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small inputs: extra threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomise(model, gen):
     """Random conv biases and random batch-norm statistics / affine parameters."""
     N.randomize_bn(model, gen)

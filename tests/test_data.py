@@ -7,15 +7,6 @@ from PIL import Image
 from srd_fx import data as D
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine this is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_scene_item_types_shapes_ranges():
     ds = D.DigitScenes("test", size=64, n=5, seed=3)
     assert len(ds) == 5

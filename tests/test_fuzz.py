@@ -1101,14 +1101,6 @@ def check_network(spec, batch=2, naive=True):
     return figures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @CI_SETTINGS
 @given(spec=network_spec())

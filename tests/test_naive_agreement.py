@@ -17,15 +17,6 @@ TOL = 1e-8
 NETS = sorted(N.TINY_NETS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: threading only adds contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _build(name, batch=2):
     m, net = N.TINY_NETS[name]()
     x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)

@@ -14,14 +14,6 @@ import srd_fx
 from test_fuzz import check_network
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _conv(cout, k=3, p=1, s=1, bias=True):
     return dict(cout=cout, k=[k, k], s=s, p=[p, p], d=1, g=1, bias=bias, form="module")
 

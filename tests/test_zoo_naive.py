@@ -35,15 +35,6 @@ from naive_srd import Block, Net, chain, identity, pad, window
 TOL = 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: threading only adds contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def bn(mod, x):
     """The affine (eval) part of a BatchNorm2d / timm BatchNormAct2d, without its activation."""
     return F.batch_norm(x, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps)
