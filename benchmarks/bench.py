@@ -578,17 +578,24 @@ def section_compile(args, cfg, device, res):
             rows.append(dict(model=short_name(name), size=cfg["size"], error=f"{type(e).__name__}: {e}"[:200]))
             log(f"[compile] {short_name(name)}: FAILS {e}")
     res["compile"] = rows
+    z = zoo_compile_summary()
+    if z:
+        res["zoo_compile"] = z
+
+
+def zoo_compile_summary():
+    """Compile-time figures of the committed zoo report (model_zoo_checks/report.json), or None."""
     zoo = REPO / "model_zoo_checks" / "report.json"
-    if zoo.exists():
-        try:
-            z = json.loads(zoo.read_text())
-            s, m = z.get("summary", {}), z.get("meta", {})
-            res["zoo_compile"] = dict(median_s=s.get("compile_s_median"), p90_s=s.get("compile_s_p90"),
-                                      max_s=s.get("compile_s_max"), models=s.get("run"),
-                                      resnet50=m.get("resnet50_compile"), command=m.get("command"),
-                                      generated=m.get("generated"))
-        except (ValueError, OSError):
-            pass
+    if not zoo.exists():
+        return None
+    try:
+        z = json.loads(zoo.read_text())
+    except (ValueError, OSError):
+        return None
+    s, m = z.get("summary", {}), z.get("meta", {})
+    return dict(median_s=s.get("compile_s_median"), p90_s=s.get("compile_s_p90"), max_s=s.get("compile_s_max"),
+                models=s.get("run"), resnet50=m.get("resnet50_compile"), command=m.get("command"),
+                generated=m.get("generated"))
 
 
 def section_gpu(args, cfg, device, res):
@@ -1040,6 +1047,9 @@ def main(argv=None) -> int:
     if args.rewrite_report:
         out_dir = Path(args.out) if args.out else REPO / "results" / "benchmarks" / "cpu"
         res = json.loads((out_dir / "results.json").read_text())
+        if "zoo_compile" in res and zoo_compile_summary():  # the zoo report may be newer than the run
+            res["zoo_compile"] = zoo_compile_summary()
+            (out_dir / "results.json").write_text(json.dumps(res, indent=1))
         write_report(res, out_dir, res["meta"]["cfg"])
         plot(res, out_dir, res["meta"]["quick"])
         log(f"rewrote {out_dir / 'report.md'} and {out_dir / 'bench.png'} from results.json")

@@ -6,11 +6,29 @@ bench.py's fresh worker processes (VmHWM), one per method.
     python benchmarks/interleaved.py --model torchvision:resnet50 --batch 8 --methods ixg,srd --memory
     python benchmarks/interleaved.py --model timm:convnext_tiny --batch 1 \
         --methods ixg,srd,zennit_lrp,captum_lrp
+    python benchmarks/interleaved.py --batches 1,2,4,8,16 --methods forward,ixg,srd --threads 1 \
+        --repeats 9 --no-mmap --out results/benchmarks/cpu-batch-interleaved/no-mmap
+
+With ``--batches`` the rounds go over every (batch size, method) pair, and the batch-linearity fit
+of bench.py (t(B) = a + b B; per image, (t(B) - a)/B relative to b) is printed for each method, on
+the median and on the minimum over rounds (the minimum is the least disturbed by other jobs).
+
+Each timed call also records its minor page faults and system time (``getrusage``): glibc serves
+allocations above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` that the kernel zero-fills
+page by page on every call, and frees them with ``munmap``. From ResNet50 at batch 16 on, the activations
+cross that size and every call pays ~0.5 M page faults (~0.9 s of system time, for input×gradient and SRD
+alike): the allocator, not the computation, is then what grows faster than the batch. ``--no-mmap``
+re-runs the script with ``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` (glibc's documented
+tunables; PyTorch's CPU tuning guide recommends a caching allocator such as jemalloc/tcmalloc for the
+same reason) so that freed memory is reused, and the timings show the computation's own scaling.
 
 The methods and their setup are bench.py's (same model, input, targets and conditions).
 """
 import argparse
+import json
 import math
+import os
+import resource
 import statistics
 import sys
 import time
@@ -34,50 +52,100 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--memory", action="store_true",
                     help="also measure the peak memory of ixg and srd in fresh worker processes")
+    ap.add_argument("--batches", default=None,
+                    help="comma-separated batch sizes: time every method at each (interleaved) and fit t(B) = a + b B")
+    ap.add_argument("--no-mmap", action="store_true",
+                    help="re-run with glibc's mmap off (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=64 GiB): freed "
+                         "memory is reused instead of being unmapped and page-faulted in again on every call")
+    ap.add_argument("--out", default=None, help="also write report.md and results.json (every round) to this folder")
     args = ap.parse_args(argv)
+    if args.no_mmap and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(64 * 2 ** 30))
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + list(sys.argv[1:] if argv is None
+                                                                                          else argv), env)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
     model = B.load_model(args.model)
-    x = B.make_input(args.batch, args.size)
-    t = B.targets_of(model, x, "cpu", "float32")
-    benches, failed = {}, {}
+    xs = {b: B.make_input(b, args.size) for b in batches}
+    ts = {b: B.targets_of(model, xs[b], "cpu", "float32") for b in batches}
+    failed = {}
     for m in methods:
-        try:
-            bench = B.setup(m, model, x, t, "cpu", "float32")
-            bench.run()  # warm-up (and the check that the method runs on this model)
-            bench.close()
-            benches[m] = True
-        except Exception as e:  # noqa: BLE001  (a library failing on a model is a result)
-            failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    times = {m: [] for m in benches}
+        for b in batches:
+            try:
+                bench = B.setup(m, model, xs[b], ts[b], "cpu", "float32")
+                bench.run()  # warm-up (and the check that the method runs on this model)
+                bench.close()
+            except Exception as e:  # noqa: BLE001  (a library failing on a model is a result)
+                failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                break
+    runs = [m for m in methods if m not in failed]
+    times = {(m, b): [] for m in runs for b in batches}
+    faults = {(m, b): [] for m in runs for b in batches}
+    sys_s = {(m, b): [] for m in runs for b in batches}
     for _ in range(args.repeats):
-        for m in benches:
-            # set up per round: zennit/captum hooks and in-place switches must not leak into other methods
-            bench = B.setup(m, model, x, t, "cpu", "float32")
-            bench.run()
-            t0 = time.perf_counter()
-            bench.run()
-            times[m].append(time.perf_counter() - t0)
-            bench.close()
-    med = {m: statistics.median(v) for m, v in times.items()}
-    ref = med.get("ixg", math.nan)
-    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, CPU, {args.threads} threads, "
-          f"median of {args.repeats} interleaved rounds:")
-    for m in methods:
-        if m in failed:
-            print(f"  {m:12s} fails ({failed[m]})")
-        else:
-            print(f"  {m:12s} {med[m]:8.3f} s   ratio to ixg {med[m] / ref:5.2f}")
+        for b in batches:
+            for m in runs:
+                # set up per round: zennit/captum hooks and in-place switches must not leak into other methods
+                bench = B.setup(m, model, xs[b], ts[b], "cpu", "float32")
+                bench.run()
+                r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                bench.run()
+                times[(m, b)].append(time.perf_counter() - t0)
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                faults[(m, b)].append(r1.ru_minflt - r0.ru_minflt)
+                sys_s[(m, b)].append(r1.ru_stime - r0.ru_stime)
+                bench.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    lines = []
+    say = lambda line: (print(line), lines.append(line))  # noqa: E731
+    say(f"{args.model}, {args.size}x{args.size}, CPU, {args.threads} threads, {args.repeats} interleaved rounds "
+        f"(median / min); glibc mmap {'off (MALLOC_MMAP_MAX_=0)' if os.environ.get('MALLOC_MMAP_MAX_') == '0' else 'on (default)'}:")
+    for b in batches:
+        ref, ref_min = med.get(("ixg", b), math.nan), best.get(("ixg", b), math.nan)
+        for m in methods:
+            if m in failed:
+                say(f"  b{b:<3d} {m:12s} fails ({failed[m]})")
+            else:
+                say(f"  b{b:<3d} {m:12s} {med[(m, b)]:8.3f} s / {best[(m, b)]:8.3f} s   ratio to ixg "
+                    f"{med[(m, b)] / ref:5.2f} / {best[(m, b)] / ref_min:5.2f}   page faults "
+                    f"{statistics.median(faults[(m, b)]):9.0f}, system time {statistics.median(sys_s[(m, b)]):6.3f} s")
+    fits = {}
+    if len(batches) > 1:
+        for m in runs:
+            for stat, d in (("median", med), ("min", best)):
+                f = B.linear_fit([dict(batch=b, median_s=d[(m, b)], status="ok") for b in batches])
+                fits[f"{m}/{stat}"] = f
+                devs = ", ".join(f"B={b}: {v * 100:+.1f}%" for b, v in f["per_image_dev"])
+                say(f"  {m:12s} {stat:6s} t(B) = {f['a_s'] * 1e3:7.1f} ms + {f['b_s'] * 1e3:6.1f} ms x B; "
+                    f"per-image deviation {devs} (max {f['max_abs_dev'] * 100:.1f}%)")
+    mem = {}
     if args.memory:
-        mem = {}
-        for m in ("ixg", "srd"):
-            r = B.cpu_peak_mb_in_worker(dict(model=args.model, size=args.size, batch=args.batch, method=m,
-                                             threads=args.threads))
-            mem[m] = r.get("peak_mb", math.nan)
-            print(f"  peak memory {m:4s} {mem[m]:8.1f} MiB" + (f"  ({r['error']})" if "error" in r else ""))
-        print(f"  memory ratio srd / ixg {mem['srd'] / mem['ixg']:.2f}")
+        for b in batches:
+            for m in ("ixg", "srd"):
+                r = B.cpu_peak_mb_in_worker(dict(model=args.model, size=args.size, batch=b, method=m,
+                                                 threads=args.threads))
+                mem[f"{m}/b{b}"] = r.get("peak_mb", math.nan)
+                say(f"  b{b:<3d} peak memory {m:4s} {mem[f'{m}/b{b}']:8.1f} MiB"
+                    + (f"  ({r['error']})" if "error" in r else ""))
+            say(f"  b{b:<3d} memory ratio srd / ixg {mem[f'srd/b{b}'] / mem[f'ixg/b{b}']:.2f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        load = os.getloadavg()
+        cmd = "python benchmarks/interleaved.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        (out / "report.md").write_text(
+            f"# Interleaved timing: {args.model}\n\nCommand: `{cmd}`  \nDate: "
+            f"{time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; load average at the end "
+            f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.\n\n```\n" + "\n".join(lines) + "\n```\n")
+        (out / "results.json").write_text(json.dumps(dict(
+            model=args.model, size=args.size, threads=args.threads, repeats=args.repeats, failed=failed,
+            malloc_mmap_off=os.environ.get("MALLOC_MMAP_MAX_") == "0",
+            times={f"{m}/b{b}": v for (m, b), v in times.items()},
+            minor_faults={f"{m}/b{b}": v for (m, b), v in faults.items()},
+            system_s={f"{m}/b{b}": v for (m, b), v in sys_s.items()}, fits=fits, peak_mb=mem), indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

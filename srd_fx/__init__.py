@@ -11,9 +11,9 @@ from rules import Activation, Affine, Rule, register_rule  # noqa: F401
 
 from .compiler import Explainer, SRDOutput, compile  # noqa: F401
 from .apop import apop  # noqa: F401,E402  (srd_fx.apop(model); `from srd_fx.apop import ...` still works)
-from .errors import (InputError, NonFiniteError, SRDError, TraceError,  # noqa: F401
+from .errors import (InputError, NonFiniteError, PrecisionLossError, SRDError, TraceError,  # noqa: F401
                      TrainingModeError, UnsupportedOpError)
 
 __all__ = ["compile", "apop", "Explainer", "SRDOutput", "register_rule", "Rule", "Affine", "Activation",
            "SRDError", "TraceError", "UnsupportedOpError", "TrainingModeError", "InputError",
-           "NonFiniteError", "__version__"]
+           "NonFiniteError", "PrecisionLossError", "__version__"]

@@ -23,3 +23,8 @@ class InputError(SRDError, ValueError):
 
 class NonFiniteError(SRDError, FloatingPointError):
     """A NaN or Inf appeared (in the input, the weights or a computed map)."""
+
+
+class PrecisionLossError(NonFiniteError):
+    """In float16/bfloat16, rounding or underflow lost the map (it no longer conserves the seed's
+    relevance) without producing a NaN."""

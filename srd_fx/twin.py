@@ -139,6 +139,35 @@ def check_finite(t, what):
     return t
 
 
+LOWP_CONSERVATION_TOL = 0.1
+_LOWP = (torch.float16, torch.bfloat16)
+
+
+def check_map(sal, R_L, lost, logits, what):
+    """``check_finite``, and in float16/bfloat16 (autocast or a half model: the logits tell) also
+    conservation: the map plus the reported loss must still hold the seed's relevance to within
+    LOWP_CONSERVATION_TOL of sum |R_L| per sample.  Half precision underflows (float16 below 6e-8;
+    relevance is a share of the logit, so a model with tiny logits loses all of it) or rounds a map
+    away without a NaN; in float32/float64 SRD conserves to rounding and nothing is computed here."""
+    from .errors import PrecisionLossError
+    check_finite(sal, what)
+    if logits.dtype not in _LOWP:
+        return sal
+    r = R_L.detach().float().flatten(1)
+    have = sal.detach().float().flatten(1).sum(1)
+    if lost is not None:
+        have = have + lost.detach().float().reshape(-1)
+    gap = (have - r.sum(1)).abs()
+    bad = (gap > LOWP_CONSERVATION_TOL * r.abs().sum(1)) & (r.abs().sum(1) > 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise PrecisionLossError(
+            f"{what} lost {float(gap[i] / r[i].abs().sum()):.0%} of the relevance of sample {i} to "
+            f"{logits.dtype} rounding/underflow (sum |R_L| = {float(r[i].abs().sum()):.3g}): the map would "
+            "be wrong. Explain in float32 (outside autocast), or use bfloat16, whose range does not underflow.")
+    return sal
+
+
 class _Key:
     """An output_selector given as a dict key or tuple index."""
 
@@ -566,9 +595,9 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
             r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
         rel[key] = b.call(ops.position_map, r, info.caxes(node), name="out_" + key.replace(".", "_"))
     sal = b.call(ops.position_map, R_in, (1,), name="saliency")
-    if check:
-        sal = b.call(check_finite, sal, "the SRD saliency map", name="saliency_checked")
     lost_total = b.call(add_all, *lost, name="lost") if lost else None
+    if check:
+        sal = b.call(check_map, sal, R_L, lost_total, logits, "the SRD saliency map", name="saliency_checked")
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
                 "R_L": b.call(ops.position_map, R_L, info.caxes(L), name="out_R_L")})
     for n in b.g.nodes:  # overwrite a temporary in place only where nothing else reads it
