@@ -276,21 +276,59 @@ def time_calls(fn, device: str, warmup: int, repeats: int):
         fn()
         sync(device)
         first.append(time.perf_counter() - t0)
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return first, out
+    return first, [timed_call(fn, device) for _ in range(repeats)]
+
+
+def timed_call(fn, device: str) -> float:
+    """Seconds taken by one call of ``fn`` (CUDA events on a GPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(make, keys, device: str, warmup: int, rounds: int, fresh=False):
+    """Round-robin timing: every round times one call of each key in turn, so that all keys share
+    the same minutes of a machine whose load drifts.  ``make(key)`` returns a Bench; with ``fresh``
+    it is set up anew (and warmed up once) every round, e.g. for methods that install hooks.
+    Returns {key: dict(times_s, warmup_s, minor_faults, system_s)} or {key: dict(error)}."""
+    import resource
+    res, benches = {}, {}
+    for k in keys:
+        try:
+            bench = make(k)
+            first, _ = time_calls(bench.run, device, max(warmup, 1), 0)
+            res[k] = dict(times_s=[], warmup_s=first, minor_faults=[], system_s=[])
+            if fresh:
+                bench.close()
+            else:
+                benches[k] = bench
+        except Exception as e:  # noqa: BLE001  (a library failing on a model is a result)
+            res[k] = dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+    for _ in range(rounds):
+        for k in keys:
+            if "error" in res[k]:
+                continue
+            bench = benches[k] if not fresh else make(k)
+            if fresh:
+                bench.run()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            res[k]["times_s"].append(timed_call(bench.run, device))
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            res[k]["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
+            res[k]["system_s"].append(r1.ru_stime - r0.ru_stime)
+            if fresh:
+                bench.close()
+    for bench in benches.values():
+        bench.close()
+    return res
 
 
 def cuda_peak_mb(fn) -> float:
@@ -327,6 +365,7 @@ def cpu_peak_mb_in_worker(spec: dict) -> dict:
     """Run ``spec`` (model, size, batch, method, threads) in a fresh worker process; returns
     {"peak_mb", "setup_mb", "mem_method"} or {"error"}."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(MMAP_THRESHOLD))
+    env.pop("MALLOC_MMAP_MAX_", None)  # (--no-mmap's setting would keep freed memory in the heap: no peak to read)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=spec.get("timeout", 1800))
@@ -433,18 +472,39 @@ def section_table(args, cfg, device, res):
 
 
 def section_scaling(args, cfg, device, res, kind):
+    """SRD and input×gradient at each batch size (or input size), timed interleaved: every round
+    calls each (point, method) once, so a drift of the machine's load does not pass for
+    non-linearity."""
     name = args.scaling_model
     model = load_model(name, device)
     pts = cfg["scaling_batches"] if kind == "batch" else cfg["scaling_sizes"]
-    rows = []
+    inputs = {}
     for v in pts:
         batch, size = (v, cfg["size"]) if kind == "batch" else (cfg["size_batch"], v)
         x = make_input(batch, size, device)
-        t = targets_of(model, x, device, "float32")
-        for m in ("ixg", "srd"):
-            r = measure(m, model, name, x, t, device=device, dtype="float32", cfg=cfg, memory=args.memory)
-            rows.append(r)
-            log(f"[{kind} scaling] " + fmt_rec(r))
+        inputs[v] = (x, targets_of(model, x, device, "float32"))
+    keys = [(v, m) for v in pts for m in ("ixg", "srd")]
+    timed = time_interleaved(lambda k: setup(k[1], model, *inputs[k[0]], device, "float32"), keys, device,
+                             cfg["warmup"], cfg["repeats"])
+    rows = []
+    for (v, m), tr in timed.items():
+        x = inputs[v][0]
+        rec = dict(model=short_name(name), method=m, label=LABELS[m], batch=int(x.shape[0]), size=int(x.shape[-1]),
+                   dtype="float32", device=device, timing="interleaved")
+        if "error" in tr:
+            rec.update(status="fails", error=tr["error"])
+        else:
+            rec.update(status="ok", median_s=statistics.median(tr["times_s"]), min_s=min(tr["times_s"]), **tr)
+            if args.memory and device == "cuda":
+                bench = setup(m, model, *inputs[v], device, "float32")
+                rec.update(peak_mb=cuda_peak_mb(bench.run), mem_method="torch.cuda.max_memory_allocated")
+                bench.close()
+            elif args.memory:
+                mem = cpu_peak_mb_in_worker(dict(model=name, size=rec["size"], batch=rec["batch"], method=m,
+                                                 threads=cfg.get("threads")))
+                rec.update({"mem_error": mem["error"]} if "error" in mem else mem)
+        rows.append(rec)
+        log(f"[{kind} scaling] " + fmt_rec(rec))
     res[f"{kind}_scaling"] = dict(model=short_name(name), rows=rows)
     if kind == "batch":
         res["batch_scaling"]["fit"] = {m: linear_fit([r for r in rows if r["method"] == m]) for m in ("ixg", "srd")}
@@ -659,7 +719,9 @@ def write_report(res, out_dir: Path, cfg):
           f"Machine: {meta['cpu']} ({meta['cpus']} CPUs), torch threads {meta['threads']}; load average "
           f"{meta['load_start']} at start, {meta.get('load_end', '?')} at end.  ",
           f"Timing: median of {cfg['repeats']} calls after {cfg['warmup']} warm-up calls "
-          f"({'CUDA events' if meta['device'] == 'cuda' else 'time.perf_counter'}). Weights: random (seed 0); "
+          f"({'CUDA events' if meta['device'] == 'cuda' else 'time.perf_counter'}); the batch- and size-scaling "
+          "sections time their points interleaved (round-robin, one call of each per round)"
+          + ("; glibc mmap off (`--no-mmap`)" if meta.get("malloc_mmap_off") else "") + ". Weights: random (seed 0); "
           "inputs: scikit-image photos, ImageNet-normalised; target: the predicted class, computed once and "
           "passed to every method.  ",
           "Input×gradient: `x.grad * x` after one `backward()` of the target logits, parameters frozen "
@@ -1005,10 +1067,21 @@ def build_parser():
                    help="skip the peak-memory measurements (on CPU they take one worker process per measurement)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--verbose", action="store_true", help="print the traceback of every failing method")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="re-run with glibc's mmap off (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=64 GiB): without it "
+                        "every tensor above 32 MiB is mmap'd and page-faulted in again on every call (see "
+                        "benchmarks/interleaved.py); the memory workers set their own allocator settings")
     p.add_argument("--rewrite-report", action="store_true",
                    help="measure nothing: rewrite report.md and bench.png from the results.json in --out")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def reexec_without_mmap(argv=None):
+    """Replace this process by the same command with glibc's mmap off (environment read at start)."""
+    env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(64 * 2 ** 30))
+    os.execve(sys.executable, [sys.executable, str(Path(sys.argv[0]).resolve())]
+              + list(sys.argv[1:] if argv is None else argv), env)
 
 
 def _ints(s):
@@ -1019,6 +1092,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args._worker:
         return worker_main(json.loads(args._worker))
+    if args.no_mmap and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        reexec_without_mmap(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py: --device cuda, but CUDA is not available here (torch.cuda.is_available() is False; "
               f"torch {torch.__version__}). Run with --device cpu (or --device auto), or on a machine with a GPU "
@@ -1078,6 +1153,7 @@ def main(argv=None) -> int:
                         timm=_version("timm"), zennit=_version("zennit"), captum=_version("captum"),
                         grad_cam=_version("grad-cam"), python=platform.python_version(), cpu=_cpu_name(),
                         cpus=os.cpu_count(), threads=torch.get_num_threads(), load_start=_load(), memory=mem_txt,
+                malloc_mmap_off=os.environ.get("MALLOC_MMAP_MAX_") == "0",
                         cfg={k: v for k, v in cfg.items() if k != "verbose"}, models=args.models, dtypes=args.dtypes)}
     log(f"device {device_name}; output {out_dir}; sections {sections}; cfg {res['meta']['cfg']}")
     if device == "cpu" and "gpu" in sections:

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import sys
 import time
@@ -60,42 +59,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write report.md and results.json (every round) to this folder")
     args = ap.parse_args(argv)
     if args.no_mmap and os.environ.get("MALLOC_MMAP_MAX_") != "0":
-        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(64 * 2 ** 30))
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + list(sys.argv[1:] if argv is None
-                                                                                          else argv), env)
+        B.reexec_without_mmap(argv)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
     model = B.load_model(args.model)
     xs = {b: B.make_input(b, args.size) for b in batches}
     ts = {b: B.targets_of(model, xs[b], "cpu", "float32") for b in batches}
-    failed = {}
-    for m in methods:
-        for b in batches:
-            try:
-                bench = B.setup(m, model, xs[b], ts[b], "cpu", "float32")
-                bench.run()  # warm-up (and the check that the method runs on this model)
-                bench.close()
-            except Exception as e:  # noqa: BLE001  (a library failing on a model is a result)
-                failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                break
+    # set up per round: zennit/captum hooks and in-place switches must not leak into other methods
+    keys = [(m, b) for b in batches for m in methods]
+    timed = B.time_interleaved(lambda k: B.setup(k[0], model, xs[k[1]], ts[k[1]], "cpu", "float32"), keys, "cpu",
+                               1, args.repeats, fresh=True)
+    failed = {m: tr["error"] for (m, b), tr in timed.items() if "error" in tr}
     runs = [m for m in methods if m not in failed]
-    times = {(m, b): [] for m in runs for b in batches}
-    faults = {(m, b): [] for m in runs for b in batches}
-    sys_s = {(m, b): [] for m in runs for b in batches}
-    for _ in range(args.repeats):
-        for b in batches:
-            for m in runs:
-                # set up per round: zennit/captum hooks and in-place switches must not leak into other methods
-                bench = B.setup(m, model, xs[b], ts[b], "cpu", "float32")
-                bench.run()
-                r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                bench.run()
-                times[(m, b)].append(time.perf_counter() - t0)
-                r1 = resource.getrusage(resource.RUSAGE_SELF)
-                faults[(m, b)].append(r1.ru_minflt - r0.ru_minflt)
-                sys_s[(m, b)].append(r1.ru_stime - r0.ru_stime)
-                bench.close()
+    times = {(m, b): timed[(m, b)]["times_s"] for m in runs for b in batches}
+    faults = {(m, b): timed[(m, b)]["minor_faults"] for m in runs for b in batches}
+    sys_s = {(m, b): timed[(m, b)]["system_s"] for m in runs for b in batches}
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     lines = []
