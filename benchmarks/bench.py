@@ -317,13 +317,16 @@ def time_interleaved(make, keys, device: str, warmup: int, rounds: int, fresh=Fa
             if "error" in res[k]:
                 continue
             bench = benches[k] if not fresh else make(k)
-            if fresh:
-                bench.run()
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            res[k]["times_s"].append(timed_call(bench.run, device))
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            res[k]["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
-            res[k]["system_s"].append(r1.ru_stime - r0.ru_stime)
+            try:
+                if fresh:
+                    bench.run()
+                r0 = resource.getrusage(resource.RUSAGE_SELF)
+                res[k]["times_s"].append(timed_call(bench.run, device))
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                res[k]["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
+                res[k]["system_s"].append(r1.ru_stime - r0.ru_stime)
+            except Exception as e:  # noqa: BLE001  (e.g. out of memory at the largest point: a result)
+                res[k] = dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
             if fresh:
                 bench.close()
     for bench in benches.values():
