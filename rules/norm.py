@@ -107,12 +107,7 @@ def norm_T(g, x, kind, arg, weight, eps):
 def norm_affine(z, x, kind, arg, weight, bias, eps):
     """The normalisation (recorded statistics of ``x``) applied to ``z`` (None: zero)."""
     mu, inv = _stats(x, kind, arg, eps)
-    y = (z - mu) * inv if z is not None else -mu * inv
-    if weight is not None:
-        y = y * _param(weight, x, kind)
-    if bias is not None:
-        y = y + _param(bias, x, kind)
-    return y
+    return norm_affine_rec(z, mu, inv, kind, weight, bias)
 
 
 def norm_stats(x, kind, arg, eps):
