@@ -279,6 +279,12 @@ def time_calls(fn, device: str, warmup: int, repeats: int):
     return first, [timed_call(fn, device) for _ in range(repeats)]
 
 
+def error_line(e: BaseException) -> str:
+    """A failure as one line: the exception's type and the first line of its message."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''}"
+
+
 def timed_call(fn, device: str) -> float:
     """Seconds taken by one call of ``fn`` (CUDA events on a GPU)."""
     if device == "cuda":
@@ -311,7 +317,7 @@ def time_interleaved(make, keys, device: str, warmup: int, rounds: int, fresh=Fa
             else:
                 benches[k] = bench
         except Exception as e:  # noqa: BLE001  (a library failing on a model is a result)
-            res[k] = dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+            res[k] = dict(error=error_line(e))
     for _ in range(rounds):
         for k in keys:
             if "error" in res[k]:
@@ -326,7 +332,7 @@ def time_interleaved(make, keys, device: str, warmup: int, rounds: int, fresh=Fa
                 res[k]["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
                 res[k]["system_s"].append(r1.ru_stime - r0.ru_stime)
             except Exception as e:  # noqa: BLE001  (e.g. out of memory at the largest point: a result)
-                res[k] = dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                res[k] = dict(error=error_line(e))
             if fresh:
                 bench.close()
     for bench in benches.values():
@@ -421,7 +427,7 @@ def measure(method, model, model_name, x, t, *, device, dtype, cfg, memory=True)
         if memory and device == "cuda":
             rec.update(peak_mb=cuda_peak_mb(bench.run), mem_method="torch.cuda.max_memory_allocated")
     except Exception as e:  # noqa: BLE001  (a library failing on a model is a result)
-        rec.update(status="fails", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+        rec.update(status="fails", error=error_line(e))
         if cfg.get("verbose"):
             traceback.print_exc()
     finally:

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 Axes = Tuple[int, ...]
-_LOW = (torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """Maps (relevances, norms, dot products) are kept in float32 for half-precision models."""
-    return t.float() if t.dtype in _LOW else t
+    return t.float() if t.dtype in LOW_PRECISION else t
 
 
 # ------------------------------------------------------------------ PFV algebra ------------
@@ -27,7 +27,7 @@ def sq_norm(v: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """||v_j||^2 per position j (a map).  No channel axes: per neuron (unit="neuron")."""
     if not caxes:
         return _acc(v) * _acc(v)
-    if v.dtype in _LOW:
+    if v.dtype in LOW_PRECISION:
         return torch.linalg.vector_norm(v, 2, dim=caxes, keepdim=True, dtype=torch.float32).square()
     # sum of squares: one pass, 2-4x faster on CPU than linalg.vector_norm over the channel axis
     return (v * v).sum(dim=caxes, keepdim=True)
@@ -37,7 +37,7 @@ def pfv_norm(x: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """||x_i|| per position i, with a zero (not NaN) gradient where the norm is zero."""
     if not caxes:
         return _acc(x).abs()
-    if x.dtype in _LOW:
+    if x.dtype in LOW_PRECISION:
         return torch.linalg.vector_norm(x, 2, dim=caxes, keepdim=True, dtype=torch.float32)
     if x.requires_grad and torch.is_grad_enabled():
         return torch.linalg.vector_norm(x, 2, dim=caxes, keepdim=True)  # its gradient at 0 is 0
@@ -49,18 +49,18 @@ def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes, overwrite_g: bool = F
 
     ``overwrite_g``: ``g`` is a temporary nothing else reads (the generated code says so): the
     product is formed in its memory instead of a new tensor, unless a graph is being recorded."""
-    if overwrite_g and g.shape == x.shape and g.dtype == x.dtype and x.dtype not in _LOW \
+    if overwrite_g and g.shape == x.shape and g.dtype == x.dtype and x.dtype not in LOW_PRECISION \
             and not (torch.is_grad_enabled() and (x.requires_grad or g.requires_grad)):
         prod = g.mul_(x)
         return prod.sum(dim=caxes, keepdim=True) if caxes else prod
     if not caxes:
         return _acc(x * g)
     if caxes == (1,) and x.dim() >= 3 and x.shape[0] == 1 and all(n == 1 for n in x.shape[2:]) \
-            and g.dim() == x.dim() and x.dtype not in _LOW and g.dtype == x.dtype:
+            and g.dim() == x.dim() and x.dtype not in LOW_PRECISION and g.dtype == x.dtype:
         # a per-channel constant (a bias): one batched GEMV instead of mul + sum
         B, C = g.shape[:2]
         return torch.matmul(x.reshape(1, C), g.reshape(B, C, math.prod(g.shape[2:]))).view((B, 1) + tuple(g.shape[2:]))
-    if x.dtype in _LOW or g.dtype in _LOW:
+    if x.dtype in LOW_PRECISION or g.dtype in LOW_PRECISION:
         return (x * g).sum(dim=caxes, keepdim=True, dtype=torch.float32)
     return (x * g).sum(dim=caxes, keepdim=True)
 

@@ -140,7 +140,6 @@ def check_finite(t, what):
 
 
 LOWP_CONSERVATION_TOL = 0.1
-_LOWP = (torch.float16, torch.bfloat16)
 
 
 def check_map(sal, R_L, lost, logits, what):
@@ -151,19 +150,20 @@ def check_map(sal, R_L, lost, logits, what):
     away without a NaN; in float32/float64 SRD conserves to rounding and nothing is computed here."""
     from .errors import PrecisionLossError
     check_finite(sal, what)
-    if logits.dtype not in _LOWP:
+    if logits.dtype not in ops.LOW_PRECISION:
         return sal
     r = R_L.detach().float().flatten(1)
+    scale = r.abs().sum(1)
     have = sal.detach().float().flatten(1).sum(1)
     if lost is not None:
         have = have + lost.detach().float().reshape(-1)
     gap = (have - r.sum(1)).abs()
-    bad = (gap > LOWP_CONSERVATION_TOL * r.abs().sum(1)) & (r.abs().sum(1) > 0)
+    bad = (gap > LOWP_CONSERVATION_TOL * scale) & (scale > 0)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise PrecisionLossError(
-            f"{what} lost {float(gap[i] / r[i].abs().sum()):.0%} of the relevance of sample {i} to "
-            f"{logits.dtype} rounding/underflow (sum |R_L| = {float(r[i].abs().sum()):.3g}): the map would "
+            f"{what} lost {float(gap[i] / scale[i]):.0%} of the relevance of sample {i} to "
+            f"{logits.dtype} rounding/underflow (sum |R_L| = {float(scale[i]):.3g}): the map would "
             "be wrong. Explain in float32 (outside autocast), or use bfloat16, whose range does not underflow.")
     return sal
 
