@@ -92,7 +92,7 @@ QUICK = dict(size=64, batches=(1, 2), repeats=2, warmup=1, scaling_batches=(1, 2
 def load_model(name: str, device="cpu") -> nn.Module:
     """A torchvision or timm model by name ("torchvision:resnet50", "timm:convnext_tiny"), random
     weights (seed 0), eval mode, every parameter frozen."""
-    from srd_fx.models import load_model as _load
+    from srd_fx.eval.models import load_model as _load
     torch.manual_seed(0)
     model = _load(name).to(device).eval()
     for p in model.parameters():
@@ -243,7 +243,7 @@ def setup(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, devic
     if method == "gradcam":
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        from srd_fx.models import cam_layers, get_module
+        from srd_fx.eval.models import cam_layers, get_module
         low, _ = cam_layers(model, x)
         cam = GradCAM(model=model, target_layers=[get_module(model, low)])
         targets = [ClassifierOutputTarget(int(c)) for c in t]
@@ -544,7 +544,7 @@ class _CallCounter:
     def __init__(self):
         self.py = 0
         self.torch = 0
-        self.roots = (str(REPO / "srd_fx"), str(REPO / "rules"), "<eval_with_key")
+        self.roots = (str(REPO / "srd_fx"), "<eval_with_key")
 
     def __enter__(self):
         from torch.overrides import TorchFunctionMode
@@ -804,7 +804,7 @@ def write_report(res, out_dir: Path, cfg):
         L += [f"| `{e['op']}` | {e['calls']} | {e['self_ms']:.2f} |" for e in pr["top"]]
         L += ["", f"Python loops (`for`/`while`) in the generated twin's code: **{pr['generated_loops']}** "
               f"(of {pr['generated_lines']} lines). Calls made by one SRD call (after a warm-up call): Python "
-              "function calls in srd_fx's code (the package, `rules/`, the generated twin; `sys.setprofile`) and "
+              "function calls in srd_fx's code (the package, `srd_fx/rules/`, the generated twin; `sys.setprofile`) and "
               "torch functions called from Python (`TorchFunctionMode`, attribute reads such as `x.shape` not "
               "counted). Equal counts across batch sizes, "
               "input sizes and channel widths mean that no Python loop runs over samples, positions or channels "

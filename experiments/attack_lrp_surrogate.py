@@ -12,9 +12,9 @@ import argparse
 import numpy as np
 import torch
 
-from srd_fx import data as D
-from srd_fx import robustness as R
-from srd_fx.train import get_trained
+from srd_fx.eval import data as D
+from srd_fx.methods import robustness as R
+from srd_fx.eval.train import get_trained
 
 
 def main():

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from srd_fx.models import ACTIVATIONS
-from srd_fx.train import cached_record, get_trained
+from srd_fx.eval.models import ACTIVATIONS
+from srd_fx.eval.train import cached_record, get_trained
 
 MODELS = [("resnet", a) for a in ACTIVATIONS] + [("vgg", "relu")]
 

@@ -92,8 +92,9 @@ def code_fingerprint(opts: Options) -> str:
     a cached record is reused only when it matches."""
     h = hashlib.sha256()
     # the compiler pipeline and the rules (not the evaluation/CLI modules, which cannot change a record)
-    core = ("compiler", "trace", "analysis", "twin", "ops", "heads", "errors")
-    files = [REPO / "srd_fx" / f"{c}.py" for c in core] + sorted((REPO / "rules").glob("*.py")) + [Path(__file__)]
+    pkg = REPO / "srd_fx"
+    files = ([pkg / "errors.py"] + sorted((pkg / "compiler").glob("*.py")) + sorted((pkg / "rules").glob("*.py"))
+             + [Path(__file__)])
     for f in files:
         try:
             h.update(f.name.encode() + b"\0" + f.read_bytes())

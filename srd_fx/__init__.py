@@ -6,11 +6,11 @@
 """
 __version__ = "0.1.0"
 
-import rules  # noqa: F401  (populates the registry)
-from rules import Activation, Affine, Rule, register_rule  # noqa: F401
+from srd_fx import rules  # noqa: F401  (populates the registry)
+from srd_fx.rules import Activation, Affine, Rule, register_rule  # noqa: F401
 
-from .compiler import Explainer, SRDOutput, compile  # noqa: F401
-from .apop import apop  # noqa: F401,E402  (srd_fx.apop(model); `from srd_fx.apop import ...` still works)
+from .compiler.explainer import Explainer, SRDOutput, compile  # noqa: F401
+from .methods.apop import apop  # noqa: F401,E402  (srd_fx.apop(model); the module is srd_fx.methods.apop)
 from .errors import (InputError, NonFiniteError, PrecisionLossError, SRDError, TraceError,  # noqa: F401
                      TrainingModeError, UnsupportedOpError)
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .io import upsample
+from .eval.io import upsample
 
 __all__ = ["explainer_for", "srd_maps", "explain_func", "quantus_explain_func", "SRDAttribution",
            "SRDCAM", "srd_cam"]

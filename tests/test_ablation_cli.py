@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from srd_fx import data as D
-from srd_fx.commands import ablation as A
+from srd_fx.eval import data as D
+from srd_fx.cli.commands import ablation as A
 
 
 def _tiny():

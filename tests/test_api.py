@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import torchvision
 
 import srd_fx
-from rules import Affine
+from srd_fx.rules import Affine
 
 
 def tiny(act=nn.ReLU):

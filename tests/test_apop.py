@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import srd_fx
-from srd_fx.apop import apop, binarize
+from srd_fx.methods.apop import apop, binarize
 
 
 # ------------------------------------------------------------------ hand-computed examples ----

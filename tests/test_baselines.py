@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import srd_fx
-from srd_fx import baselines as B
-from srd_fx.models import build, cam_layers
+from srd_fx.eval import baselines as B
+from srd_fx.eval.models import build, cam_layers
 
 
 SIZE = 64

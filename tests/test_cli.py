@@ -190,7 +190,7 @@ def test_explain_weights_with_num_classes_and_bad_inputs(workspace, capsys):
 
 
 def test_load_model_library_names_and_errors():
-    from srd_fx.io import ModelLoadError, load_model
+    from srd_fx.eval.io import ModelLoadError, load_model
     m = load_model("torchvision:resnet18", num_classes=3)
     assert not m.training and m.fc.out_features == 3
     m = load_model("resnet18", num_classes=3)

@@ -1,4 +1,4 @@
-"""srd_fx.concepts: the PFV index against brute-force search (scikit-learn), the sub-concept sharing
+"""srd_fx.methods.concepts: the PFV index against brute-force search (scikit-learn), the sub-concept sharing
 ratios against the pair-by-pair reference (tests/naive_srd.py), conservation of ERFs and shares, and
 the ``srd-fx concepts`` command end to end."""
 import json
@@ -13,7 +13,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import naive_srd as N
 import srd_fx
-from srd_fx.concepts import PFVIndex, erf_box, explain_pfv, feature_extractor, plot_concepts, sub_concepts
+from srd_fx.methods.concepts import PFVIndex, erf_box, explain_pfv, feature_extractor, plot_concepts, sub_concepts
 
 
 class SmallNet(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from srd_fx import data as D
+from srd_fx.eval import data as D
 
 
 def test_scene_item_types_shapes_ranges():

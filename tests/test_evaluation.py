@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from srd_fx import data as D
-from srd_fx import evaluation as E
-from srd_fx import metrics as M
-from srd_fx import train as T
+from srd_fx.eval import data as D
+from srd_fx.eval import evaluation as E
+from srd_fx.eval import metrics as M
+from srd_fx.eval import train as T
 from srd_fx.cli import main
-from srd_fx.models import build
+from srd_fx.eval.models import build
 
 
 SIZE = 32
@@ -199,7 +199,7 @@ def test_cli_digits_tables_with_tiny_training(tmp_path):
 def test_reduced_paper_run_every_method_and_metric(tmp_path):
     """The reduced version of the full runs (experiments/ci_reduced.sh): all 17 methods, all five
     metrics, both tables, briefly trained models, a few images."""
-    from srd_fx.baselines import METHODS
+    from srd_fx.eval.baselines import METHODS
     out = tmp_path / "out"
     rc = main(["evaluate", "--n-images", "8", "--batch-size", "8", "--fidelity-runs", "10", "--stability-samples", "3",
                "--figure-images", "2", "--train-setting", "epochs=1", "--train-setting", "n_train=1000",

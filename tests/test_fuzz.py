@@ -5,7 +5,7 @@ prints a failing example in a form that can be pasted into ``tests/test_regressi
 :func:`build` turns a spec into two things that share their weights:
 
 * an ``nn.Module`` written with the op forms a user would write — module, functional,
-  tensor-method and in-place activations (every form in rules/activations.py), ``nn.Conv2d``
+  tensor-method and in-place activations (every form in srd_fx/rules/activations.py), ``nn.Conv2d``
   and ``F.conv2d`` (kernel 1-5, stride 1-2, integer/'same'/'valid' padding, dilation, groups,
   depthwise, bias or not), ``nn.BatchNorm2d`` and ``F.batch_norm``, max/avg pooling with
   overlapping windows, padding, dilation and ceil_mode, residual adds across 1-3 blocks by
@@ -66,7 +66,7 @@ FULL_SETTINGS = settings(max_examples=300, **_COMMON)
 
 
 # =============================================================================================
-# Activations: every form the rules in rules/activations.py cover
+# Activations: every form the rules in srd_fx/rules/activations.py cover
 # =============================================================================================
 class FAct(nn.Module):
     """A functional / tensor-method / in-place activation (traced through by fx, so the graph

@@ -600,7 +600,7 @@ def test_inplace_ops_on_shared_tensors(mode):
     _check_inplace(mode)
 
 
-# Core bugs found by this suite, fixed since (srd_fx/trace.py, functionalise_inplace: the readers
+# Core bugs found by this suite, fixed since (srd_fx/compiler/trace.py, functionalise_inplace: the readers
 # of a tensor after an in-place op read the op's result, and the op becomes out-of-place):
 _FIXED_INPLACE = {
     "relu_inplace_shared": "F.relu(y, inplace=True) while y is read again: the twin computed the "

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from srd_fx import metrics as M
+from srd_fx.eval import metrics as M
 
 
 H = 32

@@ -39,7 +39,7 @@ class _TimmFnNet(nn.Module):
         return self.fc(self.fn(self.c2(self.fn(self.c1(x)))).mean((2, 3)))
 
 
-# What went wrong before the fix (srd_fx/trace.py now wraps a registered plain-Python function
+# What went wrong before the fix (srd_fx/compiler/trace.py now wraps a registered plain-Python function
 # reached through a module attribute or through its own Python module as one fx leaf node):
 _TIMM_FN_BUGS = {
     "swish": "x * sigmoid(x) was taken for a gated linear map: both activation layers vanished and "

@@ -1,4 +1,4 @@
-"""Targeted explanation manipulation (srd_fx.robustness, SPEC.md §6)."""
+"""Targeted explanation manipulation (srd_fx.methods.robustness, SPEC.md §6)."""
 import json
 import os
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import srd_fx
-from srd_fx import robustness as R
+from srd_fx.methods import robustness as R
 
 
 
@@ -296,7 +296,7 @@ def test_similarity_values():
 
 # ------------------------------------------------------------------------------------ CLI -----
 def test_run_experiment_writes_table_and_figures(tmp_path):
-    from srd_fx.commands import attack as A
+    from srd_fx.cli.commands import attack as A
     from srd_fx.cli import build_parser
     args = build_parser().parse_args(["attack", "--pairs", "3"])
     assert args.pairs == 3 and args.max_steps == 200 and args.beta == 10.0

@@ -1,0 +1,275 @@
+"""``srd-fx evaluate``: the paper's comparisons (Table 2, Table 4, Fig. 3) on digit scenes or on an
+image folder with masks."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+NAME = "evaluate"
+HELP = ("Score SRD (low, high, input resolution) and 14 baseline maps with the paper's metrics; write a "
+        "Table-2-style table (methods x metrics), a Table-4-style table (Fidelity across activations) and "
+        "a figure of maps.")
+
+DEFAULT_TABLE2 = ["resnet:relu", "vgg:relu"]
+DEFAULT_TABLE4 = [f"resnet:{a}" for a in ("relu", "elu", "leakyrelu", "silu", "gelu", "tanh")]
+ACT_LABELS = {"relu": "ReLU", "elu": "ELU", "leakyrelu": "LeakyReLU", "silu": "Swish", "gelu": "GELU", "tanh": "Tanh"}
+
+
+def add_arguments(p):
+    p.add_argument("--data", default="digits",
+                   help="'digits' (digit scenes, built locally) or the root of an image folder "
+                        "root/<class>/<image> (ImageNet-S50 layout); default: digits.")
+    p.add_argument("--masks", default=None,
+                   help="Mask folder masks/<class>/<image stem>.png for --data PATH (ImageNet-S "
+                        "R+256G codes or non-zero pixels).")
+    p.add_argument("--class-index", default=None,
+                   help="JSON file mapping class folder -> model output index (default: sorted folder order).")
+    p.add_argument("--size", type=int, default=None,
+                   help="Input side in pixels (default 64 for digits, 224 for a folder).")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="Models of the Table-2 comparison. Digits: ARCH:ACT with ARCH in {resnet, vgg} "
+                        "(trained here and cached); folder: torchvision:NAME or timm:NAME. "
+                        "Default: resnet:relu vgg:relu. 'none' skips Table 2.")
+    p.add_argument("--table4-models", nargs="+", default=None, metavar="MODEL",
+                   help="Models of the Table-4 comparison (Fidelity per activation). Default: the six "
+                        "digit ResNets (relu elu leakyrelu silu gelu tanh); 'none' skips it.")
+    p.add_argument("--weights", default=None,
+                   help="State-dict file for the (single) torchvision/timm model given with --models.")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="Classifier size of a torchvision/timm model (default: from --weights, else the library's).")
+    p.add_argument("--pretrained", action="store_true",
+                   help="Use the library's pretrained weights for torchvision/timm models (needs them cached or network access).")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="Methods to compare (default: all; see srd_fx.eval.baselines.METHODS).")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help="Table-2 metrics (default: Pointing Attribution Sparseness Fidelity Stability).")
+    p.add_argument("--n-images", type=int, default=200, help="Number of test images (default 200).")
+    p.add_argument("--batch-size", type=int, default=50, help="Images per batch (default 50).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the scenes and of the metrics' random draws (default 0).")
+    p.add_argument("--fidelity-runs", type=int, default=100, help="Random subsets per image for Fidelity (default 100).")
+    p.add_argument("--fidelity-subset", type=int, default=200, help="Input features set to 0 per subset (default 200).")
+    p.add_argument("--stability-samples", type=int, default=10, help="Noisy copies per image for Stability (default 10).")
+    p.add_argument("--pointing-tolerance", type=int, default=None,
+                   help="Pointing Game tolerance in pixels (default: 15 px at 224 px, scaled to --size).")
+    p.add_argument("--figure-images", type=int, default=4,
+                   help="Images in the figure of maps (default 4; 0 for no figure).")
+    p.add_argument("--out", default="results", help="Output folder (default: results).")
+    p.add_argument("--cache-dir", default=None,
+                   help="Cache of trained digit models (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
+    p.add_argument("--train-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a training setting of the digit models (epochs, n_train, n_test, "
+                        "batch_size, lr, weight_decay, seed); repeatable.")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def _train_kw(items):
+    from srd_fx.eval.train import DEFAULTS
+    kw = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or k not in DEFAULTS:
+            raise SystemExit(f"error: --train-setting expects KEY=VALUE with KEY in {sorted(DEFAULTS)}, got {it!r}")
+        kw[k] = type(DEFAULTS[k])(float(v)) if isinstance(DEFAULTS[k], int) else float(v)
+    return kw
+
+
+def _model_label(spec: str) -> str:
+    arch, _, act = spec.partition(":")
+    if arch in ("resnet", "vgg"):
+        return f"{'ResNet' if arch == 'resnet' else 'VGG'} ({ACT_LABELS.get(act, act)})"
+    return spec
+
+
+def _t4_label(spec: str, specs) -> str:
+    """Table-4 column: the activation when every model is the same digit architecture."""
+    archs = {x.partition(":")[0] for x in specs}
+    arch, _, act = spec.partition(":")
+    if len(archs) == 1 and arch in ("resnet", "vgg"):
+        return ACT_LABELS.get(act, act)
+    return _model_label(spec)
+
+
+def _none(lst):
+    return lst is not None and len(lst) == 1 and lst[0].lower() == "none"
+
+
+def run(args) -> int:
+    import torch
+    from srd_fx.eval import data as D
+    from srd_fx.eval import evaluation as E
+    from srd_fx.eval import metrics as M
+    from srd_fx.eval.baselines import get_method
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    digits = args.data == "digits"
+    size = args.size or (64 if digits else 224)
+    progress = not args.no_progress
+    metrics = args.metrics or list(M.METRIC_NAMES)
+    for m in metrics:
+        if m not in M.HIGHER_IS_BETTER:
+            print(f"error: unknown metric {m!r}; choose from {', '.join(M.METRIC_NAMES)}", file=sys.stderr)
+            return 2
+    try:
+        methods = [get_method(m).name for m in args.methods] if args.methods else None
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    if args.n_images <= 0 or args.batch_size <= 0:
+        print("error: --n-images and --batch-size must be positive", file=sys.stderr)
+        return 2
+    t2_specs = [] if _none(args.models) else (args.models or (DEFAULT_TABLE2 if digits else None))
+    t4_specs = [] if _none(args.table4_models) else (args.table4_models or (DEFAULT_TABLE4 if digits else []))
+    if t2_specs is None:
+        print("error: with --data PATH give the model with --models torchvision:NAME or timm:NAME", file=sys.stderr)
+        return 2
+    if not t2_specs and not t4_specs:
+        print("error: nothing to do (both --models and --table4-models are 'none')", file=sys.stderr)
+        return 2
+    settings = M.MetricSettings(pointing_tolerance=args.pointing_tolerance, fidelity_runs=args.fidelity_runs,
+                                fidelity_subset=args.fidelity_subset, stability_samples=args.stability_samples,
+                                seed=args.seed)
+
+    # ---- data
+    if digits:
+        if args.masks:
+            print("error: --masks is for --data PATH; digit scenes make their own masks", file=sys.stderr)
+            return 2
+        ds = D.DigitScenes("test", size=size, n=max(args.n_images, 1), seed=args.seed)
+        mean, std = D.DIGITS_MEAN, D.DIGITS_STD
+    else:
+        if not args.masks:
+            print("error: --data PATH needs --masks PATH (masks/<class>/<image stem>.png)", file=sys.stderr)
+            return 2
+        try:
+            ds = D.ImageFolderWithMasks(args.data, args.masks, size=size, class_index=args.class_index)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        mean, std = D.IMAGENET_MEAN, D.IMAGENET_STD
+    images, labels, masks = ds.tensors(args.n_images, progress=progress)
+    keep = masks.flatten(1).any(1)
+    if not keep.all():
+        print(f"note: skipping {int((~keep).sum())} images with an empty mask", file=sys.stderr)
+        images, labels, masks = images[keep], labels[keep], masks[keep]
+
+    # ---- models
+    train_kw = _train_kw(args.train_setting)
+    accuracies, models = {}, {}
+
+    def get(spec):
+        if spec in models:
+            return models[spec]
+        arch, _, act = spec.partition(":")
+        if digits:
+            if arch not in ("resnet", "vgg") or not act:
+                raise SystemExit(f"error: digit models are ARCH:ACT with ARCH in resnet, vgg (got {spec!r})")
+            from srd_fx.eval.train import get_trained
+            model, acc = get_trained(arch, act, size=size, cache_dir=args.cache_dir, progress=progress, **train_kw)
+        else:
+            from srd_fx.eval.models import load_model
+            if args.weights and len(t2_specs) + len(t4_specs) > 1:
+                raise SystemExit("error: --weights applies to a single model; give one model with --models")
+            try:
+                model = load_model(spec, weights=args.weights, pretrained=args.pretrained,
+                                   num_classes=args.num_classes)
+            except (ValueError, FileNotFoundError, RuntimeError) as e:
+                raise SystemExit(f"error: {e}")
+            from srd_fx.eval.train import accuracy
+            acc = accuracy(model, images, labels, mean, std)
+        models[spec] = model
+        accuracies[_model_label(spec)] = acc
+        return model
+
+    os.makedirs(args.out, exist_ok=True)
+    record = dict(command=command_line(args), data=args.data, size=size, n_images=len(images),
+                  metric_settings=dataclasses.asdict(settings),
+                  torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
+                  tables={})
+    cache: dict = {}  # (spec) -> scores, so a model in both tables is scored once per metric
+
+    def scores_for(spec, mets):
+        model = get(spec)
+        have = cache.setdefault(spec, {})
+        todo = [m for m in mets if not have or m not in next(iter(have.values()))]
+        if todo:
+            t0 = time.perf_counter()
+            tim = {}
+            res = E.evaluate(model, images, labels, masks, methods=methods, metrics=todo, settings=settings,
+                             mean=mean, std=std, batch_size=args.batch_size, progress=progress, timings=tim)
+            for meth, d in res.items():
+                have.setdefault(meth, {}).update(d)
+            record.setdefault("seconds", {})[f"{spec} {'+'.join(todo)}"] = round(time.perf_counter() - t0, 1)
+            record.setdefault("seconds_per_method", {})[f"{spec} {'+'.join(todo)}"] = {k: round(v, 1) for k, v in tim.items()}
+        return {meth: {k: d[k] for k in mets} for meth, d in have.items()}
+
+    written = []
+    if t2_specs:
+        t0 = time.perf_counter()
+        res2 = {_model_label(s): scores_for(s, metrics) for s in t2_specs}
+        record["tables"]["table2"] = dict(models=t2_specs, metrics=metrics, seconds=round(time.perf_counter() - t0, 1))
+        md = E.table2_markdown(res2, metrics, n_images=len(images))
+        _write(args.out, "table2.md", md, written)
+        _write(args.out, "table2.csv", E.results_csv(res2, accuracies), written)
+        print(md)
+    if t4_specs:
+        t0 = time.perf_counter()
+        res4 = {_t4_label(s, t4_specs): scores_for(s, ["Fidelity"]) for s in t4_specs}
+        acc4 = {_t4_label(s, t4_specs): accuracies[_model_label(s)] for s in t4_specs}
+        record["tables"]["table4"] = dict(models=t4_specs, metrics=["Fidelity"], seconds=round(time.perf_counter() - t0, 1))
+        md = E.table4_markdown(res4, acc4, n_images=len(images))
+        _write(args.out, "table4.md", md, written)
+        _write(args.out, "table4.csv", E.results_csv(res4, acc4), written)
+        print(md)
+    if args.figure_images > 0:
+        spec = (t2_specs or t4_specs)[0]
+        n = min(args.figure_images, len(images))
+        fig = E.plot_maps(get(spec), images[:n], labels[:n], masks[:n], methods=methods, mean=mean, std=std,
+                          title=f"{_model_label(spec)}: maps on test images (outline: mask)")
+        path = os.path.join(args.out, "fig_maps.png")
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    record["test_accuracy"] = accuracies
+    # run.json keeps the latest run that produced each table
+    runs_path = os.path.join(args.out, "run.json")
+    runs = {}
+    if os.path.exists(runs_path):
+        try:
+            with open(runs_path) as f:
+                runs = json.load(f)
+        except (OSError, ValueError):
+            runs = {}
+    for table in record["tables"] or {"figure": None}:
+        runs[table] = record
+    _write(args.out, "run.json", json.dumps(runs, indent=1, default=str) + "\n", written)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def command_line(args) -> str:
+    """The full command line of this run, every option spelled out (for results/ and the docs)."""
+    parts = ["srd-fx", NAME]
+    for k, v in vars(args).items():
+        if k.startswith("_") or k == "command" or v is None or v is False or v == []:
+            continue
+        opt = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(opt)
+        elif isinstance(v, list):
+            for item in v if k == "train_setting" else [v]:
+                parts += [opt] + ([item] if k == "train_setting" else [str(x) for x in item])
+        else:
+            parts += [opt, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _write(out, name, text, written):
+    path = os.path.join(out, name)
+    with open(path, "w") as f:
+        f.write(text)
+    written.append(path)

@@ -1,0 +1,127 @@
+"""``srd-fx explain``: SRD saliency maps of images for a torchvision / timm / user model."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+NAME = "explain"
+HELP = "Explain images with SRD and write heatmap overlays (PNG) and raw maps (.npy)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="?", default="chelsea",
+                   help="An image file, a folder, a quoted glob ('photos/*.jpg'), or a bundled photo name "
+                        "(chelsea, coffee, astronaut, rocket); default: chelsea.")
+    p.add_argument("--model", default="resnet50",
+                   help="A torchvision or timm model name (resnet50, efficientnet_b0; torchvision:NAME / "
+                        "timm:NAME to pick the library), or your own package.module:factory or "
+                        "path/to/file.py:factory returning an nn.Module; default: resnet50.")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="A state-dict file (torch.save(model.state_dict(), FILE)) to load into the model; "
+                        "it must match the architecture exactly.")
+    p.add_argument("--pretrained", action="store_true",
+                   help="Use the library's pretrained weights (needs network access or a filled cache).")
+    p.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="Number of classes of the model, passed to the library or the factory (to match --weights).")
+    p.add_argument("--target", type=int, default=None, metavar="CLASS",
+                   help="Class index to explain (default: each image's predicted class).")
+    p.add_argument("--layer", default="input",
+                   help="Where to read the relevance: input (SRD-input), low (encoder output, SRD-low), high "
+                        "(4x its resolution, SRD-high), or an activation module/node name such as "
+                        "layer1.0.act2; overlays are resized to the image (default: input).")
+    p.add_argument("--size", type=int, default=None, metavar="PIXELS",
+                   help="Input side after resizing the shorter side and centre-cropping (default: the timm "
+                        "model's input size, else 224).")
+    p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="Per-channel mean of the model's input normalisation (default: the timm model's, else ImageNet's).")
+    p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="Per-channel standard deviation of the input normalisation (default: the timm model's, else ImageNet's).")
+    p.add_argument("--device", default="cpu",
+                   help="Torch device to run on, e.g. cpu or cuda (default: cpu).")
+    p.add_argument("--out", default="srd.png",
+                   help="Output PNG for one image, or a folder for several (then NAME_srd.png per image); "
+                        "default: srd.png.")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="Opacity of the heatmap over the image, in [0, 1] (default: 0.5).")
+    p.add_argument("--cmap", default="jet",
+                   help="Matplotlib colormap of the heatmap, e.g. jet, inferno, bwr (default: jet).")
+    p.add_argument("--no-npy", action="store_true",
+                   help="Do not write the raw map (.npy, float32 at the layer's own resolution, not normalised) "
+                        "next to each PNG.")
+
+
+def _fail(msg: str) -> int:
+    print(f"srd-fx explain: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import srd_fx
+    from srd_fx.eval.io import (ModelLoadError, find_images, load_model, model_preprocessing, overlay,
+                           preprocess, read_image, upsample)
+
+    if not 0.0 <= args.alpha <= 1.0:
+        return _fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    try:
+        import matplotlib
+        matplotlib.colormaps[args.cmap]
+    except KeyError:
+        return _fail(f"unknown matplotlib colormap {args.cmap!r} (see matplotlib.colormaps)")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        return _fail(f"device {args.device!r} is not usable here ({str(e).splitlines()[0]})")
+    try:
+        files = find_images(args.images)
+        model = load_model(args.model, args.weights, args.pretrained, args.num_classes).to(device)
+    except (FileNotFoundError, ModelLoadError) as e:
+        return _fail(str(e))
+    if not (args.weights or args.pretrained):
+        print(f"note: {args.model} has random weights (no --weights/--pretrained): the maps explain an "
+              "untrained network", file=sys.stderr)
+    size, mean, std = model_preprocessing(model, args.size, args.mean, args.std)
+
+    many = len(files) > 1 or not args.out.lower().endswith(".png")
+    if many:
+        os.makedirs(args.out, exist_ok=True)
+    elif os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    try:
+        explainer = srd_fx.compile(model, layers=(args.layer,))
+    except srd_fx.SRDError as e:
+        return _fail(f"{args.model} cannot be compiled: {e}")
+    for f in files:
+        try:
+            x, rgb = preprocess(read_image(f), size, mean, std)
+        except ValueError as e:
+            return _fail(str(e))
+        x = x.to(device)
+        try:
+            with torch.no_grad():
+                if args.target is not None:
+                    k = model(x).shape[-1]
+                    if not 0 <= args.target < k:
+                        return _fail(f"--target {args.target} is outside the model's {k} classes (0..{k - 1})")
+                out = explainer(x, args.target)
+        except KeyError as e:  # unknown --layer
+            return _fail(e.args[0] if e.args else str(e))
+        except srd_fx.SRDError as e:
+            return _fail(f"{f}: {e}")
+        raw = out.relevance[args.layer][0].detach().float().cpu()
+        sal = upsample(raw[None], x.shape[-2:])[0].double().numpy()
+        cls = int(out.logits.argmax(1)) if args.target is None else args.target
+        stem = os.path.splitext(os.path.basename(f))[0]
+        png = os.path.join(args.out, stem + "_srd.png") if many else args.out
+        overlay(rgb, sal, png, title=f"SRD-{args.layer}, class {cls}", cmap=args.cmap, alpha=args.alpha)
+        msg = f"{f}: class {cls}, wrote {png}"
+        if not args.no_npy:
+            npy = os.path.splitext(png)[0] + ".npy"
+            np.save(npy, raw.numpy().astype(np.float32))
+            msg += f" and {npy} {tuple(raw.shape)}"
+        print(msg)
+    return 0

@@ -1,0 +1,369 @@
+"""Graph analysis (SPEC §1): activation layers, gates, the encoder output L, affine blocks and
+the channel layout of every tensor, on a networkx view of the traced graph."""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from srd_fx import rules as R
+
+from ..errors import UnsupportedOpError
+from .trace import encoder_node
+
+# ops that only re-view a tensor: a gate stays a gate through them
+_VIEWS = {"view", "reshape", "expand", "expand_as", "contiguous", "flatten", "unsqueeze", "squeeze",
+          "to", "type_as", "float"}
+_METADATA = (torch.dtype, torch.device, torch.Size, int, float, bool, str, type(None))
+_RESAMPLES = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
+_REDUCTIONS = {"var", "std", "mean", "sum", "norm", "amax", "amin", "vector_norm", "var_mean", "std_mean"}
+_STAT_UNARY = {"sqrt", "rsqrt", "add", "sub", "mul", "truediv", "div", "pow", "clamp", "clamp_min",
+               "square", "abs", "reciprocal", "iadd", "imul", "getitem"}
+
+
+def how_to_register(node: fx.Node, modules) -> str:
+    if node.op == "call_module":
+        cls = type(modules[node.target])
+        tgt = f"{cls.__module__}.{cls.__name__}"
+    elif node.op == "call_function":
+        tgt = f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__name__', node.target)}"
+    else:
+        tgt = f'"method:{node.target}"'
+    return (f"Register a rule for it, e.g.\n"
+            f"    import srd_fx\n"
+            f"    from srd_fx.rules import Affine, Activation\n"
+            f"    srd_fx.register_rule({tgt}, Affine())        # linear in its input, keeps positions\n"
+            f"    srd_fx.register_rule({tgt}, Activation(fn))  # an element-wise nonlinearity\n"
+            f"(see srd_fx/rules/__init__.py for the full Rule interface: transpose, shadow, bias).")
+
+
+@dataclass
+class Layer:
+    """An activation layer (or the virtual identity layer at L)."""
+    name: str
+    node: fx.Node            # the activation node (its output feeds later blocks), or L
+    pre: fx.Node             # the block output v (pre-activation)
+    virtual: bool = False
+    block: List[fx.Node] = field(default_factory=list)   # topological order, excluding inputs
+    inputs: List[fx.Node] = field(default_factory=list)  # activation outputs / the model input
+
+
+class GraphInfo:
+    """Everything the builder and the rules need to know about the traced graph."""
+
+    def __init__(self, gm: fx.GraphModule, encoder_output: Optional[str] = None, output_selector=None):
+        self.gm = gm
+        self.graph = gm.graph
+        self.modules = dict(gm.named_modules())
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOpError(
+                f"srd_fx explains models with exactly one tensor input; this forward takes "
+                f"{[p.name for p in placeholders]}. Wrap the model so that forward(x) takes one tensor.")
+        self.input = placeholders[0]
+        self.output = next(n for n in self.nodes if n.op == "output")
+        self.logits_node = self.output
+        out = self.output.args[0]
+        if output_selector is not None and not callable(output_selector):
+            try:  # a key/index selects the logits node: the analysis starts from it
+                sel = out[output_selector]
+                if isinstance(sel, fx.Node):
+                    self.logits_node = sel
+            except (KeyError, IndexError, TypeError):
+                pass
+        self.nx = nx.DiGraph()
+        for n in self.nodes:
+            self.nx.add_node(n)
+            for i in n.all_input_nodes:
+                self.nx.add_edge(i, n)
+        self.rule: Dict[fx.Node, Optional[R.Rule]] = {n: R.lookup(n, self.modules) for n in self.nodes}
+        self.dep = self._depends_on_input()
+        self.gates: Dict[fx.Node, fx.Node] = {}
+        self._find_gates()
+        self.caxes_: Dict[fx.Node, Tuple[int, ...]] = {self.input: (1,)}
+        self.L = self._encoder_output(encoder_output)
+        self.layers = self._layers()
+
+    # ------------------------------------------------------------------ basic facts --------
+    def is_tensor(self, n) -> bool:
+        return isinstance(n, fx.Node) and isinstance(n.meta.get("tensor_meta"), TensorMetadata)
+
+    def shape(self, n) -> Tuple[int, ...]:
+        if not self.is_tensor(n):
+            raise UnsupportedOpError(f"node {getattr(n, 'name', n)!r} is not a tensor")
+        return tuple(n.meta["tensor_meta"].shape)
+
+    def module(self, node):
+        return self.modules[node.target]
+
+    def _depends_on_input(self):
+        """Which nodes' values depend on the input.  Metadata of the input (``x.dtype``,
+        ``x.shape``, ``x.size(2)``) does not carry input values: ``tau.to(x.dtype)`` is a constant."""
+        dep = {}
+        for n in self.nodes:
+            dep[n] = n.op == "placeholder" or any(dep.get(i, False) and n.meta.get("type") not in _METADATA
+                                                  and i.meta.get("type") not in _METADATA
+                                                  for i in n.all_input_nodes)
+        return dep
+
+    def _split_source(self, node):
+        """For ``getitem(split(x), i)``: x."""
+        if node.op == "call_function" and node.target is operator.getitem:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op in ("call_method", "call_function"):
+                t = src.target if isinstance(src.target, str) else getattr(src.target, "__name__", "")
+                if t in ("split", "chunk"):
+                    return src.args[0]
+        return None
+
+    def main_inputs(self, node) -> List[fx.Node]:
+        """Tensor inputs of ``node`` that carry relevance (input-dependent, not gates)."""
+        src = self._split_source(node)
+        if src is not None:
+            return [src] if self.dep.get(src) else []
+        out = []
+        gate = self.gates.get(node)
+
+        def visit(a):
+            if isinstance(a, fx.Node) and self.dep.get(a) and self.is_tensor(a) and a is not gate:
+                out.append(a)
+            return a
+
+        sel = getattr(self.rule.get(node), "main_args", None)
+        if sel is not None:  # the rule says which arguments carry relevance (others: constants)
+            fx.node.map_arg(tuple(node.args[i] for i in sel if i < len(node.args)), visit)
+        else:
+            fx.node.map_arg((node.args, node.kwargs), visit)
+        return out
+
+    # ------------------------------------------------------------------ gates --------------
+    def _producer(self, n):
+        while isinstance(n, fx.Node) and (
+                (n.op == "call_method" and n.target in _VIEWS) or
+                (n.op == "call_function" and getattr(n.target, "__name__", "") in _VIEWS)):
+            n = n.args[0]
+        return n
+
+    def _gate_capable(self, n) -> bool:
+        p = self._producer(n)
+        while isinstance(p, fx.Node) and p.op == "call_function" and \
+                getattr(p.target, "__name__", "") in _RESAMPLES and p.args:
+            p = self._producer(p.args[0])   # an upsampled gate (GhostNetV2's attention) is a gate
+        r = self.rule.get(p)
+        return isinstance(r, R.Activation) and r.gate_capable
+
+    def _statistic(self, n) -> bool:
+        """``n`` is a normalisation statistic broadcast back to full shape (EvoNorm's
+        ``group_std(x).expand(...).reshape(B, C, H, W)``): a reduction of an input-dependent
+        tensor (var/std/mean/sum/norm with fewer elements than its input) followed only by views
+        and element-wise ops with constants (sqrt, rsqrt, + eps, ...)."""
+        seen = 0
+        while isinstance(n, fx.Node) and seen < 32:
+            seen += 1
+            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+            if n.op not in ("call_method", "call_function"):
+                return False
+            if name in _REDUCTIONS:
+                src = n.args[0] if n.args else None
+                return self.is_tensor(n) and self.is_tensor(src) and \
+                    math.prod(self.shape(n)) < math.prod(self.shape(src))
+            dep = [a for a in n.all_input_nodes if self.dep.get(a)]
+            if len(dep) != 1 or not (name in _VIEWS or name in _STAT_UNARY):
+                return False
+            n = dep[0]
+        return False
+
+    def _reduced(self, a, c) -> bool:
+        """``a`` broadcasts onto ``c`` with fewer elements (a squeeze branch, a spatial attention
+        map, a normalisation statistic)."""
+        if not (self.is_tensor(a) and self.is_tensor(c)):
+            return False
+        sa, sc = self.shape(a), self.shape(c)
+        if len(sa) != len(sc):
+            return False
+        return all(x == y or x == 1 for x, y in zip(sa, sc)) and any(x == 1 and y > 1 for x, y in zip(sa, sc))
+
+    def _find_gates(self):
+        """For every product of two input-dependent tensors, the factor that is a gate (SPEC §2):
+        a sigmoid/hardsigmoid/softmax output, or a factor reduced over some axes of the other
+        (a (B, C, 1, 1) squeeze branch, a (B, 1, H, W) attention map, a normalisation statistic)."""
+        for n in self.nodes:
+            r = self.rule.get(n)
+            pos = getattr(r, "gate_args", None)
+            if not pos or not self.is_tensor(n):
+                continue
+            ops_ = [n.args[i] if i < len(n.args) else None for i in pos]
+            dep = [a for a in ops_ if isinstance(a, fx.Node) and self.dep.get(a) and self.is_tensor(a)]
+            if len(dep) < 2:
+                continue
+            a, c = ops_[0], ops_[1]
+            if getattr(r, "divisor_only", False):
+                if self._reduced(c, a) or self._gate_capable(c) or self._statistic(c):
+                    self.gates[n] = c
+                continue
+            ra, rc = self._reduced(a, c) or self._statistic(a), self._reduced(c, a) or self._statistic(c)
+            if ra != rc:
+                self.gates[n] = a if ra else c
+                continue
+            ga, gc = self._gate_capable(a), self._gate_capable(c)
+            if ga != gc:
+                self.gates[n] = a if ga else c
+            elif ga and gc:
+                # both are sigmoid-like outputs of the same shape (a one-channel sigmoid
+                # activation times a CBAM spatial gate): the one computed from the other is the gate
+                a_to_c, c_to_a = nx.has_path(self.nx, a, c), nx.has_path(self.nx, c, a)
+                if a_to_c != c_to_a:
+                    self.gates[n] = c if a_to_c else a
+            # otherwise: no identifiable gate; refused if the node is on the main path
+
+    # ------------------------------------------------------------------ L ------------------
+    def node_for(self, name: str) -> fx.Node:
+        """A node by fx name, or the output node of a module by qualified name."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        last = None
+        for n in self.nodes:
+            if n.op == "call_module" and n.target == name:
+                last = n
+            stack = n.meta.get("nn_module_stack") or {}
+            if any(v[0] == name if isinstance(v, tuple) else False for v in stack.values()):
+                last = n
+        if last is None:
+            raise KeyError(f"no node or module named {name!r}")
+        return last
+
+    def _encoder_output(self, name) -> fx.Node:
+        if name is not None:
+            return self.node_for(name)
+        tagged = encoder_node(self.gm)
+        if tagged is not None:
+            return tagged
+        idom = nx.immediate_dominators(self.nx, self.input)
+        chain, n = [], self.logits_node
+        while n is not self.input:
+            chain.append(n)
+            n = idom[n]
+        for n in reversed(chain):
+            r = self.rule.get(n)
+            if r is not None and self.is_tensor(n) and getattr(r, "is_global_reduction", None):
+                if r.is_global_reduction(self, n):
+                    ins = self.main_inputs(n)
+                    if ins:
+                        return ins[0]
+        raise UnsupportedOpError(
+            "could not find the encoder output L (no global spatial reduction — adaptive pooling "
+            "to 1x1, a spatial mean or a flatten of a 4-D tensor — on every path to the logits). "
+            "Pass encoder_output='<module or node name>' to srd_fx.compile.")
+
+    # ------------------------------------------------------------------ layout -------------
+    def true_caxes(self, n) -> Tuple[int, ...]:
+        return self.caxes(n)
+
+    def caxes(self, n) -> Tuple[int, ...]:
+        if n not in self.caxes_:
+            r = self.rule.get(n)
+            if n.op == "placeholder":
+                self.caxes_[n] = (1,)
+            elif r is None or r.kind == "activation" or not self.main_inputs(n):
+                ins = self.main_inputs(n)
+                self.caxes_[n] = self.caxes(ins[0]) if ins else (1,)
+            else:
+                self.caxes_[n] = tuple(r.layout(self, n))
+        return self.caxes_[n]
+
+    def unsupported(self, node, reason):
+        raise UnsupportedOpError(
+            f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)!s}): {reason}")
+
+    # ------------------------------------------------------------------ layers and blocks --
+    def _layers(self) -> List[Layer]:
+        # main path: backward from L through main inputs
+        main, stack = set(), [self.L]
+        while stack:
+            n = stack.pop()
+            if n in main:
+                continue
+            main.add(n)
+            stack.extend(self.main_inputs(n))
+        self.main = main
+        acts = [n for n in self.nodes if n in main and isinstance(self.rule.get(n), R.Activation)]
+        for a in acts:
+            r = self.rule[a]
+            if r.name and "softmax" in r.name.lower():
+                self.unsupported(a, "softmax on the main path (only a softmax gate is supported)")
+        act_set = set(acts)
+        layers = []
+        for a in acts:
+            ins = self.main_inputs(a)
+            if not ins:
+                continue
+            if len(ins) > 1:
+                self.unsupported(a, f"an element-wise nonlinearity of {len(ins)} input-dependent tensors "
+                                    f"({', '.join(i.name for i in ins)}) is not an activation layer of one "
+                                    "pre-activation; register a rule for it")
+            layers.append(Layer(name=a.name, node=a, pre=ins[0]))
+        if self.L not in act_set:
+            layers.append(Layer(name=self.L.name, node=self.L, pre=self.L, virtual=True))
+        boundary = act_set | {self.input}
+        for lay in layers:
+            block, inputs, seen, stack = [], [], set(), [lay.pre]
+            while stack:
+                n = stack.pop()
+                if n in seen:
+                    continue
+                seen.add(n)
+                if n in boundary and not (lay.virtual and n is lay.pre and n not in act_set):
+                    inputs.append(n)
+                    continue
+                rule = self.rule.get(n)
+                if rule is None:
+                    raise UnsupportedOpError(
+                        f"srd_fx has no rule for node {n.name!r} ({n.op}, target "
+                        f"{n.target if isinstance(n.target, str) else getattr(n.target, '__qualname__', n.target)!s}"
+                        f"{', type ' + type(self.modules[n.target]).__name__ if n.op == 'call_module' else ''}) "
+                        f"on the path to activation layer {lay.name!r}.\n" + how_to_register(n, self.modules))
+                if rule.kind == "meta" or not self.is_tensor(n):
+                    self.unsupported(n, "a non-tensor value on the relevance path")
+                if getattr(rule, "gate_args", None) and len(
+                        [a for a in self.main_inputs(n) if any(a is n.args[i] for i in rule.gate_args
+                                                               if i < len(n.args))]) > 1:
+                    self.unsupported(n, "a product of two input-dependent tensors with no identifiable "
+                                        "gate (sigmoid/hardsigmoid/softmax output or a (B, C, 1, 1) "
+                                        "squeeze branch); register a rule for it")
+                block.append(n)
+                stack.extend(self.main_inputs(n))
+            block.sort(key=self.order.get)
+            inputs.sort(key=self.order.get)
+            lay.block, lay.inputs = block, inputs
+            for n in block + inputs + [lay.pre]:
+                self.caxes(n)
+        return layers
+
+    def layer_of(self, n) -> Optional[Layer]:
+        for lay in self.layers:
+            if lay.node is n:
+                return lay
+        return None
+
+    def head_nodes(self) -> List[fx.Node]:
+        """Nodes after L that compute the logits (L excluded)."""
+        desc = nx.descendants(self.nx, self.L)
+        anc = nx.ancestors(self.nx, self.logits_node) | {self.logits_node}
+        before = nx.ancestors(self.nx, self.L)
+        for n in anc:
+            if self.dep.get(n) and n not in desc and n is not self.L and n not in before \
+                    and n is not self.input:
+                raise UnsupportedOpError(
+                    f"the head (after the encoder output {self.L.name!r}) also uses {n.name!r}, which "
+                    "is not computed from L. Pass encoder_output= a node that every path to the logits "
+                    "goes through.")
+        return [n for n in self.nodes if n in desc and n in anc]

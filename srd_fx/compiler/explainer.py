@@ -1,0 +1,326 @@
+"""The whole compiler pipeline, in one place:
+
+    model --trace--> GraphModule --shape_prop--> shapes --analyse--> layers, L, blocks
+          --build_twin--> twin GraphModule: forward (recording constants) + SRD backward
+
+``compile(model)`` returns an :class:`Explainer`, an ``nn.Module`` whose ``forward(x, target)``
+returns an :class:`SRDOutput`.  The twin is built on the first call (or at once when an
+``example_input`` is given or the model is a timm model with a default input size), because
+layout and gate decisions use the shapes of one forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .analysis import GraphInfo
+from ..errors import InputError, NonFiniteError, TrainingModeError, UnsupportedOpError
+from .trace import TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
+from .twin import build_twin
+
+Head = Union[str, Callable]
+
+
+@dataclass
+class SRDOutput:
+    """What an explainer returns.
+
+    logits:     (B, K), equal to ``model(x)``;
+    saliency:   (B, H, W) relevance at the input ("SRD-input");
+    relevance:  requested layer -> (B, h, w) relevance maps;
+    R_L:        the initial relevance at the encoder output (B, h_L, w_L);
+    lost:       (B,) relevance that could not be propagated (zero-norm PFVs or receptive fields,
+                SPEC §2): ``saliency.sum() + lost == R_L.sum()`` per sample."""
+    logits: torch.Tensor
+    saliency: torch.Tensor
+    relevance: Dict[str, torch.Tensor] = field(default_factory=dict)
+    R_L: Optional[torch.Tensor] = None
+    lost: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def cat(parts):
+        """Concatenate outputs of several chunks along the batch."""
+        keys = parts[0].relevance.keys()
+        c = lambda ts: None if ts[0] is None else torch.cat(ts)
+        return SRDOutput(c([p.logits for p in parts]), c([p.saliency for p in parts]),
+                         {k: torch.cat([p.relevance[k] for p in parts]) for k in keys},
+                         c([p.R_L for p in parts]), c([p.lost for p in parts]))
+
+
+class Explainer(nn.Module):
+    """A compiled SRD explainer (see :func:`compile`)."""
+
+    def __init__(self, model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
+                 encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
+                 unit: str = "pfv", example_input: Optional[torch.Tensor] = None, check: bool = True,
+                 chunk_size: Optional[int] = None, output_selector=None):
+        super().__init__()
+        self.output_selector = output_selector
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError("chunk_size must be a positive number of samples")
+        self.chunk_size = chunk_size
+        if value not in ("pre", "post"):
+            raise ValueError("value must be 'pre' (SRD) or 'post' (ablation, SPEC §5)")
+        if unit not in ("pfv", "neuron"):
+            raise ValueError("unit must be 'pfv' (SRD) or 'neuron' (ablation, SPEC §5)")
+        check_eval(model)
+        self.model = model
+        self.options = dict(head=head, layers=tuple(layers) if layers != "all" else "all",
+                            encoder_output=encoder_output, eps=eps, value=value, unit=unit, check=check)
+        self.graph_module = None
+        self.info: Optional[GraphInfo] = None
+        try:
+            self.traced = trace(model)
+        except TraceError:
+            ex = example_input if example_input is not None else _default_example(model)
+            if ex is None:  # may trace once the input size is known (shape-dependent branches)
+                self.traced = None
+            else:
+                self.traced = trace(model, ex)
+        if check:
+            bad = _non_finite(list(model.named_parameters()) + list(model.named_buffers()))
+            if bad:
+                raise NonFiniteError(f"the model has non-finite weights in {bad[:5]}: explanations would be NaN")
+        if example_input is None:
+            example_input = _default_example(model)
+        if example_input is not None:
+            self.build(example_input)
+
+    # ------------------------------------------------------------------ building ----------
+    def build(self, example: torch.Tensor) -> "Explainer":
+        """Analyse the traced graph with the shapes of ``example`` and generate the twin."""
+        ex = example[:1].detach()
+        if not specialised_for(self.traced, example.shape):
+            self.traced = trace(self.model, example.detach())  # shape-specialised trace for this input
+        if self.traced.meta.get("srd_specialised") is not None:
+            ex = example.detach()
+        try:
+            traced_out = shape_prop(self.traced, ex)
+        except Exception as e:
+            raise InputError(f"the model fails on an input of shape {tuple(example.shape)} "
+                             f"({type(e).__name__}: {str(e).splitlines()[-1][:300]}); check the input size, "
+                             "dtype and device") from e
+        if self.options["check"]:
+            check_trace_matches(self.model, ex, traced_out)
+        if self.output_selector is None:
+            _check_single_output(self.traced)
+        self.info = GraphInfo(self.traced, self.options["encoder_output"], self.output_selector)
+        self.__dict__.pop("_seeded_cache", None)
+        o = self.options
+        self.graph_module, self.layer_nodes = build_twin(
+            self.info, _root_of(self.model), head=o["head"], layers=o["layers"], eps=o["eps"], value=o["value"],
+            unit=o["unit"], check=o["check"], output_selector=self.output_selector, input_channels=ex.shape[1] if ex.dim() > 1 else None)
+        return self
+
+    def _seeded(self, layer: str):
+        """A twin that propagates a given relevance map from ``layer`` down (cached)."""
+        from .twin import resolve_layers
+        node = resolve_layers(self.info, [layer])[layer]
+        if node is self.info.input:
+            raise ValueError("the input has no layer below it to propagate to")
+        cache = self.__dict__.setdefault("_seeded_cache", {})
+        if node not in cache:
+            o = self.options
+            gm, _ = build_twin(self.info, _root_of(self.model), layers="all", eps=o["eps"],
+                               value=o["value"], unit=o["unit"], check=False, seed=node)
+            cache[node] = gm
+        return node, cache[node]
+
+    def propagate(self, x: torch.Tensor, layer: str, R: torch.Tensor, read=None):
+        """Propagate a relevance map ``R`` (B, h, w) given at ``layer`` down to the input.
+
+        Returns the input map (B, H, W); with ``read`` (a list of layer names), a dict of the
+        relevance reaching each of those layers (e.g. the previous activation layer: the
+        sharing ratios mu^{l->k} of the seeded PFVs, Fig. 5 bottom)."""
+        if self.graph_module is None:
+            self.build(x)
+        node, gm = self._seeded(layer)
+        shape = list(self.info.shape(node))
+        per_neuron = self.options["unit"] == "neuron"   # unit="neuron": one relevance per neuron
+        if not per_neuron:
+            for a in self.info.caxes(node):
+                shape[a] = 1
+        shape[0] = x.shape[0]
+        if R.numel() != _prod(shape):
+            raise InputError(f"relevance for layer {layer!r} must have "
+                             f"{tuple(s for i, s in enumerate(shape) if i != 0 and (per_neuron or i not in self.info.caxes(node)))} "
+                             f"{'neuron values' if per_neuron else 'values'} per sample, got {tuple(R.shape)}")
+        out = gm(x, R.reshape(shape))
+        return out["saliency"] if read is None else self._read(out, read)
+
+    def _read(self, out, read):
+        from .twin import resolve_layers
+        res = {}
+        for key in read:
+            node = resolve_layers(self.info, [key])[key]
+            name = "input" if node is self.info.input else node.name
+            res[key] = out["relevance"][name]
+        return res
+
+    def erf(self, x: torch.Tensor, layer: str, positions=None, read=None):
+        """ERFs (SPEC §3) of the PFVs of ``layer`` at ``positions`` (list of index tuples over the
+        layer's spatial dims; default: all positions), as backward passes seeded one-hot, batched
+        over positions: returns (B, P, H, W).  Each ERF sums to 1 where norms are non-degenerate.
+        With ``read`` (layer names): a dict layer -> (B, P, h, w) of what reaches those layers."""
+        if self.options["unit"] == "neuron":
+            raise InputError("erf() seeds one PFV (SPEC §3) and is defined for unit='pfv'; with "
+                             "unit='neuron' seed the neurons you want with propagate(x, layer, R)")
+        if self.graph_module is None:
+            self.build(x)
+        node, gm = self._seeded(layer)
+        cax = self.info.caxes(node)
+        sp = [s for i, s in enumerate(self.info.shape(node)) if i != 0 and i not in cax]
+        if positions is None:
+            positions = [tuple(int(v) for v in idx) for idx in torch.cartesian_prod(*[torch.arange(s) for s in sp]).reshape(-1, len(sp)).tolist()]
+        positions = [tuple(p) if isinstance(p, (tuple, list)) else (p,) for p in positions]
+        for p in positions:
+            if len(p) != len(sp) or any(not (0 <= v < s) for v, s in zip(p, sp)):
+                raise InputError(f"position {p} is outside layer {layer!r} of spatial size {tuple(sp)}")
+        B, P = x.shape[0], len(positions)
+        seed = torch.zeros([B * P] + sp, dtype=x.dtype, device=x.device)
+        for k, p in enumerate(positions):
+            seed[(slice(k, None, P),) + p] = 1
+        xr = x.repeat_interleave(P, dim=0)
+        shape = list(self.info.shape(node))
+        for a in cax:
+            shape[a] = 1
+        shape[0] = B * P
+        out = gm(xr, seed.reshape(shape))
+        if read is not None:
+            return {k: v.reshape(B, P, *v.shape[1:]) for k, v in self._read(out, read).items()}
+        sal = out["saliency"]
+        return sal.reshape(B, P, *sal.shape[1:])
+
+    @property
+    def code(self) -> str:
+        """The generated forward + SRD backward, as Python source."""
+        if self.graph_module is None:
+            raise RuntimeError("the explainer is built on its first call: call it once, or pass "
+                               "example_input= to srd_fx.compile, before reading .code")
+        return self.graph_module.code
+
+    @property
+    def activation_layers(self):
+        return [l.name for l in self.info.layers] if self.info else []
+
+    @property
+    def encoder_output(self) -> str:
+        return self.info.L.name if self.info else None
+
+    # ------------------------------------------------------------------ calling -----------
+    def forward(self, x: torch.Tensor, target: Union[None, int, torch.Tensor] = None) -> SRDOutput:
+        if self.options["check"]:
+            if any(m.training for m in self.model.modules()):
+                raise TrainingModeError("the model was put back in training mode after compile; call "
+                                        "model.eval() before explaining")
+            if isinstance(x, torch.Tensor) and self.graph_module is not None and x.dim() != len(self.info.shape(self.info.input)):
+                raise InputError(f"expected an input of rank {len(self.info.shape(self.info.input))}, got "
+                                 f"shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+        if self.graph_module is not None and isinstance(x, torch.Tensor) \
+                and not specialised_for(self.traced, x.shape):
+            self.graph_module = None  # the trace depends on the input size: rebuild for this one
+        if self.graph_module is None:
+            if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                raise InputError(f"expected a batched tensor input (B, C, ...), got "
+                                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            p = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+            if p is not None and (p.device != x.device or p.dtype != x.dtype):
+                raise InputError(f"the input is {x.dtype} on {x.device} but the model is {p.dtype} on "
+                                 f"{p.device}: use x.to(device={str(p.device)!r}, dtype={p.dtype})")
+            self.build(x)
+        n = self.chunk_size
+        if n is not None and x.shape[0] > n:
+            # memory bound: only n samples' activations are alive at a time
+            ts = target if isinstance(target, torch.Tensor) and target.dim() > 0 else None
+            return SRDOutput.cat([self.forward(x[i:i + n], ts[i:i + n] if ts is not None else target)
+                                  for i in range(0, x.shape[0], n)])
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # nothing to differentiate: do not keep the autograd graph through the parameters
+            with torch.no_grad():
+                out = self.graph_module(x, target)
+        else:
+            out = self.graph_module(x, target)
+        return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"], out["lost"])
+
+
+def _check_single_output(gm) -> None:
+    """A model returning a tuple/dict needs ``output_selector`` (said before the analysis looks
+    for the encoder output, which the other outputs could confuse)."""
+    from torch.fx.passes.shape_prop import TensorMetadata
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if not (isinstance(out, torch.fx.Node) and isinstance(out.meta.get("tensor_meta"), TensorMetadata)):
+        raise UnsupportedOpError(
+            "the model returns a tuple/dict, not a logits tensor (B, classes): pass "
+            "output_selector= (e.g. output_selector='logits', 0, or a callable) to srd_fx.compile.")
+
+
+def _non_finite(named):
+    """Names of tensors holding NaN/Inf: one fused norm over all of them, per-tensor only if needed."""
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    with torch.no_grad():
+        groups = {}
+        for n, t in named:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        ok = all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all()) for ts in groups.values())
+        if ok:
+            return []
+        return [n for n, t in named if not torch.isfinite(t).all()]
+
+
+def _root_of(model: nn.Module) -> nn.Module:
+    """A fresh container sharing the model's submodules, parameters and buffers (the twin adds
+    its own attributes to it without touching the user's model)."""
+    root = nn.Module()
+    for name, child in model.named_children():
+        root.add_module(name, child)
+    for name, p in model.named_parameters(recurse=False):
+        root.register_parameter(name, p)
+    for name, buf in model.named_buffers(recurse=False):
+        root.register_buffer(name, buf)
+    return root
+
+
+def _prod(xs):
+    out = 1
+    for v in xs:
+        out *= v
+    return out
+
+
+def _default_example(model):
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        p = next(model.parameters(), None)
+        kw = dict(dtype=p.dtype, device=p.device) if p is not None else {}
+        return torch.zeros((1,) + tuple(cfg["input_size"]), **kw)
+    return None
+
+
+def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
+            encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
+            unit: str = "pfv", example_input: Optional[torch.Tensor] = None,
+            check: bool = True, chunk_size: Optional[int] = None,
+            output_selector=None) -> Explainer:
+    """Compile ``model`` (in eval mode) into its SRD explainer.
+
+    head:           "gradcam" (Eq. 4, default), "ones" (Sec. 4.3) or ``f(A, logits, target) -> R``;
+    layers:         relevance maps to return: "input", "low" (L), "high" (4x L's resolution),
+                    activation module/node names, or "all";
+    encoder_output: module or node name of L (default: timm's forward_features, else the input
+                    of the global pooling);
+    eps:            positions with ||v||^2 <= eps pass no relevance;
+    value:          "pre" (SRD) or "post" (ablation, SPEC §5: share by <v_hat, act(v)>);
+    unit:           "pfv" (SRD) or "neuron" (ablation, SPEC §5: scalar neurons, LRP-0 with bias
+                    sharing per neuron);
+    example_input:  build now instead of on the first call;
+    check:          validate inputs/outputs (finite, ranks, training mode);
+    chunk_size:     explain large batches this many samples at a time (bounds memory);
+    output_selector: for models returning a tuple/dict: a callable, key or index giving the logits."""
+    return Explainer(model, head=head, layers=layers, encoder_output=encoder_output, eps=eps,
+                     value=value, unit=unit, example_input=example_input, check=check,
+                     chunk_size=chunk_size, output_selector=output_selector)

@@ -1,0 +1,650 @@
+"""The twin-graph builder: forward with recorded constants, then the SRD backward, as one fx graph.
+
+For every affine block (SPEC §7), in reverse order of the activation layers:
+
+    s      = R * v / ||v||^2                          ops.sharing
+    g      = Lin^T s                                  rule.transpose, node by node
+    R_lin  = <x, g>                                   ops.pfv_dot
+    b      = F(0, ..., 0)                             rule.bias, only where it is not zero
+    D      = S(||x||)                                 rule.shadow
+    R_bias = ||x|| * S^T(<b, s> / D)                  rule.shadow_T
+
+The backward is one reverse sweep over the graph (class Backward): blocks that share ops push
+the sum of their g (and of their <b, s> / D) through each shared op once, and b and D are
+emitted once per op.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from srd_fx import rules as R
+
+from . import heads
+from . import runtime as ops
+from .analysis import GraphInfo, Layer
+from ..errors import UnsupportedOpError
+
+_INPLACE_FN = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+               operator.itruediv: operator.truediv}
+
+
+# ----------------------------------------------------------------------- runtime helpers ----
+_RESOLVED = {}
+
+
+def resolve(qualname: str):
+    """A function from its qualified name (generated code passes functions by name: fx cannot
+    print function objects as arguments)."""
+    fn = _RESOLVED.get(qualname)
+    if fn is None:
+        import importlib
+        parts = qualname.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:k]))
+            except ImportError:
+                continue
+            for p in parts[k:]:
+                obj = getattr(obj, p)
+            fn = _RESOLVED[qualname] = obj
+            break
+        else:
+            raise ValueError(f"cannot resolve {qualname!r}")
+    return fn
+
+
+def fn_name(fn) -> str:
+    from torch.fx.node import _get_qualified_name
+    name = _get_qualified_name(fn)
+    resolve(name)  # fail at build time, not at run time
+    return name
+
+
+def _call(fn, args, kwargs):
+    if isinstance(fn, str):
+        if fn.startswith("method:"):  # a tensor method
+            return getattr(args[0], fn[7:])(*args[1:], **kwargs)
+        return resolve(fn)(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def linear_vjp(g, fn, args, kwargs, mains):
+    """Lin^T g for an op linear in ``mains`` (autograd's VJP, differentiable in g)."""
+    with torch.enable_grad():
+        leaves = [m.detach().requires_grad_() for m in mains]
+        swap = {id(m): l for m, l in zip(mains, leaves)}
+        sub = lambda t: swap.get(id(t), t) if isinstance(t, torch.Tensor) else t
+        a = torch.utils._pytree.tree_map(sub, args)
+        k = torch.utils._pytree.tree_map(sub, kwargs)
+        out = _call(fn, a, k)
+        grads = torch.autograd.grad(out, leaves, g, create_graph=g.requires_grad, allow_unused=True)
+    return [torch.zeros_like(m) if gr is None else gr for m, gr in zip(mains, grads)]
+
+
+def shadow_vjp(m, fn, fn_args, like, caxes):
+    """Transpose of a shadow ``fn(map, *fn_args)`` (linear in the map) by autograd."""
+    fn = resolve(fn) if isinstance(fn, str) else fn
+    shape = list(like.shape)
+    for a in caxes:
+        shape[a] = 1
+    with torch.enable_grad():
+        z = torch.zeros(shape, dtype=m.dtype, device=m.device, requires_grad=True)
+        (gr,) = torch.autograd.grad(fn(z, *fn_args), z, m, create_graph=m.requires_grad)
+    return gr
+
+
+def zeros1(like):
+    """A structurally-zero input materialised with batch size 1 (biases are broadcast)."""
+    return like.new_zeros((1,) + tuple(like.shape[1:]))
+
+
+def materialize(z, like):
+    """A bias flowing into an op, broadcast to the op input's shape (batch kept as it is)."""
+    if tuple(z.shape[1:]) == tuple(like.shape[1:]):
+        return z
+    return z.expand((z.shape[0],) + tuple(like.shape[1:]))
+
+
+def check_input(x, rank, channels, ref=None):
+    from ..errors import InputError, NonFiniteError
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"expected a tensor input, got {type(x).__name__}")
+    if ref is not None and x.device != ref.device:
+        raise InputError(f"the input is on {x.device} but the model is on {ref.device}; move one of them "
+                         f"(x.to('{ref.device}'))")
+    if ref is not None and x.dtype != ref.dtype:
+        raise InputError(f"the input is {x.dtype} but the model is {ref.dtype}; cast it (x.to({ref.dtype}))")
+    if x.dim() != rank:
+        raise InputError(f"expected an input of rank {rank} (batch, channels, ...), got shape "
+                         f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+    if channels is not None and x.shape[1] != channels:
+        raise InputError(f"expected {channels} input channels, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise NonFiniteError("the input contains NaN or Inf values; SRD maps would be meaningless. "
+                             "Clean the input (torch.nan_to_num) before explaining it.")
+    return x
+
+
+def check_finite(t, what):
+    from ..errors import NonFiniteError
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"{what} contains NaN/Inf (non-finite weights, or values outside the "
+                             "dtype's range): no map is returned rather than a wrong one.")
+    return t
+
+
+LOWP_CONSERVATION_TOL = 0.1
+
+
+def check_map(sal, R_L, lost, logits, what):
+    """``check_finite``, and in float16/bfloat16 (autocast or a half model: the logits tell) also
+    conservation: the map plus the reported loss must still hold the seed's relevance to within
+    LOWP_CONSERVATION_TOL of sum |R_L| per sample.  Half precision underflows (float16 below 6e-8;
+    relevance is a share of the logit, so a model with tiny logits loses all of it) or rounds a map
+    away without a NaN; in float32/float64 SRD conserves to rounding and nothing is computed here."""
+    from ..errors import PrecisionLossError
+    check_finite(sal, what)
+    if logits.dtype not in ops.LOW_PRECISION:
+        return sal
+    r = R_L.detach().float().flatten(1)
+    scale = r.abs().sum(1)
+    have = sal.detach().float().flatten(1).sum(1)
+    if lost is not None:
+        have = have + lost.detach().float().reshape(-1)
+    gap = (have - r.sum(1)).abs()
+    bad = (gap > LOWP_CONSERVATION_TOL * scale) & (scale > 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise PrecisionLossError(
+            f"{what} lost {float(gap[i] / scale[i]):.0%} of the relevance of sample {i} to "
+            f"{logits.dtype} rounding/underflow (sum |R_L| = {float(scale[i]):.3g}): the map would "
+            "be wrong. Explain in float32 (outside autocast), or use bfloat16, whose range does not underflow.")
+    return sal
+
+
+class _Key:
+    """An output_selector given as a dict key or tuple index."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, out):
+        try:
+            return out[self.key]
+        except (KeyError, IndexError, TypeError):
+            from ..errors import InputError
+            keys = list(out.keys()) if isinstance(out, dict) else (
+                f"indices 0..{len(out) - 1}" if isinstance(out, (tuple, list)) else type(out).__name__)
+            raise InputError(f"output_selector {self.key!r} does not select anything in the model's output; "
+                             f"available: {keys}") from None
+
+
+def add_all(*ts):
+    out = ts[0]
+    for t in ts[1:]:
+        out = out + t
+    return out
+
+
+# ----------------------------------------------------------------------- builder ------------
+class Builder:
+    """Emits the twin graph; rules talk to it (see srd_fx/rules/__init__.py)."""
+
+    def __init__(self, info: GraphInfo, root: nn.Module, eps: float, value: str = "pre",
+                 unit: str = "pfv"):
+        self.info, self.root, self.eps, self.value, self.unit = info, root, eps, value, unit
+        self.g = fx.Graph()
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self._recorded: Dict[tuple, fx.Node] = {}
+        self._attrs: Dict[str, fx.Node] = {}
+
+    # -- facts (delegated to the analysis) ---------------------------------------------------
+    def shape(self, n):
+        return self.info.shape(n)
+
+    def caxes(self, n):
+        """Channel axes of a tensor: reduced by PFV norms.  unit="neuron": none (every scalar
+        neuron is its own unit, SPEC §5)."""
+        return () if self.unit == "neuron" else self.info.caxes(n)
+
+    def true_caxes(self, n):
+        """Channel axes of the tensor layout (whatever the unit)."""
+        return self.info.caxes(n)
+
+    def main_inputs(self, n):
+        return self.info.main_inputs(n)
+
+    def module(self, n):
+        return self.info.module(n)
+
+    def unsupported(self, node, reason):
+        self.info.unsupported(node, reason)
+
+    def _map_shape(self, n):
+        s = list(self.shape(n))
+        for a in self.caxes(n):
+            s[a] = 1
+        return s
+
+    # -- emitting ----------------------------------------------------------------------------
+    def call(self, fn, *args, name: Optional[str] = None, **kwargs):
+        return self.g.create_node("call_function", fn, tuple(args), kwargs, name=name)
+
+    def attr(self, target: str):
+        if target not in self._attrs:
+            self._attrs[target] = self.g.get_attr(target)
+        return self._attrs[target]
+
+    def val(self, a):
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def param(self, node, name):
+        mod = self.module(node)
+        if getattr(mod, name, None) is None:
+            return None
+        return self.attr(f"{node.target}.{name}")
+
+    def copy(self, node):
+        return self.out_of_place(self.g.node_copy(node, lambda a: self.env[a]))
+
+    @staticmethod
+    def out_of_place(n):
+        """The twin never writes in place: recorded values must stay intact."""
+        if n.op == "call_function" and n.target in _INPLACE_FN:
+            n.target = _INPLACE_FN[n.target]
+        elif n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
+                and not n.target.startswith("_") and hasattr(torch.Tensor, n.target[:-1]):
+            n.target = n.target[:-1]
+        return n
+
+    def copy_out_of_place(self, node):
+        rule = self.info.rule[node]
+        if node.op == "call_module":
+            mod = self.module(node)
+            if getattr(mod, "inplace", False):
+                clone = copy.copy(mod)
+                clone.inplace = False
+                name = "srd_oop_" + node.target.replace(".", "_")
+                self.root.add_module(name, clone)
+                return self.g.create_node("call_module", name, self.val(node.args), self.val(node.kwargs),
+                                          name=node.name)
+            return self.copy(node)
+        if node.op == "call_function":
+            fn = node.target
+            if getattr(rule, "fn", None) is not None and getattr(fn, "__name__", "").endswith("_"):
+                fn = rule.fn
+            args, kwargs = self.val(node.args), dict(self.val(node.kwargs))
+            try:
+                sig = inspect.signature(fn)
+                if "inplace" in sig.parameters:
+                    bound = sig.bind_partial(*args, **kwargs)
+                    bound.arguments["inplace"] = False
+                    args, kwargs = bound.args, bound.kwargs
+            except (TypeError, ValueError):
+                pass
+            return self.g.create_node("call_function", fn, tuple(args), kwargs, name=node.name)
+        return self.copy(node)
+
+    def size_of(self, node):
+        """The shape of a forward value, taken right after it is computed: code that needs only
+        the shape (shadow windows) then does not keep the tensor alive until the backward."""
+        key = (node, "shape")
+        if key not in self._recorded:
+            val = self.val(node)
+            if not isinstance(val, fx.Node):
+                return val
+            with self.g.inserting_after(val):
+                self._recorded[key] = self.g.call_function(getattr, (val, "shape"), name="shape_" + node.name)
+        return self._recorded[key]
+
+    def norm_of(self, node):
+        """||x|| per position of a forward value, emitted once however many blocks consume it."""
+        key = (node, "norm")
+        if key not in self._recorded:
+            self._recorded[key] = self.call(ops.pfv_norm, self.val(node), self.caxes(node), name=f"n_{node.name}")
+        return self._recorded[key]
+
+    def set_recorded(self, node, key, twin):
+        self._recorded[(node, key)] = twin
+
+    def recorded(self, node, key):
+        return self._recorded[(node, key)]
+
+    # -- helpers the rules use ---------------------------------------------------------------
+    def _callable(self, node):
+        if node.op == "call_module":
+            return self.attr(node.target)
+        if node.op == "call_method":
+            return "method:" + node.target
+        return fn_name(node.target)
+
+    def first_occurrence(self, node, got: dict):
+        out, seen = [], set()
+        for i in self.main_inputs(node):
+            out.append(got.get(i) if i not in seen else None)
+            seen.add(i)
+        return out
+
+    def vjp(self, node, g):
+        uniq = list(dict.fromkeys(self.main_inputs(node)))
+        res = self.call(linear_vjp, g, self._callable(node), self.val(node.args), self.val(node.kwargs),
+                        [self.val(i) for i in uniq], name="g_vjp_" + node.name)
+        got = {i: self.call(operator.getitem, res, k) for k, i in enumerate(uniq)}
+        return self.first_occurrence(node, got)
+
+    def vjp_shadow(self, fn, fn_args, m, x):
+        return [self.call(shadow_vjp, m, fn_name(fn), fn_args, self.val(x), self.caxes(x))]
+
+    def apply_with_inputs(self, node, zs):
+        """The op applied to the biases flowing in (zeros where None).  Ops that keep positions
+        take them as they are (broadcast); others get them expanded to the input's shape."""
+        mains = self.main_inputs(node)
+        pointwise = getattr(self.info.rule.get(node), "pointwise", False)
+        if self._is_plain_add(node, mains) and sum(z is None for z in zs) == 1:
+            return next(z for z in zs if z is not None)  # b + 0: no zeros to materialise and add
+        sub = {}
+        for i, z in zip(mains, zs):
+            if i in sub:
+                continue
+            if z is None:
+                sub[i] = self.call(zeros1, self.val(i))
+            else:
+                sub[i] = z if pointwise else self.call(materialize, z, self.val(i))
+        return self.out_of_place(self.g.node_copy(node, lambda a: sub.get(a, self.env.get(a))))
+
+    @staticmethod
+    def _is_plain_add(node, mains):
+        """``a + b`` of two distinct block tensors (no alpha, no constant operand)."""
+        if node.op == "call_function":
+            ok = node.target in (operator.add, operator.iadd, torch.add)
+        else:
+            ok = node.op == "call_method" and node.target in ("add", "add_")
+        return ok and not node.kwargs and len(node.args) == 2 and len(mains) == 2 \
+            and mains[0] is not mains[1] and all(isinstance(a, fx.Node) for a in node.args) \
+            and set(node.args) == set(mains)
+
+    def unbroadcast(self, g, i, node):
+        if self.shape(i) == self.shape(node):
+            return g
+        return self.call(ops.unbroadcast, g, self.val(i))
+
+    def map_to_output(self, m, node):
+        return m  # maps of broadcast inputs broadcast in sum_maps; fixed below if alone
+
+    def map_to_input(self, m, i, node):
+        if self._map_shape(i) == self._map_shape(node):
+            return m
+        return self.call(ops.expand_map, m, self.val(i), self.caxes(i))
+
+    def sum_maps(self, ms):
+        ms = [m for m in ms if m is not None]
+        return ms[0] if len(ms) == 1 else self.call(add_all, *ms)
+
+
+# ----------------------------------------------------------------------- the SRD backward ---
+def _sum(b: Builder, parts: List[fx.Node], name: str) -> fx.Node:
+    return parts[0] if len(parts) == 1 else b.call(add_all, *parts, name=name)
+
+
+class Backward:
+    """The SRD backward (SPEC §2, §7) as one reverse sweep over the graph.
+
+    Every block's quantities are linear in its sharing ratio ``s`` (linear share) and in its
+    ``q = beta / D`` (bias share), and the transposes of an op do not depend on the block, so
+    blocks that share ops (a residual stream with no activation on it, as in ConvNeXt) push the
+    *sum* of their ``g`` and ``q`` through each shared op once: the cost is that of one backward
+    pass, not one per block.  At a block input ``x``, all consumers done:
+
+        R_x = <x, sum g> + ||x|| * sum q         (R_lin + R_bias summed over the blocks using x)
+
+    The block bias ``b = F(0)`` and the shadow ``D = S(||x||)`` of an op's output depend only on
+    the op (its block inputs are the same activation outputs in every block that contains it):
+    each is emitted once and reused."""
+
+    def __init__(self, b: Builder, lost: list):
+        info = b.info
+        self.b, self.info, self.lost = b, info, lost
+        self.boundary = {a for lay in info.layers for a in lay.inputs}  # activation outputs, input
+        self.interior = {n for lay in info.layers for n in lay.block}
+        self.g: Dict[fx.Node, List[fx.Node]] = {}   # pending Lin^T s, summed over blocks
+        self.q: Dict[fx.Node, List[fx.Node]] = {}   # pending S^T(beta / D), summed over blocks
+        self._z: Dict[fx.Node, Optional[fx.Node]] = {}
+        self._m: Dict[fx.Node, fx.Node] = {}
+
+    # -- per-op facts, emitted once ------------------------------------------------------------
+    def _upstream(self, n):
+        """Interior ops that ``n`` depends on inside blocks (n included), in forward order."""
+        out, seen, stack = [], set(), [n]
+        while stack:
+            k = stack.pop()
+            if k in seen or k in self.boundary:
+                continue
+            seen.add(k)
+            out.append(k)
+            stack.extend(self.b.main_inputs(k))
+        return sorted(out, key=self.info.order.get)
+
+    def bias(self, n):
+        """F(0) at op ``n``: every activation output upstream set to zero (None: structurally 0)."""
+        if n in self.boundary:
+            return None
+        for k in self._upstream(n):
+            if k not in self._z:
+                zs = [None if i in self.boundary else self._z[i] for i in self.b.main_inputs(k)]
+                self._z[k] = self.info.rule[k].bias(self.b, k, zs)
+        return self._z[n]
+
+    def shadow(self, n):
+        """D at op ``n``: the norms of the block inputs summed over its structural receptive field."""
+        b = self.b
+        if n in self.boundary:
+            return b.norm_of(n)
+        for k in self._upstream(n):
+            if k not in self._m:
+                rule, mains = self.info.rule[k], b.main_inputs(k)
+                m = rule.shadow(b, k, [self._m[i] if i not in self.boundary else b.norm_of(i) for i in mains])
+                if rule.pointwise and any(b._map_shape(i) != b._map_shape(k) for i in mains):
+                    m = b.call(ops.map_like, m, b.val(k), b.caxes(k))
+                self._m[k] = m
+        return self._m[n]
+
+    # -- the sweep -------------------------------------------------------------------------------
+    def relevance_at(self, a) -> Optional[fx.Node]:
+        """R at a block input: linear share plus bias share from every block that consumes it."""
+        b, parts = self.b, []
+        gs = self.g.pop(a, None)
+        if gs:
+            g_a = _sum(b, gs, "g_" + a.name)
+            # a new tensor; build_twin drops the flag where another op also reads it
+            fresh = g_a.op == "call_function" and (
+                g_a.target in (ops.conv_T, ops.gather_T) or (g_a.target is add_all and len(g_a.args) > 1))
+            parts.append(b.call(ops.pfv_dot, b.val(a), g_a, b.caxes(a), name="Rlin_" + a.name,
+                                **({"overwrite_g": True} if fresh else {})))
+        qs = self.q.pop(a, None)
+        if qs:
+            parts.append(b.call(operator.mul, b.norm_of(a), _sum(b, qs, "q_" + a.name), name="Rbias_" + a.name))
+        if len(parts) == 2:
+            return b.call(operator.add, parts[0], parts[1], name="R_" + a.name)
+        return parts[0] if parts else None
+
+    def seed(self, lay: Layer, R_k):
+        """Start the backward of layer ``lay``'s block from its relevance ``R_k``."""
+        b, tag = self.b, lay.name
+        pre, cax = lay.pre, b.caxes(lay.pre)
+        v = b.val(pre)
+        if b.value == "post" and not lay.virtual:
+            a = b.val(lay.node)
+            va = b.call(ops.pfv_dot, v, a, cax, name="va_" + tag)  # <v, act(v)>, once for both uses
+            self.lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, va, name="lost_" + tag))
+            s = b.call(ops.sharing_post, R_k, v, a, cax, b.eps, va, name="s_" + tag)
+        else:
+            nv2 = b.call(ops.sq_norm, v, cax, name="nv2_" + tag)  # ||v||^2, once for both uses
+            self.lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, nv2, name="lost_" + tag))
+            s = b.call(ops.sharing, R_k, v, cax, b.eps, nv2, name="s_" + tag)
+        self.g.setdefault(pre, []).append(s)
+        bias = self.bias(pre) if pre in self.interior else None
+        if bias is not None:
+            beta = b.call(ops.pfv_dot, bias, s, cax, name="beta_" + tag)
+            D = self.shadow(pre)
+            self.q.setdefault(pre, []).append(b.call(ops.safe_div, beta, D, name="q_" + tag))
+            self.lost.append(b.call(ops.lost_bias, beta, D, name="lost_bias_" + tag))
+
+    def transpose(self, n):
+        """Push the pending g and q of interior op ``n`` to its inputs."""
+        b, rule = self.b, self.info.rule[n]
+        gs = self.g.pop(n, None)
+        if gs:
+            for i, gi in zip(b.main_inputs(n), rule.transpose(b, n, _sum(b, gs, "g_" + n.name))):
+                if gi is not None:
+                    self.g.setdefault(i, []).append(gi)
+        qs = self.q.pop(n, None)
+        if qs:
+            for i, qi in zip(b.main_inputs(n), rule.shadow_T(b, n, _sum(b, qs, "q_" + n.name))):
+                if qi is not None:
+                    self.q.setdefault(i, []).append(qi)
+
+
+def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("input",), eps=1e-12,
+               value="pre", unit="pfv", check=True, input_channels=None, seed=None,
+               output_selector=None):
+    """Build the twin GraphModule.  Returns (GraphModule, {layer key: node name}).
+
+    ``seed``: a layer node; the twin then takes ``forward(x, R_seed)`` and propagates the given
+    relevance map from that layer down (ERFs, SPEC §3) instead of starting from the head."""
+    b = Builder(info, root, eps, value, unit)
+    x = b.g.placeholder(info.input.name)
+    target = b.g.placeholder("R_seed" if seed is not None else "target",
+                             default_value=None if seed is None else inspect.Signature.empty)
+    ref = next((n for n, p in root.named_parameters() if p.is_floating_point()), None)
+    x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels,
+                       b.attr(ref) if ref else None, name="x_checked") if check else x
+    b.env[info.input] = x_checked
+
+    # 1. forward, recording the constants the rules ask for
+    for n in info.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        rule = info.rule.get(n)
+        b.env[n] = rule.record(b, n) if rule is not None and info.is_tensor(n) else b.copy(n)
+    out_arg = info.output.args[0]
+    if output_selector is not None:
+        root.srd_output_selector = output_selector if callable(output_selector) else _Key(output_selector)
+        logits = b.call(heads.select_output, b.val(out_arg), b.attr("srd_output_selector"), name="logits")
+    elif isinstance(out_arg, fx.Node) and info.is_tensor(out_arg):
+        logits = b.val(out_arg)
+    else:
+        raise UnsupportedOpError(
+            "the model returns a tuple/dict, not a logits tensor (B, classes): pass "
+            "output_selector= (e.g. output_selector='logits', 0, or a callable) to srd_fx.compile.")
+
+    # 2. initial relevance at the encoder output L (Eq. 4)
+    L = info.L
+    cax_L = info.caxes(L)
+    neuron = unit == "neuron"
+    if seed is not None:
+        R_L = target
+        L = seed
+    elif callable(head) and not isinstance(head, str):
+        root.srd_user_head = head
+        R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, neuron,
+                     name="R_L")
+    elif head == "gradcam":
+        root.srd_head = heads.extract_head(info, root.__dict__.get("srd_output_selector"))
+        R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, neuron, name="R_L")
+    elif head == "ones":
+        R_L = b.call(heads.ones, b.val(L), cax_L, neuron, name="R_L")
+    else:
+        raise ValueError(f"head must be 'gradcam', 'ones' or a callable (A, logits, target) -> R, got {head!r}")
+
+    # 3. the SRD backward: one reverse sweep, last op first (see Backward)
+    R_of: Dict[fx.Node, fx.Node] = {}
+    lost: List[fx.Node] = []
+    bw = Backward(b, lost)
+    layers_at: Dict[fx.Node, List[Layer]] = {}
+    for lay in info.layers:
+        layers_at.setdefault(lay.node, []).append(lay)
+    R_in = None
+    for n in sorted(set(layers_at) | bw.boundary | bw.interior, key=info.order.get, reverse=True):
+        R_n = bw.relevance_at(n) if n in bw.boundary else None
+        if n is L:
+            R_n = R_L if R_n is None else b.call(add_all, R_n, R_L, name="R_" + n.name)
+        if n is info.input:
+            R_in = R_n
+        elif R_n is not None and n in layers_at:
+            R_of[n] = R_n
+            for lay in layers_at[n]:
+                bw.seed(lay, R_n)
+        if n in bw.interior:
+            bw.transpose(n)
+    if R_in is None:
+        R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, b.caxes(info.input)))
+    R_of[info.input] = R_in
+
+    # 4. outputs
+    names = resolve_layers(info, layers)
+    rel = {}
+    for key, node in names.items():
+        r = R_of.get(node)
+        if r is None:
+            r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
+        rel[key] = b.call(ops.position_map, r, info.caxes(node), name="out_" + key.replace(".", "_"))
+    sal = b.call(ops.position_map, R_in, (1,), name="saliency")
+    lost_total = b.call(add_all, *lost, name="lost") if lost else None
+    if check:
+        sal = b.call(check_map, sal, R_L, lost_total, logits, "the SRD saliency map", name="saliency_checked")
+    b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
+                "R_L": b.call(ops.position_map, R_L, info.caxes(L), name="out_R_L")})
+    for n in b.g.nodes:  # overwrite a temporary in place only where nothing else reads it
+        if n.target is ops.pfv_dot and n.kwargs.get("overwrite_g") and len(n.args[1].users) != 1:
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "overwrite_g"}
+    gm = fx.GraphModule(root, b.g, "SRDExplainer")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, names
+
+
+def resolve_layers(info: GraphInfo, layers) -> Dict[str, fx.Node]:
+    """Map the user's layer keys ('input', 'low', 'high', module or node names) to nodes."""
+    if layers == "all":
+        layers = ["input", "low"] + [l.name for l in info.layers]
+    out = {}
+    acts = {l.node for l in info.layers}
+    for key in layers:
+        if key == "input":
+            out[key] = info.input
+        elif key == "low":
+            out[key] = info.L
+        elif key == "high":
+            out[key] = high_layer(info)
+        else:
+            try:
+                node = info.node_for(key)
+            except KeyError:
+                raise KeyError(f"unknown layer {key!r}: use 'input', 'low', 'high', an activation "
+                               f"module name or one of the activation nodes "
+                               f"{[l.name for l in info.layers][:8]}...") from None
+            if node not in acts and node is not info.input:
+                raise KeyError(f"{key!r} resolves to node {node.name!r}, which is not an activation "
+                               "layer: relevance is defined after activation layers, at L and at the input")
+            out[key] = node
+    return out
+
+
+def high_layer(info: GraphInfo) -> fx.Node:
+    """SRD-high: the last activation layer with 4x the spatial size of L (ResNet50 layer2 at 224)."""
+    sL = info.shape(info.L)[2:]
+    best = None
+    for lay in sorted(info.layers, key=lambda l: info.order[l.node]):
+        s = info.shape(lay.node)[2:]
+        if len(s) == len(sL) and all(a >= 4 * c for a, c in zip(s, sL)):
+            best = lay.node
+    if best is None:
+        raise KeyError("no activation layer has 4x the resolution of the encoder output: name a layer")
+    return best

@@ -1,0 +1,309 @@
+"""Attribution methods behind one interface: ``method(model, x, target) -> (B, H, W)`` map.
+
+``x`` is the (normalised) model input (B, C, H, W), ``target`` an int or a LongTensor (B,) of class
+indices (None: the predicted class).  Every method returns a float tensor of shape (B, H, W) at the
+input resolution; methods that work at a lower resolution are upsampled bilinearly (their native
+resolution is ``method.resolution``: "input", "low" = encoder output, "high" = the layer with 4x its
+resolution, the paper's † and ‡).
+
+The methods come from their libraries:
+
+* captum: Saliency (|gradient|), GuidedBackprop, InputXGradient, IntegratedGradients (zero baseline,
+  50 steps), SmoothGrad (``NoiseTunnel(Saliency)``, 20 samples, sigma = 0.15 x the input range);
+  pixel maps are summed over channels;
+* zennit: LRP-z+ (the z+ rule on every convolution and linear layer, batch-norm merged into the
+  preceding convolution, residual additions through zennit's ``Sum`` layer, activations passed);
+* pytorch-grad-cam: GradCAM, GradCAM++, ScoreCAM, AblationCAM, XGradCAM and LayerCAM at the encoder
+  output ("low"), LayerCAM at the "high" layer, and FullGrad (the library's maps: ReLU, min-max
+  scaled, bilinearly resized to the input);
+* srd_fx: SRD-low, SRD-high, SRD-input, from ``srd_fx.compile(model, layers=("input", "low",
+  "high"))``; the explainer is compiled once per model and input shape and cached.
+
+The CAM target layers are found by :func:`srd_fx.eval.models.cam_layers` (the same layers SRD-low and
+SRD-high read out); :func:`set_cam_layers` overrides them for a model.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models import cam_layers, get_module
+
+RESOLUTIONS = ("input", "low", "high")
+
+
+class Method:
+    """An attribution method: ``method(model, x, target) -> (B, H, W)`` tensor at the input size."""
+
+    def __init__(self, name: str, fn: Callable, resolution: str = "input", source: str = ""):
+        assert resolution in RESOLUTIONS
+        self.name, self.fn, self.resolution, self.source = name, fn, resolution, source
+
+    def __repr__(self):
+        return f"Method({self.name!r}, resolution={self.resolution!r}, from {self.source})"
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, target=None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{self.name}: x must be a (B, C, H, W) tensor, got "
+                             f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+        if any(m.training for m in model.modules()):
+            raise ValueError(f"{self.name}: the model is in training mode; call model.eval() first")
+        target = _targets(model, x, target)
+        out = self.fn(model, x.detach(), target)
+        out = torch.as_tensor(out).detach().to(torch.float32)
+        if out.dim() == 4:  # (B, C, h, w): sum the channels
+            out = out.sum(1)
+        if out.shape[-2:] != x.shape[-2:]:
+            out = F.interpolate(out[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        if out.shape != (x.shape[0],) + tuple(x.shape[-2:]):
+            raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"{self.name} produced non-finite values")
+        return out
+
+
+def _targets(model, x, target) -> torch.Tensor:
+    B = x.shape[0]
+    if target is None:
+        with torch.no_grad():
+            return model(x).argmax(1)
+    t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
+    if t.numel() == 1 and B > 1:
+        t = t.expand(B)
+    if t.numel() != B:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {B}")
+    return t.clone()
+
+
+@contextlib.contextmanager
+def _no_inplace(model):
+    """Temporarily turn off ``inplace`` on activation modules (captum's and zennit's backward hooks
+    cannot wrap in-place ops)."""
+    changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in changed:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.inplace = True
+
+
+# ----------------------------------------------------------------------------- captum ------------
+def _saliency(model, x, t):
+    from captum.attr import Saliency
+    with _no_inplace(model):
+        return Saliency(model).attribute(x.requires_grad_(), target=t, abs=True)
+
+
+def _guided_backprop(model, x, t):
+    from captum.attr import GuidedBackprop
+    with _no_inplace(model):
+        return GuidedBackprop(model).attribute(x.requires_grad_(), target=t)
+
+
+def _input_x_gradient(model, x, t):
+    from captum.attr import InputXGradient
+    with _no_inplace(model):
+        return InputXGradient(model).attribute(x.requires_grad_(), target=t)
+
+
+def _integrated_gradients(model, x, t, n_steps: int = 50):
+    from captum.attr import IntegratedGradients
+    with _no_inplace(model):
+        return IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=t, n_steps=n_steps,
+                                                    internal_batch_size=max(n_steps, 64))
+
+
+def _smoothgrad(model, x, t, nt_samples: int = 20, noise_level: float = 0.15):
+    from captum.attr import NoiseTunnel, Saliency
+    sigma = noise_level * float(x.max() - x.min())
+    with _no_inplace(model):
+        return NoiseTunnel(Saliency(model)).attribute(x.requires_grad_(), nt_type="smoothgrad", nt_samples=nt_samples,
+                                                      stdevs=sigma, target=t, nt_samples_batch_size=nt_samples)
+
+
+# ----------------------------------------------------------------------------- zennit ------------
+def _timm_basic_block_canonizer():
+    """A zennit canonizer for timm's ResNet ``BasicBlock``/``Bottleneck`` (zennit ships one for
+    torchvision's): the residual addition goes through zennit's ``Sum`` layer so that LRP rules split
+    relevance between the branches."""
+    from zennit.canonizers import AttributeCanonizer
+    from zennit.layer import Sum
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    def basic_forward(self, x):
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+
+    def bottleneck_forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act3(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+
+    def attribute_map(name, module):
+        if isinstance(module, BasicBlock):
+            return {"forward": basic_forward.__get__(module), "canonizer_sum": Sum()}
+        if isinstance(module, Bottleneck):
+            return {"forward": bottleneck_forward.__get__(module), "canonizer_sum": Sum()}
+        return None
+
+    return AttributeCanonizer(attribute_map)
+
+
+def _lrp_canonizers(model):
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer
+    cans = [SequentialMergeBatchNorm()]
+    try:
+        import torchvision
+        if isinstance(model, torchvision.models.ResNet):
+            cans = [ResNetCanonizer()]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.models.resnet import ResNet as TimmResNet
+        if isinstance(model, TimmResNet):
+            cans.append(_timm_basic_block_canonizer())
+    except ImportError:  # pragma: no cover
+        pass
+    return cans
+
+
+def _lrp_zplus(model, x, t):
+    from zennit.attribution import Gradient
+    from zennit.composites import LayerMapComposite, layer_map_base
+    from zennit.rules import ZPlus
+    from zennit.types import Convolution, Linear
+    # zennit's base map (activations and batch-norm pass, sums and average pools by the Norm rule),
+    # plus the z+ rule on every convolution and linear layer
+    composite = LayerMapComposite(layer_map=layer_map_base() + [(Convolution, ZPlus()), (Linear, ZPlus())],
+                                  canonizers=_lrp_canonizers(model))
+    with torch.no_grad():
+        n_classes = model(x[:1]).shape[-1]
+    with _no_inplace(model), Gradient(model=model, composite=composite) as attributor:
+        _, relevance = attributor(x, F.one_hot(t, n_classes).to(x.dtype))
+    return relevance
+
+
+# ----------------------------------------------------------------------------- pytorch-grad-cam ---
+_CAM_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Tuple[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def set_cam_layers(model: nn.Module, low: str, high: str) -> None:
+    """Use the modules named ``low`` and ``high`` as the CAM target layers for ``model``."""
+    get_module(model, low), get_module(model, high)
+    _CAM_LAYERS[model] = (low, high)
+
+
+def get_cam_layers(model: nn.Module, x: torch.Tensor) -> Tuple[str, str]:
+    """The (low, high) CAM target layer names for ``model`` (found once, then cached)."""
+    if model not in _CAM_LAYERS:
+        _CAM_LAYERS[model] = cam_layers(model, x)
+    return _CAM_LAYERS[model]
+
+
+def _cam(cls_name: str, which: str = "low", **attrs):
+    def fn(model, x, t):
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        cls = getattr(pytorch_grad_cam, cls_name)
+        if cls_name == "FullGrad":
+            layers = []
+        else:
+            low, high = get_cam_layers(model, x)
+            layers = [get_module(model, low if which == "low" else high)]
+        with cls(model=model, target_layers=layers) as cam:
+            for k, v in attrs.items():
+                setattr(cam, k, v)
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
+        return torch.from_numpy(maps)
+    return fn
+
+
+def _fullgrad(model, x, t):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "FullGrad does not need target layers"
+        return _cam("FullGrad")(model, x, t)
+
+
+# ----------------------------------------------------------------------------- SRD ---------------
+_EXPLAINERS: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
+
+
+def get_explainer(model: nn.Module, x: torch.Tensor):
+    """The SRD explainer of ``model`` for inputs shaped like ``x`` (compiled once, cached)."""
+    import srd_fx
+    per_model = _EXPLAINERS.setdefault(model, {})
+    key = (tuple(x.shape[1:]), x.dtype)
+    if key not in per_model:
+        per_model[key] = srd_fx.compile(model, layers=("input", "low", "high"), example_input=x[:1])
+    return per_model[key]
+
+
+def _srd(which: str):
+    def fn(model, x, t):
+        out = get_explainer(model, x)(x, target=t)
+        return out.saliency if which == "input" else out.relevance[which]
+    return fn
+
+
+# ----------------------------------------------------------------------------- registry ----------
+METHODS: Dict[str, Method] = {m.name: m for m in [
+    Method("Saliency", _saliency, "input", "captum"),
+    Method("GuidedBackprop", _guided_backprop, "input", "captum"),
+    Method("InputXGradient", _input_x_gradient, "input", "captum"),
+    Method("IntegratedGradients", _integrated_gradients, "input", "captum"),
+    Method("LRP-z+", _lrp_zplus, "input", "zennit"),
+    Method("SmoothGrad", _smoothgrad, "input", "captum"),
+    Method("FullGrad", _fullgrad, "input", "pytorch-grad-cam"),
+    Method("GradCAM", _cam("GradCAM"), "low", "pytorch-grad-cam"),
+    Method("GradCAM++", _cam("GradCAMPlusPlus"), "low", "pytorch-grad-cam"),
+    Method("ScoreCAM", _cam("ScoreCAM", batch_size=64), "low", "pytorch-grad-cam"),
+    Method("AblationCAM", _cam("AblationCAM", batch_size=64), "low", "pytorch-grad-cam"),
+    Method("XGradCAM", _cam("XGradCAM"), "low", "pytorch-grad-cam"),
+    Method("LayerCAM-low", _cam("LayerCAM", "low"), "low", "pytorch-grad-cam"),
+    Method("LayerCAM-high", _cam("LayerCAM", "high"), "high", "pytorch-grad-cam"),
+    Method("SRD-low", _srd("low"), "low", "srd_fx"),
+    Method("SRD-high", _srd("high"), "high", "srd_fx"),
+    Method("SRD-input", _srd("input"), "input", "srd_fx"),
+]}
+ALIASES = {"gradinput": "InputXGradient", "inputxgradient": "InputXGradient", "integrad": "IntegratedGradients",
+           "ig": "IntegratedGradients", "lrp": "LRP-z+", "lrpz+": "LRP-z+", "layercam": "LayerCAM-low",
+           "srd": "SRD-input", "gradcampp": "GradCAM++"}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name`` (case-insensitive; a few aliases such as "IG", "LRP", "SRD")."""
+    if isinstance(name, Method):
+        return name
+    key = str(name).lower().replace("_", "-")
+    for n, m in METHODS.items():
+        if n.lower() == key:
+            return m
+    alias = ALIASES.get(key.replace("-", ""))
+    if alias:
+        return METHODS[alias]
+    raise KeyError(f"unknown method {name!r}; available: {', '.join(METHODS)}")

@@ -1,0 +1,258 @@
+"""The evaluation harness: methods x metrics on a model (the paper's Table 2), Fidelity across
+activation functions (Table 4), and a figure of maps (Fig. 3).
+
+    from srd_fx.eval import evaluation as E
+    model, acc = srd_fx.eval.train.get_trained("resnet", "relu")
+    images, labels, masks = srd_fx.eval.data.DigitScenes("test").tensors(200)
+    res = E.evaluate(model, images, labels, masks)                  # method -> metric -> scores
+    print(E.table2_markdown({"ResNet (ReLU)": res}))
+
+``evaluate`` works on [0, 1] images and normalises them with ``mean``/``std`` (the digit-scene
+constants by default); metrics use the images' labels as targets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import baselines as B
+from . import data as D
+from . import metrics as M
+
+METRIC_LABELS = {"Pointing": "Poi.", "Attribution": "Att.", "Sparseness": "Spa.", "Fidelity": "Fid.",
+                 "Stability": "Sta."}
+RES_MARK = {"low": "†", "high": "‡", "input": ""}
+
+Scores = Dict[str, Dict[str, np.ndarray]]  # method -> metric -> per-image scores
+
+
+def _metric_scores(name, model, fid_metric, x, y, a, s, method, settings: M.MetricSettings):
+    try:
+        if name == "Pointing":
+            return M.pointing_game(model, x, y, a, s, tolerance=settings.tolerance(x.shape[-1]))
+        if name == "Attribution":
+            return M.attribution_localisation(model, x, y, a, s)
+        if name == "Sparseness":
+            return M.sparseness(model, x, y, a)
+        if name == "Fidelity":
+            return M.fidelity(model, x, y, a, settings, metric=fid_metric)
+        if name == "Stability":
+            def explain(mdl, xx, tt):
+                return M.prepare(method(model, xx, tt), xx.shape[-2:])
+            return M.stability(model, x, y, a, explain, settings)
+    except AssertionError as e:
+        # Quantus refuses a batch whose maps are all one value (e.g. all zero): no ordering to score
+        if any(w in str(e) for w in ("uniform", "equal to", "less than zero")):
+            return np.full(len(x), np.nan)
+        raise
+    raise KeyError(f"unknown metric {name!r}; choose from {M.METRIC_NAMES}")
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+             methods: Optional[Sequence[str]] = None, metrics: Sequence[str] = M.METRIC_NAMES,
+             settings: M.MetricSettings = M.MetricSettings(), mean=D.DIGITS_MEAN, std=D.DIGITS_STD,
+             batch_size: int = 50, progress: bool = True, timings: Optional[dict] = None) -> Scores:
+    """Score ``methods`` (default: all of :data:`srd_fx.eval.baselines.METHODS`) with ``metrics`` on the
+    given [0, 1] ``images`` (N, 3, H, W), ``labels`` (N,) and ``masks`` (N, H, W).
+
+    Returns ``{method: {metric: per-image scores (N,)}}`` (NaN where Quantus could not score a
+    batch).  ``timings``, if a dict, receives the seconds spent per method (maps and metrics)."""
+    methods = list(methods) if methods is not None else list(B.METHODS)
+    methods = [B.get_method(m) for m in methods]
+    for m in metrics:
+        if m not in M.HIGHER_IS_BETTER:
+            raise KeyError(f"unknown metric {m!r}; choose from {M.METRIC_NAMES}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+    if len(labels) != len(images) or len(masks) != len(images):
+        raise ValueError(f"{len(images)} images, {len(labels)} labels and {len(masks)} masks: they must match")
+    if float(images.min()) < -1e-6 or float(images.max()) > 1 + 1e-6:
+        raise ValueError("images must be in [0, 1] (they are normalised here with mean/std)")
+    if any(m.training for m in model.modules()):
+        raise ValueError("the model is in training mode; call model.eval() first")
+    out: Scores = {m.name: {k: [] for k in metrics} for m in methods}
+    times = {m.name: 0.0 for m in methods}
+    n_batches = math.ceil(len(images) / batch_size)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n_batches * len(methods), desc="evaluate", disable=not progress)
+    for bi in range(n_batches):
+        sl = slice(bi * batch_size, (bi + 1) * batch_size)
+        x = D.normalize(images[sl], mean, std)
+        y = labels[sl].long()
+        s = masks[sl].bool()
+        bsettings = dataclasses.replace(settings, seed=settings.seed + bi)
+        fid_metric = M.fidelity_metric(bsettings)  # shares subsets and forward passes across methods
+        for method in methods:
+            bar.set_postfix(method=method.name)
+            t0 = time.perf_counter()
+            a = M.prepare(method(model, x, y), x.shape[-2:])
+            for k in metrics:
+                out[method.name][k].append(_metric_scores(k, model, fid_metric, x, y, a, s, method, bsettings))
+            times[method.name] += time.perf_counter() - t0
+            bar.update(1)
+    bar.close()
+    if timings is not None:
+        timings.update(times)
+    return {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in out.items()}
+
+
+# ----------------------------------------------------------------------------- summaries ----------
+def summarise(scores: Scores) -> Dict[str, Dict[str, dict]]:
+    """``{method: {metric: {"mean", "sem", "n", "n_nan"}}}`` (NaN-aware)."""
+    res = {}
+    for meth, d in scores.items():
+        res[meth] = {}
+        for k, v in d.items():
+            v = np.asarray(v, dtype=np.float64)
+            ok = v[np.isfinite(v)]
+            res[meth][k] = dict(mean=float(ok.mean()) if len(ok) else float("nan"),
+                                sem=float(ok.std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else float("nan"),
+                                n=int(len(ok)), n_nan=int(len(v) - len(ok)))
+    return res
+
+
+def _ranks(values: Sequence[float], higher: bool) -> List[int]:
+    """Rank (0 = best) of each value by its 3-decimal rounding, as the table shows; NaN last."""
+    keyed = [(round(v, 3) if higher else -round(v, 3)) if np.isfinite(v) else -np.inf for v in values]
+    order = sorted(set(keyed), reverse=True)
+    return [order.index(k) if np.isfinite(k) else len(values) for k in keyed]
+
+
+def _fmt(v: float) -> str:
+    if not np.isfinite(v):
+        return "-"
+    s = f"{v:.3f}"
+    return s.replace("0.", ".", 1) if s.startswith("0.") else s.replace("-0.", "-.", 1)
+
+
+def _mark(text: str, rank: int) -> str:
+    return f"**{text}**" if rank == 0 else (f"<ins>{text}</ins>" if rank == 1 else text)
+
+
+def method_label(name: str) -> str:
+    try:
+        return name + RES_MARK[B.get_method(name).resolution]
+    except KeyError:
+        return name
+
+
+def table2_rows(results: Mapping[str, Scores], metrics: Sequence[str] = M.METRIC_NAMES):
+    """(header, rows of (method, [mean per model x metric]), column directions)."""
+    summaries = {label: summarise(sc) for label, sc in results.items()}
+    methods = list(dict.fromkeys(m for sc in results.values() for m in sc))
+    header, cols, higher = [], [], []
+    for label, summ in summaries.items():
+        for k in metrics:
+            header.append((label, k))
+            cols.append([summ.get(m, {}).get(k, {}).get("mean", float("nan")) for m in methods])
+            higher.append(M.HIGHER_IS_BETTER[k])
+    return methods, header, cols, higher
+
+
+def table2_markdown(results: Mapping[str, Scores], metrics: Sequence[str] = M.METRIC_NAMES,
+                    n_images: Optional[int] = None) -> str:
+    """A Table-2-style markdown table: methods x (model, metric) means; best bold, second underlined."""
+    methods, header, cols, higher = table2_rows(results, metrics)
+    ranks = [_ranks(c, h) for c, h in zip(cols, higher)]
+    models = list(results)
+    lines = ["| Method | " + " | ".join(f"{lab} {METRIC_LABELS[k]}{'↑' if M.HIGHER_IS_BETTER[k] else '↓'}"
+                                      for lab, k in header) + " |",
+             "|---|" + "---:|" * len(header)]
+    for i, m in enumerate(methods):
+        cells = [_mark(_fmt(c[i]), r[i]) for c, r in zip(cols, ranks)]
+        lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
+    n = f" on {n_images} test images" if n_images else ""
+    lines.append("")
+    lines.append(f"Mean per image{n} for {', '.join(models)}. † encoder-output resolution, ‡ 4x that "
+                 f"resolution, others input resolution. Best in bold, second underlined.")
+    return "\n".join(lines) + "\n"
+
+
+def table4_markdown(results: Mapping[str, Scores], accuracies: Optional[Mapping[str, float]] = None,
+                    metric: str = "Fidelity", n_images: Optional[int] = None) -> str:
+    """A Table-4-style markdown table: methods x models (activations), one metric (Fidelity)."""
+    methods, header, cols, higher = table2_rows(results, [metric])
+    ranks = [_ranks(c, h) for c, h in zip(cols, higher)]
+    lines = ["| Method | " + " | ".join(lab for lab, _ in header) + " |", "|---|" + "---:|" * len(header)]
+    for i, m in enumerate(methods):
+        lines.append(f"| {method_label(m)} | " + " | ".join(_mark(_fmt(c[i]), r[i]) for c, r in zip(cols, ranks))
+                     + " |")
+    if accuracies:
+        lines.append("| *test accuracy* | " + " | ".join(f"{accuracies.get(lab, float('nan')):.3f}"
+                                                         for lab, _ in header) + " |")
+    n = f" on {n_images} test images" if n_images else ""
+    lines.append("")
+    lines.append(f"{metric} (mean per image{n}) per activation function. Best in bold, second underlined.")
+    return "\n".join(lines) + "\n"
+
+
+def results_csv(results: Mapping[str, Scores], accuracies: Optional[Mapping[str, float]] = None) -> str:
+    """Long-format CSV: model, test_accuracy, method, resolution, metric, mean, sem, n, n_nan."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["model", "test_accuracy", "method", "resolution", "metric", "mean", "sem", "n", "n_nan"])
+    for label, sc in results.items():
+        acc = accuracies.get(label, "") if accuracies else ""
+        for meth, d in summarise(sc).items():
+            res = B.METHODS[meth].resolution if meth in B.METHODS else ""
+            for k, v in d.items():
+                w.writerow([label, acc if acc == "" else f"{acc:.4f}", meth, res, k, f"{v['mean']:.6f}",
+                            f"{v['sem']:.6f}", v["n"], v["n_nan"]])
+    return buf.getvalue()
+
+
+def ranks_of(results: Mapping[str, Scores], method_prefix: str = "SRD", metrics: Sequence[str] = M.METRIC_NAMES):
+    """For each (model, metric): the best rank (1 = best) among methods starting with
+    ``method_prefix``, the best such method and the overall best method."""
+    methods, header, cols, higher = table2_rows(results, metrics)
+    out = {}
+    for (label, k), c, h in zip(header, cols, higher):
+        r = _ranks(c, h)
+        mine = [(r[i], methods[i]) for i in range(len(methods)) if methods[i].startswith(method_prefix)]
+        best_rank, best_mine = min(mine) if mine else (None, None)
+        out[(label, k)] = dict(rank=None if best_rank is None else best_rank + 1, method=best_mine,
+                               best=methods[r.index(0)] if 0 in r else None, n_methods=len(methods))
+    return out
+
+
+# ----------------------------------------------------------------------------- figure -------------
+def plot_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+              methods: Optional[Sequence[str]] = None, mean=D.DIGITS_MEAN, std=D.DIGITS_STD,
+              title: Optional[str] = None):
+    """A Fig.-3-style grid: one row per image (input first), one column per method; maps prepared
+    as for the metrics (divided by the maximum, clamped to [-1, 1]; red positive, blue negative) with
+    the mask's outline.  Returns the matplotlib Figure."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    methods = [B.get_method(m) for m in (methods if methods is not None else list(B.METHODS))]
+    x = D.normalize(images, mean, std)
+    y = labels.long()
+    maps = [M.prepare(m(model, x, y), x.shape[-2:]).numpy() for m in methods]
+    n, k = len(images), len(methods) + 1
+    fig, axes = plt.subplots(n, k, figsize=(1.25 * k, 1.3 * n + 0.4), squeeze=False)
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.contour(masks[i].numpy().astype(float), levels=[0.5], colors="w", linewidths=0.7)
+        ax.set_ylabel(f"label {int(labels[i])}", fontsize=7)
+        for j, m in enumerate(methods):
+            ax = axes[i, j + 1]
+            ax.imshow(maps[j][i], cmap="bwr", vmin=-1, vmax=1, interpolation="nearest")
+            ax.contour(masks[i].numpy().astype(float), levels=[0.5], colors="k", linewidths=0.6)
+    for j, lab in enumerate(["input"] + [method_label(m.name) for m in methods]):
+        axes[0, j].set_title(lab, fontsize=7, rotation=30, ha="left")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.3)
+    return fig

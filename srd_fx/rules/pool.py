@@ -1,0 +1,276 @@
+"""Pooling: max (indices recorded), average, adaptive average/max, global means.
+
+Max-pool: the forward records arg-max indices; the transpose scatters back to them (windows
+may overlap), the bias is a gather at them.  Shadow of every pooling: sum over the *whole*
+window (SPEC §2), including max-pool.
+"""
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..compiler import runtime as ops
+
+from . import Rule, register_rule
+
+
+def _a(node, i, name, default):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _pool_params(b, node, kind):
+    """(kernel, stride, padding, dilation, ceil_mode) of a max/avg pool node."""
+    if node.op == "call_module":
+        m = b.module(node)
+        return (m.kernel_size, m.stride if m.stride is not None else m.kernel_size, m.padding,
+                getattr(m, "dilation", 1), m.ceil_mode)
+    k = _a(node, 1, "kernel_size", None)
+    s = _a(node, 2, "stride", None) or k
+    p = _a(node, 3, "padding", 0)
+    if kind == "max":
+        return k, s, p, _a(node, 4, "dilation", 1), _a(node, 5, "ceil_mode", False)
+    return k, s, p, 1, _a(node, 4, "ceil_mode", False)
+
+
+class _WindowShadow(Rule):
+    pointwise = False
+
+    def layout(self, b, node):
+        return (1,)
+
+    def shadow(self, b, node, ms):
+        k, s, p, d, _ = _pool_params(b, node, self.kind)
+        return b.call(ops.window_sum, ms[0], k, s, p, d, b.val(node))
+
+    def shadow_T(self, b, node, m):
+        k, s, p, d, _ = _pool_params(b, node, self.kind)
+        return [b.call(ops.window_sum_T, m, k, s, p, d, b.val(node.args[0]))]
+
+
+class MaxPool(_WindowShadow):
+    kind = "max"
+
+    def record(self, b, node):
+        k, s, p, d, c = _pool_params(b, node, "max")
+        if node.op == "call_function" and _a(node, 6, "return_indices", False):
+            b.unsupported(node, "max_pool with return_indices=True in the model")
+        both = b.call(ops.max_pool_record, b.val(node.args[0]), k, s, p, d, c, name=node.name + "_rec")
+        out = b.call(operator.getitem, both, 0, name=node.name)
+        b.set_recorded(node, "indices", b.call(operator.getitem, both, 1, name=node.name + "_idx"))
+        return out
+
+    def transpose(self, b, node, g):
+        return [b.call(ops.gather_T, g, b.recorded(node, "indices"), b.val(node.args[0]))]
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        return b.call(ops.gather, zs[0], b.recorded(node, "indices"), b.val(node.args[0]))
+
+
+class AvgPool(_WindowShadow):
+    kind = "avg"
+
+
+class AdaptivePool(Rule):
+    """Adaptive average / max pooling: windows follow PyTorch's start/end rule."""
+    pointwise = False
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def layout(self, b, node):
+        return (1,)
+
+    def is_global_reduction(self, b, node):
+        return all(s == 1 for s in b.shape(node)[2:])
+
+    def record(self, b, node):
+        if self.kind != "max":
+            return b.copy(node)
+        size = b.module(node).output_size if node.op == "call_module" else _a(node, 1, "output_size", None)
+        both = b.call(ops.adaptive_max_pool_record, b.val(node.args[0]), size, name=node.name + "_rec")
+        out = b.call(operator.getitem, both, 0, name=node.name)
+        b.set_recorded(node, "indices", b.call(operator.getitem, both, 1, name=node.name + "_idx"))
+        return out
+
+    def transpose(self, b, node, g):
+        if self.kind == "max":
+            return [b.call(ops.gather_T, g, b.recorded(node, "indices"), b.val(node.args[0]))]
+        return b.vjp(node, g)
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        if self.kind == "max":
+            return b.call(ops.gather, zs[0], b.recorded(node, "indices"), b.val(node.args[0]))
+        return b.apply_with_inputs(node, zs)
+
+    def _mats(self, b, node):
+        x = node.args[0]
+        return b.call(window_mats, b.val(x), b.val(node))
+
+    def shadow(self, b, node, ms):
+        return b.call(ops.separable_apply, ms[0], self._mats(b, node))
+
+    def shadow_T(self, b, node, m):
+        return [b.call(separable_apply_T, m, self._mats(b, node))]
+
+
+def window_mats(x, out):
+    nd = x.dim() - 2
+    return [ops.adaptive_windows(x.shape[2 + i], out.shape[2 + i], x) for i in range(nd)]
+
+
+def separable_apply_T(m, mats):
+    return ops.separable_apply(m, [A.t() for A in mats])
+
+
+for cls in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
+    register_rule(cls, MaxPool())
+for fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
+    register_rule(fn, MaxPool())
+for cls in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
+    register_rule(cls, AvgPool())
+for fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+    register_rule(fn, AvgPool())
+for cls in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
+    register_rule(cls, AdaptivePool("avg"))
+for fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+    register_rule(fn, AdaptivePool("avg"))
+for cls in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d):
+    register_rule(cls, AdaptivePool("max"))
+for fn in (F.adaptive_max_pool1d, F.adaptive_max_pool2d):
+    register_rule(fn, AdaptivePool("max"))
+
+
+# -------------------------------------------------------------- reductions over axes -----
+def _dims(node, rank):
+    d = _a(node, 1, "dim", None)
+    if d is None:
+        return tuple(range(rank))
+    d = (d,) if isinstance(d, int) else tuple(d)
+    return tuple(x % rank for x in d)
+
+
+def reduce_map(m, dims, keepdim):
+    return m.sum(dim=dims, keepdim=keepdim) if dims else m
+
+
+def reduce_map_T(m, dims, keepdim, like, caxes):
+    if not keepdim:
+        for d in sorted(dims):
+            m = m.unsqueeze(d)
+    return ops.expand_map(m, like, caxes)
+
+
+class Mean(Rule):
+    """``mean``/``sum``/``amax`` over axes: spatial axes merge positions, channel axes are summed
+    out of the PFV.  Mean over all spatial axes is a global spatial reduction (SPEC §1)."""
+    pointwise = False
+
+    def __init__(self, linear=True, recorded_max=False):
+        self.linear = linear
+        self.recorded_max = recorded_max
+
+    def _spatial(self, b, node):
+        x = node.args[0]
+        rank = len(b.shape(x))
+        dims = _dims(node, rank)
+        return x, dims, tuple(d for d in dims if d not in b.caxes(x) and d != 0)
+
+    def is_global_reduction(self, b, node):
+        x, dims, sp = self._spatial(b, node)
+        rank = len(b.shape(x))
+        spatial_all = tuple(d for d in range(1, rank) if d not in b.caxes(x))
+        return len(spatial_all) > 0 and set(spatial_all) <= set(dims)
+
+    def layout(self, b, node):
+        x, dims, _ = self._spatial(b, node)
+        keep = bool(_a(node, 2, "keepdim", False))
+        cax = b.caxes(x)
+        if keep:
+            return cax
+        kept = [d for d in range(len(b.shape(x))) if d not in dims]
+        new = tuple(kept.index(c) for c in cax if c in kept)
+        return new or (len(kept) - 1,)
+
+    def shadow(self, b, node, ms):
+        x, dims, sp = self._spatial(b, node)
+        keep = bool(_a(node, 2, "keepdim", False))
+        return b.call(reduce_map, ms[0], dims, keep)
+
+    def shadow_T(self, b, node, m):
+        x, dims, sp = self._spatial(b, node)
+        keep = bool(_a(node, 2, "keepdim", False))
+        return [b.call(reduce_map_T, m, dims, keep, b.val(x), b.caxes(x))]
+
+
+_mean = Mean()
+register_rule("method:mean", _mean)
+register_rule(torch.mean, _mean)
+register_rule("method:sum", _mean)
+register_rule(torch.sum, _mean)
+
+
+class SamePool(Rule):
+    """timm's MaxPool2dSame / AvgPool2dSame (leaves): dynamic TF 'SAME' padding."""
+    pointwise = False
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def layout(self, b, node):
+        return (1,)
+
+    def _geo(self, b, node):
+        m = b.module(node)
+        return m.kernel_size, m.stride, getattr(m, "dilation", 1), m.ceil_mode
+
+    def record(self, b, node):
+        if self.kind != "max":
+            return b.copy(node)
+        k, s, d, c = self._geo(b, node)
+        both = b.call(ops.max_pool_same_record, b.val(node.args[0]), k, s, d, c, name=node.name + "_rec")
+        out = b.call(operator.getitem, both, 0, name=node.name)
+        b.set_recorded(node, "indices", b.call(operator.getitem, both, 1, name=node.name + "_idx"))
+        return out
+
+    def transpose(self, b, node, g):
+        if self.kind != "max":
+            return b.vjp(node, g)
+        k, s, d, _ = self._geo(b, node)
+        return [b.call(ops.gather_same_T, g, b.recorded(node, "indices"), b.val(node.args[0]), k, s, d)]
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        if self.kind != "max":
+            return b.apply_with_inputs(node, zs)
+        k, s, d, _ = self._geo(b, node)
+        return b.call(ops.gather_same, zs[0], b.recorded(node, "indices"), b.val(node.args[0]), k, s, d)
+
+    def shadow(self, b, node, ms):
+        k, s, d, _ = self._geo(b, node)
+        return b.call(ops.same_window_sum, ms[0], b.val(node.args[0]), k, s, d, b.val(node))
+
+    def shadow_T(self, b, node, m):
+        k, s, d, _ = self._geo(b, node)
+        x = node.args[0]
+        return b.vjp_shadow(ops.same_window_sum, (b.val(x), k, s, d, b.val(node)), m, x)
+
+
+def _register_timm():
+    import importlib
+    try:
+        pool2d_same = importlib.import_module("timm.layers.pool2d_same")
+    except Exception:
+        return
+    register_rule(pool2d_same.MaxPool2dSame, SamePool("max"))
+    register_rule(pool2d_same.AvgPool2dSame, SamePool("avg"))
+
+
+_register_timm()

@@ -1,0 +1,600 @@
+"""Ops that move positions or channels: cat, split/chunk, indexing, flatten/view/reshape,
+permute/transpose, pad, upsample/interpolate.
+
+Their transposes are autograd's VJP (exact: these ops are linear) except cat (a split).  Their
+shadows act on one-channel maps: ops along channel axes leave the map alone (cat along
+channels sums the maps), ops along positions are applied to the map itself.
+"""
+import math
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..compiler import runtime as ops
+
+from . import Meta, Rule, register_rule
+
+
+# ------------------------------------------------------------------------ runtime -------
+def cat_T(g, dim, xs):
+    sizes = [x.shape[dim] for x in xs]
+    return list(torch.split(g, sizes, dim=dim))
+
+
+def list_bias(zs, xs, dim, how="cat"):
+    """The bias flowing out of a cat/stack: pieces (None = zero) broadcast to a common batch."""
+    B = max((z.shape[0] for z in zs if z is not None), default=1)
+    parts = []
+    for z, x in zip(zs, xs):
+        shape = (B,) + tuple(x.shape[1:])
+        parts.append(x.new_zeros(shape) if z is None else z.expand(shape))
+    return torch.cat(parts, dim=dim) if how == "cat" else torch.stack(parts, dim=dim)
+
+
+def _zero_filled(maps, xs, caxes):
+    """Maps of the list's items, zeros for items that carry no relevance (constants)."""
+    full = []
+    for m, x in zip(maps, xs):
+        if m is None:
+            shape = list(x.shape)
+            for a in caxes:
+                shape[a] = 1
+            m = x.new_zeros(shape)
+        full.append(m)
+    return full
+
+
+def cat_maps(maps, xs, dim, caxes, channel):
+    """Shadow of cat: channel cat sums maps, positional cat concatenates them."""
+    if channel:
+        out = None
+        for m in maps:
+            if m is not None:
+                out = m if out is None else out + m
+        return out
+    return torch.cat(_zero_filled(maps, xs, caxes), dim=dim)
+
+
+def cat_maps_T(m, xs, dim, channel):
+    if channel:
+        return [m for _ in xs]
+    return list(torch.split(m, [x.shape[dim] for x in xs], dim=dim))
+
+
+def reshape_map(m, out, caxes):
+    """Shadow of a reshape: same positions -> reshape; positions merged into one -> sum."""
+    target = list(out.shape)
+    for a in caxes:
+        target[a] = 1
+    if m.numel() == math.prod(target):
+        return m.reshape(target)
+    if math.prod(target[1:]) == 1:  # every position flows into the single output PFV
+        return m.sum(dim=tuple(range(1, m.dim()))).reshape(target)
+    raise ValueError(f"reshape {tuple(m.shape)} -> {tuple(out.shape)} mixes channels and positions")
+
+
+def reduce_keep(m, axes):
+    return m.sum(dim=tuple(axes), keepdim=True)
+
+
+def reshape_map_T(m, x, caxes, absorbed=()):
+    target = list(x.shape)
+    for a in caxes:
+        target[a] = 1
+    small = list(target)
+    for a in absorbed:
+        small[a] = 1
+    return m.reshape(small).expand(target) if absorbed else m.reshape(target)
+
+
+def reshape_T(g, x):
+    return g.reshape(x.shape)
+
+
+def normalise_index(idx, rank):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is None or isinstance(i, torch.Tensor) or isinstance(i, (list, bool)) for i in idx):
+        raise ValueError("advanced indexing is not supported inside a block")
+    n_ell = sum(i is Ellipsis for i in idx)
+    if n_ell:
+        k = idx.index(Ellipsis)
+        fill = rank - (len(idx) - 1)
+        idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+    return idx + (slice(None),) * (rank - len(idx))
+
+
+def index_map(m, idx, caxes):
+    idx = normalise_index(idx, m.dim())
+    idx = tuple((0 if isinstance(i, int) else slice(None)) if d in caxes else i for d, i in enumerate(idx))
+    return m[idx]
+
+
+def index_map_T(m, x, idx, caxes):
+    shape = list(x.shape)
+    for a in caxes:
+        shape[a] = 1
+    out = m.new_zeros(shape)
+    idx = normalise_index(idx, len(shape))
+    idx = tuple((0 if isinstance(i, int) else slice(None)) if d in caxes else i for d, i in enumerate(idx))
+    out[idx] = m
+    return out
+
+
+def split_item(x, how, size_or_n, dim, i):
+    parts = torch.split(x, size_or_n, dim) if how == "split" else torch.chunk(x, size_or_n, dim)
+    return parts[i]
+
+
+def split_item_T(g, x, how, size_or_n, dim, i):
+    parts = torch.split(x, size_or_n, dim) if how == "split" else torch.chunk(x, size_or_n, dim)
+    start = sum(p.shape[dim] for p in parts[:i])
+    pad = [0, 0] * (x.dim() - dim % x.dim() - 1) + [start, x.shape[dim] - start - g.shape[dim]]
+    return F.pad(g, pad)
+
+
+def pad_map(m, pad, caxes, mode="constant"):
+    rank = m.dim()
+    pad = list(pad)
+    for k in range(len(pad) // 2):
+        if (rank - 1 - k) in caxes:
+            pad[2 * k] = pad[2 * k + 1] = 0
+    return F.pad(m, pad, mode=mode) if mode != "constant" else F.pad(m, pad)
+
+
+def pad_map_T(m, x, pad, caxes):
+    rank = m.dim()
+    crop = []
+    for k in range(len(pad) // 2):
+        if (rank - 1 - k) in caxes:
+            crop += [0, 0]
+        else:
+            crop += [-pad[2 * k], -pad[2 * k + 1]]
+    return F.pad(m, crop)
+
+
+def interp_maps(m, x, out, mode, align_corners):
+    nd = x.dim() - 2
+    return [ops.interp_support(x.shape[2 + i], out.shape[2 + i], mode, align_corners, None, m)
+            for i in range(nd)]
+
+
+def interp_map(m, x, out, mode, align_corners):
+    return ops.separable_apply(m, interp_maps(m, x, out, mode, align_corners))
+
+
+def interp_map_T(m, x, out, mode, align_corners):
+    return ops.separable_apply(m, [A.t() for A in interp_maps(m, x, out, mode, align_corners)])
+
+
+# -------------------------------------------------------------------------- rules -------
+class _ListOp(Rule):
+    """Ops over a list of tensors (cat, stack): per-item pieces routed back to the main inputs."""
+    pointwise = False
+    how = "cat"
+
+    def _spec(self, b, node):
+        xs = node.args[0] if node.args else node.kwargs["tensors"]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return list(xs), dim % len(b.shape(node))
+
+    def _route(self, b, node, pieces, xs):
+        """Item k of ``pieces`` to the k-th list item, summed when a tensor appears twice."""
+        got = {}
+        for k, x in enumerate(xs):
+            if x in b.main_inputs(node):
+                p = b.call(operator.getitem, pieces, k)
+                got[x] = p if x not in got else b.call(torch.add, got[x], p)
+        return b.first_occurrence(node, got)
+
+    def bias(self, b, node, zs):
+        if all(z is None for z in zs):
+            return None
+        xs, dim = self._spec(b, node)
+        by = dict(zip(b.main_inputs(node), zs))
+        mains = set(b.main_inputs(node))
+        pieces = [by.get(x) if x in mains else b.val(x) for x in xs]
+        return b.call(list_bias, pieces, [b.val(x) for x in xs], dim, self.how)
+
+
+class Cat(_ListOp):
+
+    def layout(self, b, node):
+        xs, _ = self._spec(b, node)
+        mains = [x for x in xs if x in b.main_inputs(node)]
+        return b.caxes(mains[0])
+
+    def transpose(self, b, node, g):
+        xs, dim = self._spec(b, node)
+        return self._route(b, node, b.call(cat_T, g, dim, [b.val(x) for x in xs], name="g_split"), xs)
+
+    def shadow(self, b, node, ms):
+        xs, dim = self._spec(b, node)
+        by = dict(zip(b.main_inputs(node), ms))
+        channel = dim in b.caxes(node)
+        return b.call(cat_maps, [by.get(x) for x in xs], [b.val(x) for x in xs], dim, b.caxes(node), channel)
+
+    def shadow_T(self, b, node, m):
+        xs, dim = self._spec(b, node)
+        channel = dim in b.caxes(node)
+        return self._route(b, node, b.call(cat_maps_T, m, [b.val(x) for x in xs], dim, channel), xs)
+
+
+class Reshape(Rule):
+    """flatten / view / reshape.
+
+    Positions are matched between input and output (channels may be split or merged freely).
+    Input positions that are merged into the output's channels (flatten to (B, F), timm's
+    space-to-depth) are *absorbed*: the output PFV is reached from all of them, so the shadow sums
+    the map over them."""
+    pointwise = False
+
+    def _plan(self, b, node):
+        """(output channel axes, absorbed input axes)."""
+        x = b.main_inputs(node)[0]
+        si, so, ci = list(b.shape(x)), list(b.shape(node)), b.true_caxes(x)
+        P = [d for d in range(1, len(si)) if d not in ci]
+        psz = [si[d] for d in P]
+        csz = [si[d] for d in ci]
+        if len(so) == 2:  # (B, F): one PFV
+            return (1,), tuple(P)
+        rest = so[1:]
+        # positions kept as trailing (NCHW-like) or leading (NHWC-like) output dims, possibly after
+        # absorbing the leading input positions (space-to-depth)
+        for k in range(len(P), 0, -1):
+            if rest[len(rest) - k:] == psz[len(psz) - k:] and len(rest) > k:
+                return tuple(range(1, 1 + len(rest) - k)), tuple(P[:len(P) - k])
+        for k in range(len(P), 0, -1):
+            if rest[:k] == psz[:k] and len(rest) > k and k == len(P):
+                return tuple(range(1 + k, len(so))), ()
+        # channels kept as the leading (NCHW-like) or trailing dims, positions split finer
+        if ci and list(ci) == list(range(1, 1 + len(ci))) and rest[:len(ci)] == csz:
+            return tuple(range(1, 1 + len(ci))), ()
+        if ci and list(ci) == list(range(len(si) - len(ci), len(si))) and rest[len(rest) - len(ci):] == csz:
+            return tuple(range(len(so) - len(ci), len(so))), ()
+        b.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} mixes channels and positions in a way "
+                            "srd_fx cannot map; register a rule for this module")
+
+    def layout(self, b, node):
+        return self._plan(b, node)[0]
+
+    def transpose(self, b, node, g):
+        return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
+
+    def shadow(self, b, node, ms):
+        absorbed = self._plan(b, node)[1] if b.unit != "neuron" else ()
+        m = b.call(reduce_keep, ms[0], absorbed) if absorbed else ms[0]
+        return b.call(reshape_map, m, b.val(node), b.caxes(node))
+
+    def shadow_T(self, b, node, m):
+        x = b.main_inputs(node)[0]
+        absorbed = self._plan(b, node)[1] if b.unit != "neuron" else ()
+        return [b.call(reshape_map_T, m, b.val(x), b.caxes(x), absorbed)]
+
+    def is_global_reduction(self, b, node):
+        x = b.main_inputs(node)[0]
+        return len(b.shape(node)) == 2 and len(b.shape(x)) >= 3 and \
+            any(b.shape(x)[d] > 1 for d in range(2, len(b.shape(x))))
+
+
+class Stack(_ListOp):
+    """torch.stack: a new axis; before the channel axis it is a channel axis (paths stacked into
+    one PFV, as in selective-kernel attention), otherwise a new position axis."""
+    how = "stack"
+
+    def _channel(self, b, node):
+        xs, dim = self._spec(b, node)
+        mains = [x for x in xs if x in b.main_inputs(node)]
+        return dim <= max(b.true_caxes(mains[0]))
+
+    def layout(self, b, node):
+        xs, dim = self._spec(b, node)
+        mains = [x for x in xs if x in b.main_inputs(node)]
+        ci = tuple(c + 1 if c >= dim else c for c in b.true_caxes(mains[0]))
+        return tuple(sorted(ci + ((dim,) if self._channel(b, node) else ())))
+
+    def transpose(self, b, node, g):
+        xs, dim = self._spec(b, node)
+        return self._route(b, node, b.call(torch.unbind, g, dim), xs)
+
+    def shadow(self, b, node, ms):
+        xs, dim = self._spec(b, node)
+        by = dict(zip(b.main_inputs(node), ms))
+        return b.call(stack_maps, [by.get(x) for x in xs], [b.val(x) for x in xs], dim,
+                      b.caxes(xs[0]) if xs[0] in by else b.caxes(b.main_inputs(node)[0]),
+                      self._channel(b, node))
+
+    def shadow_T(self, b, node, m):
+        xs, dim = self._spec(b, node)
+        return self._route(b, node, b.call(stack_maps_T, m, len(xs), dim, self._channel(b, node)), xs)
+
+
+def stack_maps(maps, xs, dim, caxes, channel):
+    full = _zero_filled(maps, xs, caxes)
+    if channel:
+        out = full[0]
+        for m in full[1:]:
+            out = out + m
+        return out.unsqueeze(dim)
+    return torch.stack(full, dim=dim)
+
+
+def stack_maps_T(m, n, dim, channel):
+    if channel:
+        return [m.squeeze(dim) for _ in range(n)]
+    return list(torch.unbind(m, dim))
+
+
+class Permute(Rule):
+    """permute / transpose / movedim: positions and channels are moved, maps follow."""
+    pointwise = False
+
+    def _perm(self, b, node):
+        rank = len(b.shape(node))
+        t = node.target
+        name = t if isinstance(t, str) else t.__name__
+        if name == "permute":
+            p = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else node.kwargs["dims"]
+            if isinstance(p, int):
+                p = node.args[1:]
+            return [d % rank for d in p]
+        a = node.args[1] % rank
+        c = node.args[2] % rank
+        p = list(range(rank))
+        p[a], p[c] = p[c], p[a]
+        return p
+
+    def layout(self, b, node):
+        p = self._perm(b, node)
+        ci = b.caxes(b.main_inputs(node)[0])
+        return tuple(sorted(p.index(c) for c in ci))
+
+    def shadow(self, b, node, ms):
+        return b.call(torch.permute, ms[0], self._perm(b, node))
+
+    def shadow_T(self, b, node, m):
+        p = self._perm(b, node)
+        inv = [p.index(i) for i in range(len(p))]
+        return [b.call(torch.permute, m, inv)]
+
+    def transpose(self, b, node, g):
+        p = self._perm(b, node)
+        inv = [p.index(i) for i in range(len(p))]
+        return [b.call(torch.permute, g, inv)]
+
+
+class GetItem(Rule):
+    """Tensor indexing/slicing, and items of split/chunk."""
+    pointwise = False
+
+    def _split(self, node):
+        src = node.args[0]
+        if isinstance(src, torch.fx.Node) and getattr(src, "op", None) in ("call_method", "call_function"):
+            t = src.target if isinstance(src.target, str) else getattr(src.target, "__name__", "")
+            if t in ("split", "chunk"):
+                a = list(src.args) + [None, None, None]
+                size = a[1] if a[1] is not None else src.kwargs.get("split_size_or_sections", src.kwargs.get("chunks"))
+                dim = a[2] if a[2] is not None else src.kwargs.get("dim", 0)
+                return src.args[0], t, size, dim, node.args[1]
+        return None
+
+    def layout(self, b, node):
+        sp = self._split(node)
+        x = sp[0] if sp else node.args[0]
+        ci = b.caxes(x)
+        if sp:
+            return ci
+        idx = normalise_index(node.args[1], len(b.shape(x)))
+        kept = [d for d, i in enumerate(idx) if not isinstance(i, int)]
+        return tuple(kept.index(c) for c in ci if c in kept) or (1,)
+
+    def transpose(self, b, node, g):
+        sp = self._split(node)
+        if sp:
+            x, how, size, dim, i = sp
+            return [b.call(split_item_T, g, b.val(x), how, size, dim, i)]
+        return b.vjp(node, g)
+
+    def shadow(self, b, node, ms):
+        sp = self._split(node)
+        if sp:
+            x, how, size, dim, i = sp
+            if dim % len(b.shape(x)) in b.caxes(x):
+                return ms[0]
+            return b.call(split_item, ms[0], how, size, dim, i)
+        x = node.args[0]
+        return b.call(index_map, ms[0], node.args[1], b.caxes(x))
+
+    def shadow_T(self, b, node, m):
+        sp = self._split(node)
+        if sp:
+            x, how, size, dim, i = sp
+            if dim % len(b.shape(x)) in b.caxes(x):
+                return [m]
+            return [b.call(split_item_T, m, b.call(ops_map_zeros, b.val(x), b.caxes(x)), how, size, dim, i)]
+        x = node.args[0]
+        return [b.call(index_map_T, m, b.val(x), node.args[1], b.caxes(x))]
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        sp = self._split(node)
+        z = b.call(materialize, zs[0], b.val(sp[0] if sp else node.args[0]))
+        if sp:
+            x, how, size, dim, i = sp
+            return b.call(split_item, z, how, size, dim, i)
+        return b.call(operator.getitem, z, node.args[1])
+
+
+def ops_map_zeros(x, caxes):
+    shape = list(x.shape)
+    for a in caxes:
+        shape[a] = 1
+    return x.new_zeros(shape)
+
+
+def materialize(z, like):
+    """Broadcast a bias tensor (possibly batch 1 / spatially constant) to ``like``'s shape."""
+    return z.expand(z.shape[0] if z.shape[0] == 1 else like.shape[0], *like.shape[1:]) \
+        if z.dim() == like.dim() else z.expand(like.shape)
+
+
+class Pad(Rule):
+    pointwise = False
+
+    def _spec(self, b, node):
+        if node.op == "call_module":
+            m = b.module(node)
+            return list(m.padding), "constant", getattr(m, "value", 0.0)
+        a = list(node.args) + [None, None, None]
+        pad = a[1] if a[1] is not None else node.kwargs["pad"]
+        mode = a[2] if a[2] is not None else node.kwargs.get("mode", "constant")
+        value = a[3] if a[3] is not None else node.kwargs.get("value", 0.0)
+        return list(pad), mode, value or 0.0
+
+    def bias(self, b, node, zs):
+        pad, mode, value = self._spec(b, node)
+        if zs[0] is None and (mode != "constant" or value == 0):
+            return None
+        return b.apply_with_inputs(node, zs)
+
+    def shadow(self, b, node, ms):
+        pad, mode, _ = self._spec(b, node)
+        return b.call(pad_map, ms[0], pad, b.caxes(node), mode)
+
+    def shadow_T(self, b, node, m):
+        pad, mode, _ = self._spec(b, node)
+        x = b.main_inputs(node)[0]
+        if mode != "constant":
+            return b.vjp_shadow(pad_map, (pad, b.caxes(node), mode), m, x)
+        return [b.call(pad_map_T, m, b.val(x), pad, b.caxes(x))]
+
+
+class Interpolate(Rule):
+    pointwise = False
+
+    def _spec(self, b, node):
+        if node.op == "call_module":
+            m = b.module(node)
+            return m.mode, m.align_corners
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        ac = node.kwargs.get("align_corners", node.args[4] if len(node.args) > 4 else None)
+        return mode, ac
+
+    def layout(self, b, node):
+        return (1,)
+
+    def shadow(self, b, node, ms):
+        mode, ac = self._spec(b, node)
+        return b.call(interp_map, ms[0], b.val(node.args[0]), b.val(node), mode, ac)
+
+    def shadow_T(self, b, node, m):
+        mode, ac = self._spec(b, node)
+        return [b.call(interp_map_T, m, b.val(node.args[0]), b.val(node), mode, ac)]
+
+
+class Unsqueeze(Rule):
+    """unsqueeze / squeeze of size-1 axes: maps follow, channel axes are renumbered."""
+    pointwise = False
+
+    def _dim(self, b, node, rank):
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return d
+
+    def _name(self, node):
+        t = node.target
+        return t if isinstance(t, str) else t.__name__
+
+    def layout(self, b, node):
+        x = b.main_inputs(node)[0]
+        ci = b.true_caxes(x)
+        si, so = b.shape(x), b.shape(node)
+        if self._name(node) == "unsqueeze":
+            d = self._dim(b, node, len(so)) % len(so)
+            return tuple(c + 1 if c >= d else c for c in ci)
+        kept = [i for i in range(len(si)) if not (si[i] == 1 and len(so) < len(si) and
+                                                  (self._dim(b, node, len(si)) is None or
+                                                   i in _dims_of(self._dim(b, node, len(si)), len(si))))]
+        return tuple(kept.index(c) for c in ci if c in kept) or (len(so) - 1,)
+
+    def transpose(self, b, node, g):
+        return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
+
+    def shadow(self, b, node, ms):
+        return b.call(reshape_map, ms[0], b.val(node), b.caxes(node))
+
+    def shadow_T(self, b, node, m):
+        x = b.main_inputs(node)[0]
+        return [b.call(reshape_map_T, m, b.val(x), b.caxes(x))]
+
+
+def _dims_of(d, rank):
+    d = (d,) if isinstance(d, int) else tuple(d)
+    return tuple(v % rank for v in d)
+
+
+class MatMul(Rule):
+    """``a @ c`` with ``c`` a constant or a gate (attention pooling, e.g. global-context blocks).
+    Contracting a position axis of ``a`` connects all its positions to each output position."""
+    pointwise = False
+    gate_args = (0, 1)
+
+    def _main_left(self, b, node):
+        mains = b.main_inputs(node)
+        if node.args[0] not in mains:
+            b.unsupported(node, "matmul whose right operand carries relevance (only main @ constant)")
+        return node.args[0]
+
+    def layout(self, b, node):
+        a = self._main_left(b, node)
+        return b.true_caxes(a)
+
+    def shadow(self, b, node, ms):
+        a = self._main_left(b, node)
+        contracted_channel = (len(b.shape(a)) - 1) in b.true_caxes(a)
+        return b.call(matmul_map, ms[0], b.val(node), b.caxes(node), contracted_channel or b.unit == "neuron")
+
+    def shadow_T(self, b, node, m):
+        a = self._main_left(b, node)
+        contracted_channel = (len(b.shape(a)) - 1) in b.true_caxes(a)
+        return [b.call(matmul_map_T, m, b.val(a), b.caxes(a), contracted_channel or b.unit == "neuron")]
+
+
+def matmul_map(m, out, caxes, channel):
+    target = list(out.shape)
+    for a in caxes:
+        target[a] = 1
+    if channel:
+        return m.expand(target) if list(m.shape) != target else m
+    return m.sum(-1, keepdim=True).expand(target)
+
+
+def matmul_map_T(m, a, caxes, channel):
+    target = list(a.shape)
+    for c in caxes:
+        target[c] = 1
+    if channel:
+        return ops.expand_map(m, a, caxes)
+    return m.sum(-1, keepdim=True).expand(target)
+
+
+for t in ("method:unsqueeze", torch.unsqueeze, "method:squeeze", torch.squeeze):
+    register_rule(t, Unsqueeze())
+for t in (operator.matmul, torch.matmul, "method:matmul", torch.bmm, "method:bmm"):
+    register_rule(t, MatMul())
+register_rule(torch.cat, Cat())
+register_rule(torch.stack, Stack())
+register_rule(torch.concat, Cat())
+for t in (torch.flatten, "method:flatten", nn.Flatten, "method:view", "method:reshape", torch.reshape):
+    register_rule(t, Reshape())
+for t in ("method:permute", torch.permute, "method:transpose", torch.transpose):
+    register_rule(t, Permute())
+register_rule(operator.getitem, GetItem())
+for t in (F.pad, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d):
+    register_rule(t, Pad())
+for t in (F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
+    register_rule(t, Interpolate())
+_meta = Meta()
+for t in ("method:size", "method:dim", getattr, len, "method:split", torch.split, "method:chunk", torch.chunk):
+    register_rule(t, _meta)
