@@ -12,8 +12,8 @@ from srd_fx.rules import Activation, Affine, Rule, register_rule  # noqa: F401
 from .compiler.explainer import Explainer, SRDOutput, compile  # noqa: F401
 from .methods.apop import apop  # noqa: F401,E402  (srd_fx.apop(model); the module is srd_fx.methods.apop)
 from .errors import (InputError, NonFiniteError, PrecisionLossError, SRDError, TraceError,  # noqa: F401
-                     TrainingModeError, UnsupportedOpError)
+                     TrainingModeError, UnsupportedOpError, UnsupportedPrecisionError)
 
 __all__ = ["compile", "apop", "Explainer", "SRDOutput", "register_rule", "Rule", "Affine", "Activation",
            "SRDError", "TraceError", "UnsupportedOpError", "TrainingModeError", "InputError",
-           "NonFiniteError", "PrecisionLossError", "__version__"]
+           "NonFiniteError", "PrecisionLossError", "UnsupportedPrecisionError", "__version__"]

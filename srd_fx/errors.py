@@ -28,3 +28,8 @@ class NonFiniteError(SRDError, FloatingPointError):
 class PrecisionLossError(NonFiniteError):
     """In float16/bfloat16, rounding or underflow lost the map (it no longer conserves the seed's
     relevance) without producing a NaN."""
+
+
+class UnsupportedPrecisionError(SRDError, RuntimeError):
+    """This machine has no kernel for a float16/bfloat16 computation of the model or its twin (a CPU
+    without oneDNN float16 support, an op PyTorch does not implement in half precision on CPU)."""

@@ -28,6 +28,7 @@ from scipy.stats import pearsonr
 
 import naive_srd as N
 import srd_fx
+from capabilities import skip_without_cpu_half
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -321,6 +322,7 @@ LOWP = {torch.float16: dict(rel_l2=0.02, conserve=5e-3), torch.bfloat16: dict(re
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_low_precision_models_give_finite_maps_close_to_float64(dtype):
+    skip_without_cpu_half(dtype)
     torch.manual_seed(0)
     m64, _ = N.resnet_tiny()
     x = xin(4)
@@ -353,6 +355,7 @@ def _f32_resnet(logit_scale=1.0):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_autocast_maps_are_close_to_float32_and_pass_the_precision_check(dtype):
+    skip_without_cpu_half(dtype)
     m = _f32_resnet()
     x = xin(4).float()
     e = srd_fx.compile(m)
@@ -372,6 +375,8 @@ def test_float16_underflow_is_an_error_not_an_empty_map(half):
     # relevance of ~1e-6 per sample (logits scaled by 1e-4): its shares fall below float16's
     # smallest subnormal (6e-8) and the map loses most of it without a NaN -- caught by the
     # conservation check (measured: 57 % lost at 1e-3, all of it from 1e-4 on)
+    skip_without_cpu_half(torch.float16)
+    skip_without_cpu_half(torch.bfloat16)
     m = _f32_resnet(logit_scale=1e-4)
     x = xin(2).float()
     ref = srd_fx.compile(m)(x)
@@ -390,6 +395,73 @@ def test_float16_underflow_is_an_error_not_an_empty_map(half):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = srd_fx.compile(m)(x)
     assert conservation(out) <= LOWP[torch.bfloat16]["conserve"]
+
+
+class _PrototypeHead(nn.Module):
+    """Logits = minus the distance of the pooled features to class prototypes (prototype
+    networks); torch.cdist has no CPU float16/bfloat16 kernel in PyTorch 2.x."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.prototypes = nn.Parameter(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return -torch.cdist(F.relu(self.conv(x)).mean((2, 3)), self.prototypes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_a_half_op_the_cpu_cannot_run_is_a_named_error(dtype):
+    try:
+        torch.cdist(torch.ones(2, 3, dtype=dtype), torch.ones(4, 3, dtype=dtype))
+        pytest.skip(f"this PyTorch has a CPU {dtype} cdist: nothing to refuse")
+    except NotImplementedError:
+        pass
+    m = _PrototypeHead().eval()
+    x = xin(2).float()
+    assert srd_fx.compile(m)(x).saliency.isfinite().all()    # float32 explains
+    advice = r"(?s)cdist.*float32.*bfloat16.*GPU" if dtype == torch.float16 else r"(?s)cdist.*float32.*GPU"
+    with pytest.raises(srd_fx.UnsupportedPrecisionError, match=advice) as info:
+        srd_fx.compile(copy.deepcopy(m).to(dtype))(x.to(dtype))
+    assert isinstance(info.value, RuntimeError), "code catching RuntimeError still catches it"
+
+
+def test_onednn_without_float16_is_recognised_and_other_errors_are_not():
+    from srd_fx.compiler.explainer import half_precision_failure
+    x32 = xin(2).float()
+    g16 = torch.ones(2, 4, 8, 8, dtype=torch.float16)
+    w32 = torch.ones(4, 3, 3, 3)
+    try:   # a mixed float16/float32 convolution gradient: oneDNN runs it only with float16 support
+        torch.ops.aten.convolution_backward(g16, x32, w32, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                            [True, False, False])
+        pytest.skip("this CPU's oneDNN has float16 kernels: no failure to recognise")
+    except RuntimeError as e:
+        onednn = e
+    if "primitive descriptor" not in str(onednn):
+        pytest.skip(f"this build does not run the call through oneDNN ({onednn})")
+    err = half_precision_failure(onednn, x32.half())
+    assert isinstance(err, srd_fx.UnsupportedPrecisionError) and "avx512_fp16" in str(err)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert isinstance(half_precision_failure(onednn, x32), srd_fx.UnsupportedPrecisionError)
+    # the same failure in float32 is not a precision problem; nor is any other error in float16
+    assert half_precision_failure(onednn, x32) is None
+    try:
+        torch.ones(2, 3, dtype=torch.float16) @ torch.ones(2, 3, dtype=torch.float16)
+    except RuntimeError as e:
+        assert half_precision_failure(e, x32.half()) is None
+
+
+def test_a_half_model_error_that_is_not_a_missing_kernel_keeps_its_name():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(7, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1))     # 4*6*6 features, not 7
+
+    with pytest.raises(srd_fx.InputError, match="shape"):
+        srd_fx.compile(Bad().eval().half())(xin(1).half())
 
 
 # =============================================================================================

@@ -118,12 +118,12 @@ def test_failures_are_classified_with_the_op():
 
 
 def test_pool_kills_a_model_past_its_time_limit_and_goes_on():
-    # 1 s is less than a worker needs to import torch: both models must time out, be recorded,
-    # and leave no worker process behind.
-    recs = runner.run_models(["lcnet_035", "resnet10t"], runner.Options(timeout=1.0), jobs=1, progress=False)
+    # 0.1 s is far less than a worker needs to import torch on any machine: both models must
+    # time out, be recorded, and leave no worker process behind.
+    recs = runner.run_models(["lcnet_035", "resnet10t"], runner.Options(timeout=0.1), jobs=1, progress=False)
     assert [r["model"] for r in recs] == ["lcnet_035", "resnet10t"]
     assert all(r["category"] == "timeout" and r["status"] == "fail" for r in recs)
-    assert all(r["wall_s"] >= 1.0 for r in recs)
+    assert all(r["wall_s"] >= 0.1 for r in recs)
     assert mp.active_children() == []
 
 

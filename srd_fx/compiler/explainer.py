@@ -10,6 +10,8 @@ layout and gate decisions use the shapes of one forward pass.
 """
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Union
 
@@ -17,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from .analysis import GraphInfo
-from ..errors import InputError, NonFiniteError, TrainingModeError, UnsupportedOpError
+from ..errors import (InputError, NonFiniteError, SRDError, TrainingModeError, UnsupportedOpError,
+                      UnsupportedPrecisionError)
 from .trace import TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
 from .twin import build_twin
 
@@ -98,7 +101,10 @@ class Explainer(nn.Module):
         if self.traced.meta.get("srd_specialised") is not None:
             ex = example.detach()
         try:
-            traced_out = shape_prop(self.traced, ex)
+            with _half_kernels(ex):
+                traced_out = shape_prop(self.traced, ex)
+        except UnsupportedPrecisionError:
+            raise
         except Exception as e:
             raise InputError(f"the model fails on an input of shape {tuple(example.shape)} "
                              f"({type(e).__name__}: {str(e).splitlines()[-1][:300]}); check the input size, "
@@ -148,7 +154,8 @@ class Explainer(nn.Module):
             raise InputError(f"relevance for layer {layer!r} must have "
                              f"{tuple(s for i, s in enumerate(shape) if i != 0 and (per_neuron or i not in self.info.caxes(node)))} "
                              f"{'neuron values' if per_neuron else 'values'} per sample, got {tuple(R.shape)}")
-        out = gm(x, R.reshape(shape))
+        with _half_kernels(x):
+            out = gm(x, R.reshape(shape))
         return out["saliency"] if read is None else self._read(out, read)
 
     def _read(self, out, read):
@@ -188,7 +195,8 @@ class Explainer(nn.Module):
         for a in cax:
             shape[a] = 1
         shape[0] = B * P
-        out = gm(xr, seed.reshape(shape))
+        with _half_kernels(xr):
+            out = gm(xr, seed.reshape(shape))
         if read is not None:
             return {k: v.reshape(B, P, *v.shape[1:]) for k, v in self._read(out, read).items()}
         sal = out["saliency"]
@@ -237,13 +245,62 @@ class Explainer(nn.Module):
             ts = target if isinstance(target, torch.Tensor) and target.dim() > 0 else None
             return SRDOutput.cat([self.forward(x[i:i + n], ts[i:i + n] if ts is not None else target)
                                   for i in range(0, x.shape[0], n)])
-        if torch.is_grad_enabled() and not x.requires_grad:
-            # nothing to differentiate: do not keep the autograd graph through the parameters
-            with torch.no_grad():
+        with _half_kernels(x):
+            if torch.is_grad_enabled() and not x.requires_grad:
+                # nothing to differentiate: do not keep the autograd graph through the parameters
+                with torch.no_grad():
+                    out = self.graph_module(x, target)
+            else:
                 out = self.graph_module(x, target)
-        else:
-            out = self.graph_module(x, target)
         return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"], out["lost"])
+
+
+# What PyTorch says when a machine has no kernel for a half-precision op: oneDNN without float16
+# support (a CPU without avx512_fp16/AMX), an op with no CPU Half/BFloat16 implementation.
+_NO_HALF_KERNEL = re.compile(r"could not create a primitive descriptor|not implemented for '(Half|BFloat16)'"
+                             r"|Low precision dtypes not supported|Unsupported dtype (Half|BFloat16)")
+
+
+def half_precision_failure(e: BaseException, x: torch.Tensor) -> Optional[UnsupportedPrecisionError]:
+    """The named error for ``e`` if it is a missing half-precision kernel while explaining ``x``
+    (in float16/bfloat16, or under autocast to one of them); None for anything else."""
+    if isinstance(e, SRDError) or not isinstance(x, torch.Tensor):
+        return None
+    dev = x.device.type
+    dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else (
+        torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    cause, seen = e, set()
+    while cause is not None and id(cause) not in seen:   # shape propagation wraps the op's error
+        seen.add(id(cause))
+        msg = str(cause)
+        if isinstance(cause, (RuntimeError, NotImplementedError)) and _NO_HALF_KERNEL.search(msg):
+            break
+        cause = cause.__cause__ or cause.__context__
+    else:
+        return None
+    name = "float16" if dtype == torch.float16 else "bfloat16"
+    other = "float32 (model.float() and x.float(), outside autocast), bfloat16" if dtype == torch.float16 \
+        else "float32 (model.float() and x.float(), outside autocast)"
+    line = next((l for l in msg.splitlines() if l.strip()), msg)[:200]
+    why = (f" (oneDNN: this CPU lacks the {name} instructions, avx512_fp16 or AMX)"
+           if "primitive descriptor" in msg else "")
+    return UnsupportedPrecisionError(
+        f"this {dev.upper() if dev == 'cpu' else dev} has no {name} kernel for an op of the model or its "
+        f"SRD twin{why}: {type(cause).__name__}: {line}. Explain in {other}, or on a GPU.")
+
+
+@contextlib.contextmanager
+def _half_kernels(x):
+    """Turn a missing half-precision kernel into UnsupportedPrecisionError; other errors pass."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as e:
+        err = half_precision_failure(e, x)
+        if err is None:
+            raise
+        raise err from e
 
 
 def _check_single_output(gm) -> None:

@@ -307,8 +307,10 @@ def conv_T(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, paddi
     for i in range(nd):
         full = (g.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + 1
         op.append(x.shape[2 + i] - full)
-    if nd == 2 and x.dtype in (torch.float32, torch.float64):
-        # the convolution's own input-gradient kernel: faster than conv_transpose on CPU
+    if nd == 2 and x.dtype in (torch.float32, torch.float64) and g.dtype == x.dtype:
+        # the convolution's own input-gradient kernel: faster than conv_transpose on CPU.  Not
+        # under autocast (g in float16, x in float32): that mixed call needs oneDNN float16
+        # support (avx512_fp16/AMX); conv_transpose is autocast-aware and casts both.
         return torch.ops.aten.convolution_backward(g, x, weight, None, list(s), list(p), list(d), False,
                                                    [0] * nd, groups, [True, False, False])[0]
     return _CONV_T[nd](g, weight, None, stride=s, padding=p, output_padding=tuple(op),
