@@ -137,7 +137,8 @@ class GraphInfo:
                 out.append(a)
             return a
 
-        sel = getattr(self.rule.get(node), "main_args", None)
+        rule = self.rule.get(node)
+        sel = rule.main_args if rule is not None else None
         if sel is not None:  # the rule says which arguments carry relevance (others: constants)
             fx.node.map_arg(tuple(node.args[i] for i in sel if i < len(node.args)), visit)
         else:
@@ -197,7 +198,7 @@ class GraphInfo:
         (a (B, C, 1, 1) squeeze branch, a (B, 1, H, W) attention map, a normalisation statistic)."""
         for n in self.nodes:
             r = self.rule.get(n)
-            pos = getattr(r, "gate_args", None)
+            pos = r.gate_args if r is not None else ()
             if not pos or not self.is_tensor(n):
                 continue
             ops_ = [n.args[i] if i < len(n.args) else None for i in pos]
@@ -205,7 +206,7 @@ class GraphInfo:
             if len(dep) < 2:
                 continue
             a, c = ops_[0], ops_[1]
-            if getattr(r, "divisor_only", False):
+            if r.divisor_only:
                 if self._reduced(c, a) or self._gate_capable(c) or self._statistic(c):
                     self.gates[n] = c
                 continue
@@ -254,20 +255,16 @@ class GraphInfo:
             n = idom[n]
         for n in reversed(chain):
             r = self.rule.get(n)
-            if r is not None and self.is_tensor(n) and getattr(r, "is_global_reduction", None):
-                if r.is_global_reduction(self, n):
-                    ins = self.main_inputs(n)
-                    if ins:
-                        return ins[0]
+            if r is not None and self.is_tensor(n) and r.is_global_reduction(self, n):
+                ins = self.main_inputs(n)
+                if ins:
+                    return ins[0]
         raise UnsupportedOpError(
             "could not find the encoder output L (no global spatial reduction — adaptive pooling "
             "to 1x1, a spatial mean or a flatten of a 4-D tensor — on every path to the logits). "
             "Pass encoder_output='<module or node name>' to srd_fx.compile.")
 
     # ------------------------------------------------------------------ layout -------------
-    def true_caxes(self, n) -> Tuple[int, ...]:
-        return self.caxes(n)
-
     def caxes(self, n) -> Tuple[int, ...]:
         if n not in self.caxes_:
             r = self.rule.get(n)
@@ -333,7 +330,7 @@ class GraphInfo:
                         f"on the path to activation layer {lay.name!r}.\n" + how_to_register(n, self.modules))
                 if rule.kind == "meta" or not self.is_tensor(n):
                     self.unsupported(n, "a non-tensor value on the relevance path")
-                if getattr(rule, "gate_args", None) and len(
+                if rule.gate_args and len(
                         [a for a in self.main_inputs(n) if any(a is n.args[i] for i in rule.gate_args
                                                                if i < len(n.args))]) > 1:
                     self.unsupported(n, "a product of two input-dependent tensors with no identifiable "

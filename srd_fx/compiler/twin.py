@@ -214,10 +214,6 @@ class Builder:
         neuron is its own unit, SPEC §5)."""
         return () if self.unit == "neuron" else self.info.caxes(n)
 
-    def true_caxes(self, n):
-        """Channel axes of the tensor layout (whatever the unit)."""
-        return self.info.caxes(n)
-
     def main_inputs(self, n):
         return self.info.main_inputs(n)
 
@@ -278,7 +274,7 @@ class Builder:
             return self.copy(node)
         if node.op == "call_function":
             fn = node.target
-            if getattr(rule, "fn", None) is not None and getattr(fn, "__name__", "").endswith("_"):
+            if isinstance(rule, R.Activation) and rule.fn is not None and getattr(fn, "__name__", "").endswith("_"):
                 fn = rule.fn
             args, kwargs = self.val(node.args), dict(self.val(node.kwargs))
             try:
@@ -346,7 +342,8 @@ class Builder:
         """The op applied to the biases flowing in (zeros where None).  Ops that keep positions
         take them as they are (broadcast); others get them expanded to the input's shape."""
         mains = self.main_inputs(node)
-        pointwise = getattr(self.info.rule.get(node), "pointwise", False)
+        rule = self.info.rule.get(node)
+        pointwise = rule.pointwise if rule is not None else False
         if self._is_plain_add(node, mains) and sum(z is None for z in zs) == 1:
             return next(z for z in zs if z is not None)  # b + 0: no zeros to materialise and add
         sub = {}

@@ -187,7 +187,7 @@ def _is_gate(node: fx.Node, modules) -> bool:
 
 
 def _is_max_pool(rule) -> bool:
-    return isinstance(rule, MaxPool) or (isinstance(rule, AdaptivePool) and rule.kind == "max")
+    return isinstance(rule, MaxPool) or (isinstance(rule, AdaptivePool) and rule.variant == "max")
 
 
 class APOP:

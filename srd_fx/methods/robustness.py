@@ -59,7 +59,7 @@ _RELU_FNS = (F.relu, torch.relu)
 def _is_relu(node: fx.Node, modules) -> bool:
     from srd_fx import rules
     rule = rules.lookup(node, modules)
-    return rule is not None and rule.kind == "activation" and getattr(rule, "fn", None) in _RELU_FNS
+    return isinstance(rule, rules.Activation) and rule.fn in _RELU_FNS
 
 
 def _is_inplace(node: fx.Node, modules) -> bool:

@@ -24,7 +24,7 @@ Register a rule for a new op with :func:`register_rule` (re-exported as
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch.nn as nn
 
@@ -34,32 +34,49 @@ import torch.nn as nn
 
 
 class Rule:
-    """Base rule.  ``kind`` is one of:
+    """Base rule: the whole contract between the compiler and a rule.
 
-    * ``"affine"``     — an op that lives inside affine blocks;
-    * ``"activation"`` — an element-wise nonlinearity: a block boundary (SPEC §1);
-    * ``"meta"``       — a node that produces no tensor (``x.size()``, shape arithmetic).
+    The analysis (``srd_fx.compiler.analysis.GraphInfo``) reads the class attributes and calls
+    ``layout`` and ``is_global_reduction`` with itself as ``b``; the twin builder
+    (``srd_fx.compiler.twin.Builder``) calls the other methods with itself as ``b``.  Nothing
+    else is read from a rule.
     """
 
+    #: "affine" (inside affine blocks), "activation" (an element-wise nonlinearity: a block
+    #: boundary, SPEC §1) or "meta" (a node that produces no tensor: ``x.size()``, shape arithmetic).
     kind = "affine"
+    #: The flavour within an op family, for rules that handle several ("max"/"avg" pooling,
+    #: "ln"/"gn" normalisation); None for the others.
+    variant: Optional[str] = None
     #: True when the op maps zero inputs to zero (no bias term of its own).
     linear = True
     #: True when the op's positions are its input's positions (shadow and its transpose are
     #: the identity on one-channel maps).
     pointwise = True
-    #: A spatial global reduction (adaptive pooling to 1, mean over spatial dims): candidate
-    #: for the start of the head (SPEC §1, encoder output).
-    global_reduction = False
+    #: Positions of the arguments that may carry relevance (the others are constants of the
+    #: op, even when they depend on the input); None: every tensor argument.
+    main_args: Optional[Tuple[int, ...]] = None
+    #: Positions of the two factors of a product (``a * c``, ``a @ c``): when both depend on the
+    #: input, the analysis picks the one that is a gate (a recorded constant); () for other ops.
+    gate_args: Tuple[int, ...] = ()
+    #: With ``gate_args``: only the second factor (a divisor) may be the gate.
+    divisor_only = False
 
-    # -- forward ---------------------------------------------------------------------------
-    def record(self, b, node):
-        """Emit the forward op; return the twin node holding the op's output value."""
-        return b.copy(node)
-
+    # -- analysis ----------------------------------------------------------------------------
     def layout(self, b, node):
         """Channel axes of the output (a tuple).  Default: those of the first main input."""
         ins = b.main_inputs(node)
         return b.caxes(ins[0]) if ins else (1,)
+
+    def is_global_reduction(self, b, node) -> bool:
+        """True when the op reduces every spatial position into one (a candidate for the start
+        of the head, SPEC §1: the encoder output L is its input)."""
+        return False
+
+    # -- forward -----------------------------------------------------------------------------
+    def record(self, b, node):
+        """Emit the forward op; return the twin node holding the op's output value."""
+        return b.copy(node)
 
     # -- transposed linear part ------------------------------------------------------------
     def transpose(self, b, node, g):
@@ -77,6 +94,7 @@ class Rule:
         raise NotImplementedError(f"{type(self).__name__}.shadow")
 
     def shadow_T(self, b, node, m):
+        """Transposed shadow: a one-channel map of the output -> a list of maps, one per main input."""
         if self.pointwise:
             return [b.map_to_input(m, i, node) for i in b.main_inputs(node)]
         raise NotImplementedError(f"{type(self).__name__}.shadow_T")
@@ -88,9 +106,6 @@ class Rule:
         if self.linear and all(z is None for z in zs):
             return None
         return b.apply_with_inputs(node, zs)
-
-    def describe(self) -> str:
-        return type(self).__name__
 
 
 class Affine(Rule):
@@ -130,6 +145,13 @@ class Activation(Rule):
     """
 
     kind = "activation"
+    #: The out-of-place functional form the twin's forward calls in place of an in-place function
+    #: (None: the op as traced).
+    fn: Optional[Callable] = None
+    #: Sigmoid-like: a gate (a constant of the block, SPEC §2) when its output scales another tensor.
+    gate_capable = False
+    #: A readable name for messages (a name containing "softmax" marks a softmax).
+    name: Optional[str] = None
 
     def __init__(self, fn: Optional[Callable] = None, gate_capable: bool = False,
                  name: Optional[str] = None):
@@ -140,8 +162,14 @@ class Activation(Rule):
     def record(self, b, node):
         return b.copy_out_of_place(node)
 
-    def describe(self):
-        return f"Activation({self.name})"
+
+def arg(node, index: int, name: str, default: Any = None) -> Any:
+    """The argument ``name`` of a call node as the op receives it: positional argument ``index``
+    when the call passes that many, else the keyword ``name``, else ``default``.  The one way
+    rules read a node's arguments (the values are fx nodes or constants, as in ``node.args``)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,4 +233,4 @@ def registered():
 # Populate the registry: one module per op family.
 from . import activations, conv, linear, norm, pool, elementwise, shape  # noqa: E402,F401
 
-__all__ = ["Rule", "Affine", "Activation", "Meta", "register_rule", "lookup", "registered"]
+__all__ = ["Rule", "Affine", "Activation", "Meta", "arg", "register_rule", "lookup", "registered"]

@@ -84,9 +84,3 @@ def _register_timm():
 
 
 _register_timm()
-
-
-def activation_module_types():
-    """Module classes with an activation rule (the tracer keeps them as leaves)."""
-    from . import _MODULE_RULES
-    return tuple(c for c, r in _MODULE_RULES.items() if r.kind == "activation")

@@ -9,13 +9,8 @@ import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
-from . import Rule, register_rule
-
-
-def _arg(node, i, name, default):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+from . import Rule, arg, register_rule
+from .windows import same_window_shadow, same_window_shadow_T, window_shadow, window_shadow_T
 
 
 def channel_bias(bias, rank):
@@ -35,11 +30,11 @@ class Conv(Rule):
             return (node.args[0], b.param(node, "weight"), m.bias is not None, m.stride,
                     m.padding, m.dilation, m.groups, m.kernel_size)
         x = node.args[0]
-        w = _arg(node, 1, "weight", None)
-        bias = _arg(node, 2, "bias", None)
+        w = arg(node, 1, "weight")
+        bias = arg(node, 2, "bias")
         kernel = tuple(b.shape(w)[2:])
-        return (x, b.val(w), bias is not None, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
-                _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1), kernel)
+        return (x, b.val(w), bias is not None, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0),
+                arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1), kernel)
 
     def layout(self, b, node):
         return (1,)
@@ -89,7 +84,7 @@ class Conv(Rule):
             return b.call(ops.conv_ones, ms[0], b.val(x), w, stride, p, dilation, groups)
         if self._identity_window(kernel, stride, p, dilation):
             return ms[0]
-        return b.call(ops.window_sum, ms[0], kernel, stride, p, dilation, b.size_of(node))
+        return window_shadow(b, node, ms[0], kernel, stride, p, dilation, b.size_of(node))
 
     def shadow_T(self, b, node, m):
         x, w, _, stride, _, dilation, groups, kernel = self.spec(b, node)
@@ -101,7 +96,7 @@ class Conv(Rule):
             return [b.call(ops.conv_ones_T, m, b.val(x), w, stride, padding, dilation, groups)]
         if self._identity_window(kernel, stride, padding, dilation):
             return [m]
-        return [b.call(ops.window_sum_T, m, kernel, stride, padding, dilation, b.val(x))]
+        return window_shadow_T(b, node, m, kernel, stride, padding, dilation)
 
     def bias(self, b, node, zs):
         has_bias = self.spec(b, node)[2]
@@ -109,7 +104,7 @@ class Conv(Rule):
             # conv(0) + bias is the bias at every position (zero padding adds nothing)
             if not has_bias:
                 return None
-            bias = b.param(node, "bias") if node.op == "call_module" else b.val(_arg(node, 2, "bias", None))
+            bias = b.param(node, "bias") if node.op == "call_module" else b.val(arg(node, 2, "bias"))
             return b.call(channel_bias, bias, len(b.shape(node)))
         return b.apply_with_inputs(node, zs)
 
@@ -146,12 +141,11 @@ class SameConv(Rule):
 
     def shadow(self, b, node, ms):
         k, s, d = self._geo(b, node)
-        return b.call(ops.same_window_sum, ms[0], b.val(node.args[0]), k, s, d, b.val(node))
+        return same_window_shadow(b, node, ms[0], k, s, d)
 
     def shadow_T(self, b, node, m):
         k, s, d = self._geo(b, node)
-        x = node.args[0]
-        return b.vjp_shadow(ops.same_window_sum, (b.val(x), k, s, d, b.val(node)), m, x)
+        return same_window_shadow_T(b, node, m, k, s, d)
 
     def bias(self, b, node, zs):
         if zs[0] is None and b.module(node).bias is None:
@@ -191,15 +185,14 @@ class CondConv(Rule):
     def shadow(self, b, node, ms):
         k, s, p, d, dyn = self._geo(b, node)
         if dyn:
-            return b.call(ops.same_window_sum, ms[0], b.val(node.args[0]), k, s, d, b.val(node))
-        return b.call(ops.window_sum, ms[0], k, s, p, d, b.val(node))
+            return same_window_shadow(b, node, ms[0], k, s, d)
+        return window_shadow(b, node, ms[0], k, s, p, d)
 
     def shadow_T(self, b, node, m):
         k, s, p, d, dyn = self._geo(b, node)
-        x = node.args[0]
         if dyn:
-            return b.vjp_shadow(ops.same_window_sum, (b.val(x), k, s, d, b.val(node)), m, x)
-        return [b.call(ops.window_sum_T, m, k, s, p, d, b.val(x))]
+            return same_window_shadow_T(b, node, m, k, s, d)
+        return window_shadow_T(b, node, m, k, s, p, d)
 
     def bias(self, b, node, zs):
         mod = b.module(node)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
-from . import Affine, Rule, register_rule
+from . import Affine, Rule, arg, register_rule
 
 
 def _operands(node):
-    return list(node.args[:2]) if len(node.args) >= 2 else [node.args[0], node.kwargs.get("other")]
+    return [arg(node, 0, "input"), arg(node, 1, "other")]
 
 
 class Identity(Rule):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Rule, register_rule
+from . import Rule, arg, register_rule
 
 
 def linear_T(g, weight):
@@ -27,9 +27,7 @@ class Linear(Rule):
     def spec(self, b, node):
         if node.op == "call_module":
             return node.args[0], b.param(node, "weight"), b.module(node).bias is not None
-        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return node.args[0], b.val(w), bias is not None
+        return node.args[0], b.val(arg(node, 1, "weight")), arg(node, 2, "bias") is not None
 
     def layout(self, b, node):
         return (len(b.shape(node)) - 1,)
@@ -51,8 +49,7 @@ class Linear(Rule):
         if zs[0] is None:
             if not self.spec(b, node)[2]:
                 return None
-            bias = b.param(node, "bias") if node.op == "call_module" else b.val(
-                node.args[2] if len(node.args) > 2 else node.kwargs["bias"])
+            bias = b.param(node, "bias") if node.op == "call_module" else b.val(arg(node, 2, "bias"))
             return b.call(row_bias, bias, len(b.shape(node)))
         return b.apply_with_inputs(node, zs)
 

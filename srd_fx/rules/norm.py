@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Rule, register_rule
+from . import Rule, arg, register_rule
 
 
 def _per_channel(t, rank, axis=1):
@@ -44,13 +44,10 @@ class BatchNorm(Rule):
                               "track_running_stats=False is not supported)")
             return (node.args[0], b.param(node, "running_mean"), b.param(node, "running_var"),
                     b.param(node, "weight"), b.param(node, "bias"), m.eps)
-        a = list(node.args) + [None] * 8
-        kw = node.kwargs
-        get = lambda i, k, d=None: a[i] if a[i] is not None else kw.get(k, d)
-        if get(5, "training", False):
+        if arg(node, 5, "training", False):
             b.unsupported(node, "F.batch_norm(training=True): put the model in eval mode")
-        return (node.args[0], b.val(get(1, "running_mean")), b.val(get(2, "running_var")),
-                b.val(get(3, "weight")), b.val(get(4, "bias")), get(7, "eps", 1e-5))
+        return (node.args[0], b.val(arg(node, 1, "running_mean")), b.val(arg(node, 2, "running_var")),
+                b.val(arg(node, 3, "weight")), b.val(arg(node, 4, "bias")), arg(node, 7, "eps", 1e-5))
 
     def layout(self, b, node):
         return (1,)
@@ -72,12 +69,6 @@ register_rule(F.batch_norm, BatchNorm())
 
 
 # ------------------------------------------------------- LayerNorm, GroupNorm ----------
-def ln_stats(x, ndim, eps):
-    """Mean and 1/std over the last ``ndim`` axes (LayerNorm's statistics)."""
-    dims = tuple(range(x.dim() - ndim, x.dim()))
-    return x.mean(dim=dims, keepdim=True), torch.rsqrt(x.var(dim=dims, keepdim=True, unbiased=False) + eps)
-
-
 def gn_stats(x, groups, eps):
     """Mean and 1/std per (sample, group), broadcast to (B, C, 1, ...)."""
     B, C = x.shape[:2]
@@ -89,35 +80,18 @@ def gn_stats(x, groups, eps):
     return per_c(mu), per_c(inv)
 
 
-def _stats(x, kind, arg, eps):
-    return ln_stats(x, arg, eps) if kind == "ln" else gn_stats(x, arg, eps)
-
-
 def _param(t, x, kind):
     return t if kind == "ln" else _per_channel(t, x.dim())
 
 
-def norm_T(g, x, kind, arg, weight, eps):
-    """Transpose of a normalisation with its statistics held constant: a scale."""
-    _, inv = _stats(x, kind, arg, eps)
-    g = g * inv
-    return g if weight is None else g * _param(weight, x, kind)
-
-
-def norm_affine(z, x, kind, arg, weight, bias, eps):
-    """The normalisation (recorded statistics of ``x``) applied to ``z`` (None: zero)."""
-    mu, inv = _stats(x, kind, arg, eps)
-    return norm_affine_rec(z, mu, inv, kind, weight, bias)
-
-
-def norm_stats(x, kind, arg, eps):
+def norm_stats(x, kind, size, eps):
     """The statistics (mean, 1/std) of the forward pass, computed once and recorded: the
     transpose and the bias reuse them, and the normalisation's input need not be kept."""
     if kind == "ln":
-        dims = tuple(range(x.dim() - arg, x.dim()))
+        dims = tuple(range(x.dim() - size, x.dim()))
         var, mu = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
         return mu, torch.rsqrt(var + eps)
-    return gn_stats(x, arg, eps)
+    return gn_stats(x, size, eps)
 
 
 def norm_T_rec(g, inv, kind, weight):
@@ -137,47 +111,45 @@ def norm_affine_rec(z, mu, inv, kind, weight, bias):
 
 
 class StatNorm(Rule):
-    """LayerNorm (kind "ln", over the last axes) and GroupNorm (kind "gn", over channel groups):
-    affine per position once the forward pass's statistics are constants."""
+    """LayerNorm (variant "ln", over the last axes) and GroupNorm (variant "gn", over channel
+    groups): affine per position once the forward pass's statistics are constants."""
     linear = False
 
-    def __init__(self, kind):
-        self.kind = kind
+    def __init__(self, variant):
+        self.variant = variant
 
     def spec(self, b, node):
         """(input, ndim or groups, weight, bias, eps)."""
         if node.op == "call_module":
             m = b.module(node)
-            arg = len(m.normalized_shape) if self.kind == "ln" else m.num_groups
-            return node.args[0], arg, b.param(node, "weight"), b.param(node, "bias"), m.eps
-        a = list(node.args) + [None] * 5
-        kw = node.kwargs
-        get = lambda i, k, d=None: a[i] if a[i] is not None else kw.get(k, d)
-        if self.kind == "ln":
-            shape = get(1, "normalized_shape")
-            arg = 1 if isinstance(shape, int) else len(shape)
+            n = len(m.normalized_shape) if self.variant == "ln" else m.num_groups
+            return node.args[0], n, b.param(node, "weight"), b.param(node, "bias"), m.eps
+        if self.variant == "ln":
+            shape = arg(node, 1, "normalized_shape")
+            n = 1 if isinstance(shape, int) else len(shape)
         else:
-            arg = get(1, "num_groups")
-        return node.args[0], arg, b.val(get(2, "weight")), b.val(get(3, "bias")), get(4, "eps", 1e-5)
+            n = arg(node, 1, "num_groups")
+        return node.args[0], n, b.val(arg(node, 2, "weight")), b.val(arg(node, 3, "bias")), arg(node, 4, "eps", 1e-5)
 
     def layout(self, b, node):
-        return b.caxes(node.args[0]) if self.kind == "ln" else (1,)
+        return b.caxes(node.args[0]) if self.variant == "ln" else (1,)
 
     def record(self, b, node):
         out = b.copy(node)
-        x, arg, _, _, eps = self.spec(b, node)
-        stats = b.call(norm_stats, b.val(x), self.kind, arg, eps, name="stats_" + node.name)
+        x, n, _, _, eps = self.spec(b, node)
+        stats = b.call(norm_stats, b.val(x), self.variant, n, eps, name="stats_" + node.name)
         b.set_recorded(node, "mu", b.call(operator.getitem, stats, 0, name="mu_" + node.name))
         b.set_recorded(node, "inv", b.call(operator.getitem, stats, 1, name="inv_" + node.name))
         return out
 
     def transpose(self, b, node, g):
         _, _, w, _, _ = self.spec(b, node)
-        return [b.call(norm_T_rec, g, b.recorded(node, "inv"), self.kind, w)]
+        return [b.call(norm_T_rec, g, b.recorded(node, "inv"), self.variant, w)]
 
     def bias(self, b, node, zs):
         _, _, w, bias, _ = self.spec(b, node)
-        return b.call(norm_affine_rec, zs[0], b.recorded(node, "mu"), b.recorded(node, "inv"), self.kind, w, bias)
+        return b.call(norm_affine_rec, zs[0], b.recorded(node, "mu"), b.recorded(node, "inv"), self.variant,
+                      w, bias)
 
 
 register_rule(nn.LayerNorm, StatNorm("ln"))
@@ -195,12 +167,7 @@ class Normalize(Rule):
     """``F.normalize(x, p, dim)``: x times the recorded 1/max(||x||, eps)."""
 
     def _spec(self, node):
-        a = list(node.args) + [None] * 4
-        kw = node.kwargs
-        p = a[1] if a[1] is not None else kw.get("p", 2.0)
-        dim = a[2] if a[2] is not None else kw.get("dim", 1)
-        eps = a[3] if a[3] is not None else kw.get("eps", 1e-12)
-        return node.args[0], p, dim, eps
+        return node.args[0], arg(node, 1, "p", 2.0), arg(node, 2, "dim", 1), arg(node, 3, "eps", 1e-12)
 
     def transpose(self, b, node, g):
         x, p, dim, eps = self._spec(node)

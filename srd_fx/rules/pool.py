@@ -4,35 +4,29 @@ Max-pool: the forward records arg-max indices; the transpose scatters back to th
 may overlap), the bias is a gather at them.  Shadow of every pooling: sum over the *whole*
 window (SPEC §2), including max-pool.
 """
-import operator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
-from . import Rule, register_rule
+from . import Rule, arg, register_rule
+from .windows import (indices_T, indices_bias, record_indices, same_window_shadow, same_window_shadow_T,
+                      window_shadow, window_shadow_T)
 
 
-def _a(node, i, name, default):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _pool_params(b, node, kind):
+def _pool_params(b, node, variant):
     """(kernel, stride, padding, dilation, ceil_mode) of a max/avg pool node."""
     if node.op == "call_module":
         m = b.module(node)
         return (m.kernel_size, m.stride if m.stride is not None else m.kernel_size, m.padding,
                 getattr(m, "dilation", 1), m.ceil_mode)
-    k = _a(node, 1, "kernel_size", None)
-    s = _a(node, 2, "stride", None) or k
-    p = _a(node, 3, "padding", 0)
-    if kind == "max":
-        return k, s, p, _a(node, 4, "dilation", 1), _a(node, 5, "ceil_mode", False)
-    return k, s, p, 1, _a(node, 4, "ceil_mode", False)
+    k = arg(node, 1, "kernel_size")
+    s = arg(node, 2, "stride") or k
+    p = arg(node, 3, "padding", 0)
+    if variant == "max":
+        return k, s, p, arg(node, 4, "dilation", 1), arg(node, 5, "ceil_mode", False)
+    return k, s, p, 1, arg(node, 4, "ceil_mode", False)
 
 
 class _WindowShadow(Rule):
@@ -42,45 +36,40 @@ class _WindowShadow(Rule):
         return (1,)
 
     def shadow(self, b, node, ms):
-        k, s, p, d, _ = _pool_params(b, node, self.kind)
-        return b.call(ops.window_sum, ms[0], k, s, p, d, b.val(node))
+        k, s, p, d, _ = _pool_params(b, node, self.variant)
+        return window_shadow(b, node, ms[0], k, s, p, d)
 
     def shadow_T(self, b, node, m):
-        k, s, p, d, _ = _pool_params(b, node, self.kind)
-        return [b.call(ops.window_sum_T, m, k, s, p, d, b.val(node.args[0]))]
+        k, s, p, d, _ = _pool_params(b, node, self.variant)
+        return window_shadow_T(b, node, m, k, s, p, d)
 
 
 class MaxPool(_WindowShadow):
-    kind = "max"
+    variant = "max"
 
     def record(self, b, node):
         k, s, p, d, c = _pool_params(b, node, "max")
-        if node.op == "call_function" and _a(node, 6, "return_indices", False):
+        if node.op == "call_function" and arg(node, 6, "return_indices", False):
             b.unsupported(node, "max_pool with return_indices=True in the model")
-        both = b.call(ops.max_pool_record, b.val(node.args[0]), k, s, p, d, c, name=node.name + "_rec")
-        out = b.call(operator.getitem, both, 0, name=node.name)
-        b.set_recorded(node, "indices", b.call(operator.getitem, both, 1, name=node.name + "_idx"))
-        return out
+        return record_indices(b, node, ops.max_pool_record, k, s, p, d, c)
 
     def transpose(self, b, node, g):
-        return [b.call(ops.gather_T, g, b.recorded(node, "indices"), b.val(node.args[0]))]
+        return indices_T(b, node, g)
 
     def bias(self, b, node, zs):
-        if zs[0] is None:
-            return None
-        return b.call(ops.gather, zs[0], b.recorded(node, "indices"), b.val(node.args[0]))
+        return indices_bias(b, node, zs[0])
 
 
 class AvgPool(_WindowShadow):
-    kind = "avg"
+    variant = "avg"
 
 
 class AdaptivePool(Rule):
     """Adaptive average / max pooling: windows follow PyTorch's start/end rule."""
     pointwise = False
 
-    def __init__(self, kind):
-        self.kind = kind
+    def __init__(self, variant):
+        self.variant = variant
 
     def layout(self, b, node):
         return (1,)
@@ -89,24 +78,21 @@ class AdaptivePool(Rule):
         return all(s == 1 for s in b.shape(node)[2:])
 
     def record(self, b, node):
-        if self.kind != "max":
+        if self.variant != "max":
             return b.copy(node)
-        size = b.module(node).output_size if node.op == "call_module" else _a(node, 1, "output_size", None)
-        both = b.call(ops.adaptive_max_pool_record, b.val(node.args[0]), size, name=node.name + "_rec")
-        out = b.call(operator.getitem, both, 0, name=node.name)
-        b.set_recorded(node, "indices", b.call(operator.getitem, both, 1, name=node.name + "_idx"))
-        return out
+        size = b.module(node).output_size if node.op == "call_module" else arg(node, 1, "output_size")
+        return record_indices(b, node, ops.adaptive_max_pool_record, size)
 
     def transpose(self, b, node, g):
-        if self.kind == "max":
-            return [b.call(ops.gather_T, g, b.recorded(node, "indices"), b.val(node.args[0]))]
+        if self.variant == "max":
+            return indices_T(b, node, g)
         return b.vjp(node, g)
 
     def bias(self, b, node, zs):
         if zs[0] is None:
             return None
-        if self.kind == "max":
-            return b.call(ops.gather, zs[0], b.recorded(node, "indices"), b.val(node.args[0]))
+        if self.variant == "max":
+            return indices_bias(b, node, zs[0])
         return b.apply_with_inputs(node, zs)
 
     def _mats(self, b, node):
@@ -149,7 +135,7 @@ for fn in (F.adaptive_max_pool1d, F.adaptive_max_pool2d):
 
 # -------------------------------------------------------------- reductions over axes -----
 def _dims(node, rank):
-    d = _a(node, 1, "dim", None)
+    d = arg(node, 1, "dim")
     if d is None:
         return tuple(range(rank))
     d = (d,) if isinstance(d, int) else tuple(d)
@@ -172,10 +158,6 @@ class Mean(Rule):
     out of the PFV.  Mean over all spatial axes is a global spatial reduction (SPEC §1)."""
     pointwise = False
 
-    def __init__(self, linear=True, recorded_max=False):
-        self.linear = linear
-        self.recorded_max = recorded_max
-
     def _spatial(self, b, node):
         x = node.args[0]
         rank = len(b.shape(x))
@@ -190,7 +172,7 @@ class Mean(Rule):
 
     def layout(self, b, node):
         x, dims, _ = self._spatial(b, node)
-        keep = bool(_a(node, 2, "keepdim", False))
+        keep = bool(arg(node, 2, "keepdim", False))
         cax = b.caxes(x)
         if keep:
             return cax
@@ -200,12 +182,12 @@ class Mean(Rule):
 
     def shadow(self, b, node, ms):
         x, dims, sp = self._spatial(b, node)
-        keep = bool(_a(node, 2, "keepdim", False))
+        keep = bool(arg(node, 2, "keepdim", False))
         return b.call(reduce_map, ms[0], dims, keep)
 
     def shadow_T(self, b, node, m):
         x, dims, sp = self._spatial(b, node)
-        keep = bool(_a(node, 2, "keepdim", False))
+        keep = bool(arg(node, 2, "keepdim", False))
         return [b.call(reduce_map_T, m, dims, keep, b.val(x), b.caxes(x))]
 
 
@@ -220,8 +202,8 @@ class SamePool(Rule):
     """timm's MaxPool2dSame / AvgPool2dSame (leaves): dynamic TF 'SAME' padding."""
     pointwise = False
 
-    def __init__(self, kind):
-        self.kind = kind
+    def __init__(self, variant):
+        self.variant = variant
 
     def layout(self, b, node):
         return (1,)
@@ -231,36 +213,32 @@ class SamePool(Rule):
         return m.kernel_size, m.stride, getattr(m, "dilation", 1), m.ceil_mode
 
     def record(self, b, node):
-        if self.kind != "max":
+        if self.variant != "max":
             return b.copy(node)
         k, s, d, c = self._geo(b, node)
-        both = b.call(ops.max_pool_same_record, b.val(node.args[0]), k, s, d, c, name=node.name + "_rec")
-        out = b.call(operator.getitem, both, 0, name=node.name)
-        b.set_recorded(node, "indices", b.call(operator.getitem, both, 1, name=node.name + "_idx"))
-        return out
+        return record_indices(b, node, ops.max_pool_same_record, k, s, d, c)
 
     def transpose(self, b, node, g):
-        if self.kind != "max":
+        if self.variant != "max":
             return b.vjp(node, g)
         k, s, d, _ = self._geo(b, node)
-        return [b.call(ops.gather_same_T, g, b.recorded(node, "indices"), b.val(node.args[0]), k, s, d)]
+        return indices_T(b, node, g, ops.gather_same_T, k, s, d)
 
     def bias(self, b, node, zs):
         if zs[0] is None:
             return None
-        if self.kind != "max":
+        if self.variant != "max":
             return b.apply_with_inputs(node, zs)
         k, s, d, _ = self._geo(b, node)
-        return b.call(ops.gather_same, zs[0], b.recorded(node, "indices"), b.val(node.args[0]), k, s, d)
+        return indices_bias(b, node, zs[0], ops.gather_same, k, s, d)
 
     def shadow(self, b, node, ms):
         k, s, d, _ = self._geo(b, node)
-        return b.call(ops.same_window_sum, ms[0], b.val(node.args[0]), k, s, d, b.val(node))
+        return same_window_shadow(b, node, ms[0], k, s, d)
 
     def shadow_T(self, b, node, m):
         k, s, d, _ = self._geo(b, node)
-        x = node.args[0]
-        return b.vjp_shadow(ops.same_window_sum, (b.val(x), k, s, d, b.val(node)), m, x)
+        return same_window_shadow_T(b, node, m, k, s, d)
 
 
 def _register_timm():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
-from . import Meta, Rule, register_rule
+from . import Meta, Rule, arg, register_rule
 
 
 # ------------------------------------------------------------------------ runtime -------
@@ -175,8 +175,7 @@ class _ListOp(Rule):
     how = "cat"
 
     def _spec(self, b, node):
-        xs = node.args[0] if node.args else node.kwargs["tensors"]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        xs, dim = arg(node, 0, "tensors"), arg(node, 1, "dim", 0)
         return list(xs), dim % len(b.shape(node))
 
     def _route(self, b, node, pieces, xs):
@@ -230,10 +229,10 @@ class Reshape(Rule):
     the map over them."""
     pointwise = False
 
-    def _plan(self, b, node):
-        """(output channel axes, absorbed input axes)."""
-        x = b.main_inputs(node)[0]
-        si, so, ci = list(b.shape(x)), list(b.shape(node)), b.true_caxes(x)
+    def _plan(self, info, node):
+        """(output channel axes, absorbed input axes), from the analysis ``info``."""
+        x = info.main_inputs(node)[0]
+        si, so, ci = list(info.shape(x)), list(info.shape(node)), info.caxes(x)
         P = [d for d in range(1, len(si)) if d not in ci]
         psz = [si[d] for d in P]
         csz = [si[d] for d in ci]
@@ -253,8 +252,8 @@ class Reshape(Rule):
             return tuple(range(1, 1 + len(ci))), ()
         if ci and list(ci) == list(range(len(si) - len(ci), len(si))) and rest[len(rest) - len(ci):] == csz:
             return tuple(range(len(so) - len(ci), len(so))), ()
-        b.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} mixes channels and positions in a way "
-                            "srd_fx cannot map; register a rule for this module")
+        info.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} mixes channels and positions in a way "
+                               "srd_fx cannot map; register a rule for this module")
 
     def layout(self, b, node):
         return self._plan(b, node)[0]
@@ -263,13 +262,13 @@ class Reshape(Rule):
         return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
 
     def shadow(self, b, node, ms):
-        absorbed = self._plan(b, node)[1] if b.unit != "neuron" else ()
+        absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         m = b.call(reduce_keep, ms[0], absorbed) if absorbed else ms[0]
         return b.call(reshape_map, m, b.val(node), b.caxes(node))
 
     def shadow_T(self, b, node, m):
         x = b.main_inputs(node)[0]
-        absorbed = self._plan(b, node)[1] if b.unit != "neuron" else ()
+        absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         return [b.call(reshape_map_T, m, b.val(x), b.caxes(x), absorbed)]
 
     def is_global_reduction(self, b, node):
@@ -283,15 +282,16 @@ class Stack(_ListOp):
     one PFV, as in selective-kernel attention), otherwise a new position axis."""
     how = "stack"
 
-    def _channel(self, b, node):
-        xs, dim = self._spec(b, node)
-        mains = [x for x in xs if x in b.main_inputs(node)]
-        return dim <= max(b.true_caxes(mains[0]))
+    def _channel(self, info, node):
+        """The new axis is a channel axis (from the analysis ``info``)."""
+        xs, dim = self._spec(info, node)
+        mains = [x for x in xs if x in info.main_inputs(node)]
+        return dim <= max(info.caxes(mains[0]))
 
     def layout(self, b, node):
         xs, dim = self._spec(b, node)
         mains = [x for x in xs if x in b.main_inputs(node)]
-        ci = tuple(c + 1 if c >= dim else c for c in b.true_caxes(mains[0]))
+        ci = tuple(c + 1 if c >= dim else c for c in b.caxes(mains[0]))
         return tuple(sorted(ci + ((dim,) if self._channel(b, node) else ())))
 
     def transpose(self, b, node, g):
@@ -303,11 +303,11 @@ class Stack(_ListOp):
         by = dict(zip(b.main_inputs(node), ms))
         return b.call(stack_maps, [by.get(x) for x in xs], [b.val(x) for x in xs], dim,
                       b.caxes(xs[0]) if xs[0] in by else b.caxes(b.main_inputs(node)[0]),
-                      self._channel(b, node))
+                      self._channel(b.info, node))
 
     def shadow_T(self, b, node, m):
         xs, dim = self._spec(b, node)
-        return self._route(b, node, b.call(stack_maps_T, m, len(xs), dim, self._channel(b, node)), xs)
+        return self._route(b, node, b.call(stack_maps_T, m, len(xs), dim, self._channel(b.info, node)), xs)
 
 
 def stack_maps(maps, xs, dim, caxes, channel):
@@ -373,10 +373,8 @@ class GetItem(Rule):
         if isinstance(src, torch.fx.Node) and getattr(src, "op", None) in ("call_method", "call_function"):
             t = src.target if isinstance(src.target, str) else getattr(src.target, "__name__", "")
             if t in ("split", "chunk"):
-                a = list(src.args) + [None, None, None]
-                size = a[1] if a[1] is not None else src.kwargs.get("split_size_or_sections", src.kwargs.get("chunks"))
-                dim = a[2] if a[2] is not None else src.kwargs.get("dim", 0)
-                return src.args[0], t, size, dim, node.args[1]
+                size = arg(src, 1, "split_size_or_sections" if t == "split" else "chunks")
+                return src.args[0], t, size, arg(src, 2, "dim", 0), node.args[1]
         return None
 
     def layout(self, b, node):
@@ -447,10 +445,7 @@ class Pad(Rule):
         if node.op == "call_module":
             m = b.module(node)
             return list(m.padding), "constant", getattr(m, "value", 0.0)
-        a = list(node.args) + [None, None, None]
-        pad = a[1] if a[1] is not None else node.kwargs["pad"]
-        mode = a[2] if a[2] is not None else node.kwargs.get("mode", "constant")
-        value = a[3] if a[3] is not None else node.kwargs.get("value", 0.0)
+        pad, mode, value = arg(node, 1, "pad"), arg(node, 2, "mode", "constant"), arg(node, 3, "value", 0.0)
         return list(pad), mode, value or 0.0
 
     def bias(self, b, node, zs):
@@ -478,9 +473,7 @@ class Interpolate(Rule):
         if node.op == "call_module":
             m = b.module(node)
             return m.mode, m.align_corners
-        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
-        ac = node.kwargs.get("align_corners", node.args[4] if len(node.args) > 4 else None)
-        return mode, ac
+        return arg(node, 3, "mode", "nearest"), arg(node, 4, "align_corners")
 
     def layout(self, b, node):
         return (1,)
@@ -499,8 +492,7 @@ class Unsqueeze(Rule):
     pointwise = False
 
     def _dim(self, b, node, rank):
-        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return d
+        return arg(node, 1, "dim")
 
     def _name(self, node):
         t = node.target
@@ -508,7 +500,7 @@ class Unsqueeze(Rule):
 
     def layout(self, b, node):
         x = b.main_inputs(node)[0]
-        ci = b.true_caxes(x)
+        ci = b.caxes(x)
         si, so = b.shape(x), b.shape(node)
         if self._name(node) == "unsqueeze":
             d = self._dim(b, node, len(so)) % len(so)
@@ -548,16 +540,16 @@ class MatMul(Rule):
 
     def layout(self, b, node):
         a = self._main_left(b, node)
-        return b.true_caxes(a)
+        return b.caxes(a)
 
     def shadow(self, b, node, ms):
         a = self._main_left(b, node)
-        contracted_channel = (len(b.shape(a)) - 1) in b.true_caxes(a)
+        contracted_channel = (len(b.shape(a)) - 1) in b.info.caxes(a)
         return b.call(matmul_map, ms[0], b.val(node), b.caxes(node), contracted_channel or b.unit == "neuron")
 
     def shadow_T(self, b, node, m):
         a = self._main_left(b, node)
-        contracted_channel = (len(b.shape(a)) - 1) in b.true_caxes(a)
+        contracted_channel = (len(b.shape(a)) - 1) in b.info.caxes(a)
         return [b.call(matmul_map_T, m, b.val(a), b.caxes(a), contracted_channel or b.unit == "neuron")]
 
 
