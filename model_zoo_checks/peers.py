@@ -32,11 +32,12 @@ import traceback
 from typing import Dict
 
 from . import lists
+from .cli import PARAMS_CACHE, add_arguments, options_from, select
+from .report import PEER_TOL, PEERS_JSON, write_report
 from .runner import (CACHE_DIR, SRD_CACHE, Options, append_cache, build_model, code_fingerprint, load_cache,
                      pick_input, run_models)
 
 PEERS_CACHE = CACHE_DIR / "peers.jsonl"
-PEER_TOL = 1e-3
 
 
 def _summarise_map(attr, x, r_out) -> Dict:
@@ -130,21 +131,7 @@ def _check_peers(name: str, opts: Options) -> Dict:
     return rec
 
 
-def srd_entry(r: Dict) -> Dict:
-    """The SRD column of the side-by-side table, from an SRD sweep record."""
-    if r is None:
-        return None
-    produced = r.get("status") == "pass" or r.get("category") in (
-        "logits-mismatch", "conservation", "batch-dependence", "degenerate")
-    err = (r.get("metrics") or {}).get("conservation_rel_err")
-    finite = produced and r.get("category") != "non-finite" and "non-finite" not in (r.get("failed_checks") or [])
-    return dict(produced=bool(produced), finite=bool(finite),
-                conserved=bool(produced and isinstance(err, (int, float)) and err <= PEER_TOL),
-                conservation_rel_err=err, error=None if produced else f"{r.get('category')}: {r.get('reason')}")
-
-
 def write_peers_json(names, peers: Dict[str, Dict], command: str) -> None:
-    from .report import PEERS_JSON
     doc = dict(generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), command=command, tolerance=PEER_TOL,
                zennit="EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()]), Gradient attributor, "
                       "initial relevance = target logit",
@@ -155,7 +142,6 @@ def write_peers_json(names, peers: Dict[str, Dict], command: str) -> None:
 
 
 def main(argv=None) -> int:
-    from .cli import add_arguments, options_from, select
     p = argparse.ArgumentParser(prog="python -m model_zoo_checks.peers",
                                 description="Run zennit (EpsilonPlusFlat) and captum LRP over the zoo selection "
                                             "and record whether each produces a map and conserves relevance.")
@@ -167,7 +153,6 @@ def main(argv=None) -> int:
     cache = {} if args.fresh else load_cache(PEERS_CACHE)
     todo = [] if args.report_only else [n for n in names if n not in cache or
                                         cache[n].get("options") != opts.key()]
-    from .cli import PARAMS_CACHE
     if len(todo) > 1 and PARAMS_CACHE.exists():
         counts = json.loads(PARAMS_CACHE.read_text())
         todo.sort(key=lambda n: (counts.get(n) is None, counts.get(n) or 0))
@@ -189,7 +174,6 @@ def main(argv=None) -> int:
         print(f"{m}: produced {sum(g['produced'] for g in got)}/{len(got)}, conserved within {PEER_TOL:g}: "
               f"{sum(g['conserved'] for g in got)}", file=sys.stderr)
     if args.report is not False:
-        from .report import write_report
         srd = load_cache(SRD_CACHE)
         prev = {}
         from .runner import REPORT_JSON

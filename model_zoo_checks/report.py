@@ -103,6 +103,19 @@ def _peer_summary(names: Sequence[str], peers: Dict) -> Optional[Dict]:
     return out
 
 
+def srd_entry(r: Dict) -> Dict:
+    """The SRD column of the side-by-side table, from an SRD sweep record."""
+    if r is None:
+        return None
+    produced = r.get("status") == "pass" or r.get("category") in (
+        "logits-mismatch", "conservation", "batch-dependence", "degenerate")
+    err = (r.get("metrics") or {}).get("conservation_rel_err")
+    finite = produced and r.get("category") != "non-finite" and "non-finite" not in (r.get("failed_checks") or [])
+    return dict(produced=bool(produced), finite=bool(finite),
+                conserved=bool(produced and isinstance(err, (int, float)) and err <= PEER_TOL),
+                conservation_rel_err=err, error=None if produced else f"{r.get('category')}: {r.get('reason')}")
+
+
 def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint: str, command: str,
                  meta: Optional[Dict] = None, md_path: Path = REPORT_MD, json_path: Path = REPORT_JSON) -> Dict:
     import timm
@@ -111,7 +124,6 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     fams = family_table(names, records)
     peers = json.loads(PEERS_JSON.read_text()) if PEERS_JSON.exists() else {}
     if peers.get("records"):
-        from .peers import srd_entry
         for n, pr in peers["records"].items():
             pr["srd"] = srd_entry(records.get(n))
     psum = _peer_summary([n for n in names if n in peers.get("records", {})], peers)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Activation, register_rule
+from .base import Activation, register_rule
 
 _MODULES = {
     nn.ReLU: F.relu, nn.ReLU6: F.relu6, nn.LeakyReLU: F.leaky_relu, nn.PReLU: None,

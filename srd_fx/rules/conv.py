@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
-from . import Rule, arg, register_rule
+from .base import Rule, arg, register_rule
 from .windows import same_window_shadow, same_window_shadow_T, window_shadow, window_shadow_T
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
-from . import Affine, Rule, arg, register_rule
+from .base import Affine, Rule, arg, register_rule
 
 
 def _operands(node):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Rule, arg, register_rule
+from .base import Rule, arg, register_rule
 
 
 def linear_T(g, weight):

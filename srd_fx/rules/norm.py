@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Rule, arg, register_rule
+from .base import Rule, arg, register_rule
 
 
 def _per_channel(t, rank, axis=1):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
-from . import Meta, Rule, arg, register_rule
+from .base import Meta, Rule, arg, register_rule
 
 
 # ------------------------------------------------------------------------ runtime -------
