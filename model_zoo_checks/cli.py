@@ -11,8 +11,9 @@ import time
 from typing import Dict, List
 
 from . import lists
-from .runner import (CACHE_DIR, CI_SUBSET, SRD_CACHE, Options, append_cache, code_fingerprint,
-                     count_params_meta, load_cache, run_models)
+from .runner import (CACHE_DIR, CI_SUBSET, REPORT_JSON, REPORT_MD, SRD_CACHE, Options, append_cache,
+                     code_fingerprint, count_params_meta, load_cache, run_models)
+from .shards import ShardWriter, merge, parse_shard, shard_files, shard_from_env, shard_names
 
 PARAMS_CACHE = CACHE_DIR / "params.json"
 
@@ -46,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=0, help="Seed of the weights and of the input.")
     run.add_argument("--raw-init", action="store_true",
                      help="Keep timm's initialisation as it is (zero-init residual gammas switch branches off).")
+    run.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                     help="Check only shard I of N of the selection (every N-th model from the I-th, 0 <= I < N) "
+                          "and write its records to --shard-dir; under torchrun the shard is RANK/WORLD_SIZE.")
     cache = p.add_argument_group("cache and report")
     cache.add_argument("--fresh", action="store_true",
                        help="Ignore cached results and rerun every selected model.")
@@ -58,6 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="Write REPORT.md/report.json even for a partial selection (default: only for --all).")
     cache.add_argument("--no-report", dest="report", action="store_false",
                        help="Do not write REPORT.md/report.json.")
+    cache.add_argument("--shard-dir", default=None, metavar="DIR",
+                       help="Folder of the shard files (shard-I-of-N.jsonl) that --shard writes and "
+                            "--report-only merges (default: the cache folder's shards/).")
+    cache.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help=f"Folder of the record cache (default: {CACHE_DIR}).")
+    cache.add_argument("--report-dir", default=None, metavar="DIR",
+                       help="Folder to write REPORT.md and report.json into (default: model_zoo_checks/).")
+    cache.add_argument("--no-compile-benchmark", action="store_true",
+                       help="Do not time ResNet50's compile for the report.")
     cache.add_argument("--quiet", action="store_true", help="No progress bar.")
 
 
@@ -131,17 +144,51 @@ def resnet50_compile_benchmark(repeats: int = 3) -> Dict:
 
 
 def run(args) -> int:
+    from srd_fx.errors import SRDError
+    try:
+        return _run(args)
+    except SRDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from pathlib import Path
     opts = options_from(args)
     names = select(args)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else CACHE_DIR
+    srd_cache = cache_dir / "srd.jsonl"
+    shard_dir = Path(args.shard_dir) if args.shard_dir else cache_dir / "shards"
+    report_dir = Path(args.report_dir) if args.report_dir else REPORT_MD.parent
+    shard = args.shard or (None if args.report_only or args.list else shard_from_env())
+    merged = None
+    if args.report_only and shard_files(shard_dir):
+        # merge the shard files: their header names the selection, their records the results
+        names, shard_recs, merged = merge(shard_dir)
+    writer = None
+    if shard is not None:
+        writer = ShardWriter(shard_dir, shard[0], shard[1], names, code_fingerprint(opts), opts.key())
+        writer.check()
+        names = shard_names(names, *shard)
     if args.list:
         for n in names:
             print(f"{n}\t{lists.family_of(n, lists.module_of(n))}\t{lists.module_of(n)}")
         print(f"# {len(names)} models", file=sys.stderr)
         return 0
     full = args.all or not (args.models or args.models_file or args.ci_subset or args.filter or args.sample)
+    if merged is not None:
+        full = set(names) == set(lists.default_models())
     write = full if args.report is None else args.report
+    if merged is not None and args.report is None:
+        write = True
+    if writer is not None:
+        write = bool(args.report)  # a shard writes its records; --report-only merges them into one report
     fp = code_fingerprint(opts)
-    cache = {} if args.fresh else load_cache(SRD_CACHE)
+    cache = {} if args.fresh else load_cache(srd_cache)
+    if merged is not None:
+        cache = shard_recs
+    if writer is not None and not args.fresh:
+        cache.update(writer.earlier())
     if args.report_only:
         todo = []
     elif args.retry_failed:
@@ -156,8 +203,18 @@ def run(args) -> int:
           f"(jobs={args.jobs}, timeout={args.timeout:.0f}s, fingerprint {fp})", file=sys.stderr)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    results = run_models(todo, opts, jobs=args.jobs, on_record=append_cache, progress=not args.quiet,
-                         desc="srd zoo") if todo else []
+    def on_record(rec):
+        append_cache(rec, srd_cache)
+        if writer is not None:
+            writer.add(rec)
+
+    if writer is not None:
+        writer.start([cache[n] for n in names if n in cache and n not in todo])
+    results = run_models(todo, opts, jobs=args.jobs, on_record=on_record, progress=not args.quiet,
+                         desc="srd zoo" if writer is None else f"srd zoo shard {shard[0]}/{shard[1]}") if todo else []
+    if writer is not None:
+        writer.finish()
+        print(f"wrote {writer.path} ({len(names)} models of {len(writer.header['names'])})", file=sys.stderr)
     for r in results:
         cache[r["model"]] = r
     recs = {n: cache[n] for n in names if n in cache}
@@ -174,16 +231,25 @@ def run(args) -> int:
         meta = dict(load_avg=f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
                     options=opts.key(), max_params_m=opts.max_params_m, timeout_s=opts.timeout,
                     jobs=args.jobs, threads=args.threads)
-        try:
-            meta["resnet50_compile"] = resnet50_compile_benchmark()
-        except Exception as e:  # reported, not fatal
-            meta["resnet50_compile_error"] = f"{type(e).__name__}: {e}"
+        if merged is not None:
+            meta["shards"] = merged
+        if not args.no_compile_benchmark:
+            try:
+                meta["resnet50_compile"] = resnet50_compile_benchmark()
+            except Exception as e:  # reported, not fatal
+                meta["resnet50_compile_error"] = f"{type(e).__name__}: {e}"
         cmd = "python -m model_zoo_checks " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
             if sys.argv and "model_zoo_checks" in " ".join(sys.argv[:1] + sys.argv[1:2]) else "python -m model_zoo_checks --all"
         report_names = lists.default_models() if full else names
+        if merged is not None:
+            report_names = names
+        report_dir.mkdir(parents=True, exist_ok=True)
         write_report(report_names, {n: cache[n] for n in report_names if n in cache}, fingerprint=fp,
-                     command=cmd, meta=meta)
-        print("wrote model_zoo_checks/REPORT.md and model_zoo_checks/report.json", file=sys.stderr)
+                     command=cmd, meta=meta, md_path=report_dir / REPORT_MD.name, json_path=report_dir / REPORT_JSON.name)
+        print(f"wrote {report_dir / REPORT_MD.name} and {report_dir / REPORT_JSON.name}", file=sys.stderr)
+        if merged is not None and (merged["missing"] or merged["incomplete"]):
+            from .shards import summary_line
+            print(summary_line(merged).replace("**", ""), file=sys.stderr)
     return 0 if n_fail == 0 and len(recs) == len(names) else 1
 
 

@@ -169,6 +169,9 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
         b = meta["resnet50_compile"]
         w(f"- ResNet50 compile time (default options, {b['input']}, median of {b['repeats']}): "
           f"**{b['wall_s']:.2f} s** wall, {b['cpu_s']:.2f} s CPU (target: under 2 s).")
+    if meta.get("shards"):
+        from .shards import summary_line
+        w(f"- {summary_line(meta['shards'])}")
     if meta.get("load_avg"):
         w(f"- Load average of the machine during the run (shared with other jobs): {meta['load_avg']}; "
           "wall-clock times are inflated accordingly.")

@@ -11,9 +11,11 @@ from srd_fx.rules import Activation, Affine, Rule, register_rule  # noqa: F401
 
 from .compiler.explainer import Explainer, SRDOutput, compile  # noqa: F401
 from .methods.apop import apop  # noqa: F401,E402  (srd_fx.apop(model); the module is srd_fx.methods.apop)
-from .errors import (InputError, NonFiniteError, PrecisionLossError, SRDError, TraceError,  # noqa: F401
-                     TrainingModeError, UnsupportedOpError, UnsupportedPrecisionError)
+from .errors import (DistributedError, InputError, NonFiniteError, OutputCollisionError,  # noqa: F401
+                     PrecisionLossError, ResumeError, SRDError, TraceError, TrainingModeError,
+                     UnsupportedOpError, UnsupportedPrecisionError)
 
 __all__ = ["compile", "apop", "Explainer", "SRDOutput", "register_rule", "Rule", "Affine", "Activation",
            "SRDError", "TraceError", "UnsupportedOpError", "TrainingModeError", "InputError",
-           "NonFiniteError", "PrecisionLossError", "UnsupportedPrecisionError", "__version__"]
+           "NonFiniteError", "PrecisionLossError", "UnsupportedPrecisionError", "DistributedError",
+           "ResumeError", "OutputCollisionError", "__version__"]

@@ -25,6 +25,20 @@ class NonFiniteError(SRDError, FloatingPointError):
     """A NaN or Inf appeared (in the input, the weights or a computed map)."""
 
 
+class DistributedError(SRDError):
+    """A data-parallel run (under torchrun) cannot start or go on: an unreachable rendezvous, a
+    launch environment that does not add up, or a rank that failed (the message names it)."""
+
+
+class ResumeError(SRDError):
+    """An output folder holds an unfinished earlier run that this one cannot resume (another number
+    of processes, other settings); nothing was overwritten."""
+
+
+class OutputCollisionError(SRDError):
+    """Two inputs (so possibly two ranks) would write the same output file; nothing was written."""
+
+
 class PrecisionLossError(NonFiniteError):
     """In float16/bfloat16, rounding or underflow lost the map (it no longer conserves the seed's
     relevance) without producing a NaN."""

@@ -54,17 +54,7 @@ def _metric_scores(name, model, fid_metric, x, y, a, s, method, settings: M.Metr
     raise KeyError(f"unknown metric {name!r}; choose from {M.METRIC_NAMES}")
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-             methods: Optional[Sequence[str]] = None, metrics: Sequence[str] = M.METRIC_NAMES,
-             settings: M.MetricSettings = M.MetricSettings(), mean=D.DIGITS_MEAN, std=D.DIGITS_STD,
-             batch_size: int = 50, progress: bool = True, timings: Optional[dict] = None) -> Scores:
-    """Score ``methods`` (default: all of :data:`srd_fx.eval.baselines.METHODS`) with ``metrics`` on the
-    given [0, 1] ``images`` (N, 3, H, W), ``labels`` (N,) and ``masks`` (N, H, W).
-
-    Returns ``{method: {metric: per-image scores (N,)}}`` (NaN where Quantus could not score a
-    batch).  ``timings``, if a dict, receives the seconds spent per method (maps and metrics)."""
-    methods = list(methods) if methods is not None else list(B.METHODS)
-    methods = [B.get_method(m) for m in methods]
+def _check_inputs(model, images, labels, masks, metrics):
     for m in metrics:
         if m not in M.HIGHER_IS_BETTER:
             raise KeyError(f"unknown metric {m!r}; choose from {M.METRIC_NAMES}")
@@ -76,30 +66,81 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks
         raise ValueError("images must be in [0, 1] (they are normalised here with mean/std)")
     if any(m.training for m in model.modules()):
         raise ValueError("the model is in training mode; call model.eval() first")
-    out: Scores = {m.name: {k: [] for k in metrics} for m in methods}
-    times = {m.name: 0.0 for m in methods}
-    n_batches = math.ceil(len(images) / batch_size)
+
+
+def n_batches(n_images: int, batch_size: int) -> int:
+    return math.ceil(n_images / batch_size)
+
+
+def evaluate_batches(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                     batches: Optional[Sequence[int]] = None, methods: Optional[Sequence[str]] = None,
+                     metrics: Sequence[str] = M.METRIC_NAMES, settings: M.MetricSettings = M.MetricSettings(),
+                     mean=D.DIGITS_MEAN, std=D.DIGITS_STD, batch_size: int = 50, progress: bool = True,
+                     desc: str = "evaluate"):
+    """:func:`evaluate` batch by batch: yields ``(batch index, {method: {metric: scores}}, {method:
+    seconds})`` for the batches ``batches`` (default: all) of ``batch_size`` images.
+
+    Batch ``b`` holds images ``b * batch_size`` to ``(b + 1) * batch_size`` and seeds the metrics'
+    random draws with ``settings.seed + b``, so its scores do not depend on which other batches are
+    computed, nor where: a data-parallel run that splits the batches between processes gets the
+    scores of one process that computes them all."""
+    methods = list(methods) if methods is not None else list(B.METHODS)
+    methods = [B.get_method(m) for m in methods]
+    _check_inputs(model, images, labels, masks, metrics)
+    batches = list(range(n_batches(len(images), batch_size))) if batches is None else list(batches)
     from tqdm.auto import tqdm
-    bar = tqdm(total=n_batches * len(methods), desc="evaluate", disable=not progress)
-    for bi in range(n_batches):
-        sl = slice(bi * batch_size, (bi + 1) * batch_size)
-        x = D.normalize(images[sl], mean, std)
-        y = labels[sl].long()
-        s = masks[sl].bool()
-        bsettings = dataclasses.replace(settings, seed=settings.seed + bi)
-        fid_metric = M.fidelity_metric(bsettings)  # shares subsets and forward passes across methods
-        for method in methods:
-            bar.set_postfix(method=method.name)
-            t0 = time.perf_counter()
-            a = M.prepare(method(model, x, y), x.shape[-2:])
-            for k in metrics:
-                out[method.name][k].append(_metric_scores(k, model, fid_metric, x, y, a, s, method, bsettings))
-            times[method.name] += time.perf_counter() - t0
-            bar.update(1)
-    bar.close()
+    bar = tqdm(total=len(batches) * len(methods), desc=desc, disable=not progress)
+    try:
+        for bi in batches:
+            sl = slice(bi * batch_size, (bi + 1) * batch_size)
+            x = D.normalize(images[sl], mean, std)
+            y = labels[sl].long()
+            s = masks[sl].bool()
+            bsettings = dataclasses.replace(settings, seed=settings.seed + bi)
+            fid_metric = M.fidelity_metric(bsettings)  # shares subsets and forward passes across methods
+            scores, times = {}, {}
+            for method in methods:
+                bar.set_postfix(method=method.name)
+                t0 = time.perf_counter()
+                a = M.prepare(method(model, x, y), x.shape[-2:])
+                scores[method.name] = {k: _metric_scores(k, model, fid_metric, x, y, a, s, method, bsettings)
+                                       for k in metrics}
+                times[method.name] = time.perf_counter() - t0
+                bar.update(1)
+            yield bi, scores, times
+    finally:
+        bar.close()
+
+
+def join_batches(per_batch: Mapping[int, Scores]) -> Scores:
+    """The scores of batches ``0..n-1`` (``{batch index: scores}``, any order) joined in image order."""
+    order = sorted(per_batch)
+    if order != list(range(len(order))):
+        raise ValueError(f"batches {sorted(set(range(max(order) + 1)) - set(order))} are missing")
+    first = per_batch[order[0]]
+    return {m: {k: np.concatenate([np.asarray(per_batch[b][m][k], dtype=np.float64) for b in order])
+                for k in d} for m, d in first.items()}
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+             methods: Optional[Sequence[str]] = None, metrics: Sequence[str] = M.METRIC_NAMES,
+             settings: M.MetricSettings = M.MetricSettings(), mean=D.DIGITS_MEAN, std=D.DIGITS_STD,
+             batch_size: int = 50, progress: bool = True, timings: Optional[dict] = None) -> Scores:
+    """Score ``methods`` (default: all of :data:`srd_fx.eval.baselines.METHODS`) with ``metrics`` on the
+    given [0, 1] ``images`` (N, 3, H, W), ``labels`` (N,) and ``masks`` (N, H, W).
+
+    Returns ``{method: {metric: per-image scores (N,)}}`` (NaN where Quantus could not score a
+    batch).  ``timings``, if a dict, receives the seconds spent per method (maps and metrics)."""
+    per_batch, times = {}, {}
+    for bi, scores, tim in evaluate_batches(model, images, labels, masks, methods=methods, metrics=metrics,
+                                            settings=settings, mean=mean, std=std, batch_size=batch_size,
+                                            progress=progress):
+        per_batch[bi] = scores
+        for k, v in tim.items():
+            times[k] = times.get(k, 0.0) + v
     if timings is not None:
         timings.update(times)
-    return {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in out.items()}
+    return join_batches(per_batch)
 
 
 # ----------------------------------------------------------------------------- summaries ----------

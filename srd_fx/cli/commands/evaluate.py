@@ -2,6 +2,7 @@
 image folder with masks."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -66,6 +67,11 @@ def add_arguments(p):
                         "batch_size, lr, weight_decay, seed); repeatable.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    p.add_argument("--fresh", action="store_true",
+                   help="Discard the scores an interrupted earlier run left in --out (by default a rerun "
+                        "resumes from them).")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="Under torchrun: seconds to wait for the rendezvous before giving up (default: 60).")
 
 
 def _train_kw(items):
@@ -100,7 +106,27 @@ def _none(lst):
 
 
 def run(args) -> int:
+    import srd_fx
+    from srd_fx.eval import distributed
+    try:
+        world = distributed.init("cpu", args.dist_timeout)  # the metrics run on the CPU: gloo
+    except srd_fx.SRDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, world)
+    finally:
+        world.close()
+
+
+def _run(args, world) -> int:
+    import hashlib
+    import re
+    import shutil
+
     import torch
+    import srd_fx
+    from srd_fx.eval.distributed import RunState, atomic_path, write_text
     from srd_fx.eval import data as D
     from srd_fx.eval import evaluation as E
     from srd_fx.eval import metrics as M
@@ -109,7 +135,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     digits = args.data == "digits"
     size = args.size or (64 if digits else 224)
-    progress = not args.no_progress
+    progress = not args.no_progress and world.is_main
     metrics = args.metrics or list(M.METRIC_NAMES)
     for m in metrics:
         if m not in M.HIGHER_IS_BETTER:
@@ -154,7 +180,7 @@ def run(args) -> int:
         mean, std = D.IMAGENET_MEAN, D.IMAGENET_STD
     images, labels, masks = ds.tensors(args.n_images, progress=progress)
     keep = masks.flatten(1).any(1)
-    if not keep.all():
+    if not keep.all() and world.is_main:
         print(f"note: skipping {int((~keep).sum())} images with an empty mask", file=sys.stderr)
         images, labels, masks = images[keep], labels[keep], masks[keep]
 
@@ -186,53 +212,114 @@ def run(args) -> int:
         accuracies[_model_label(spec)] = acc
         return model
 
-    os.makedirs(args.out, exist_ok=True)
+    # Resumable, data-parallel scoring: the batches of each (model, metrics) job are split between the
+    # processes (every world.size-th from the rank on); each batch's scores are saved in
+    # OUT/.srd_fx/evaluate/ as soon as they are computed, and rank 0 gathers them all.
+    state = RunState(args.out, "evaluate", _resume_settings(args, images, labels, masks), world)
+    try:
+        state.check(fresh=args.fresh)
+    except srd_fx.SRDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parts = os.path.join(state.dir, "evaluate")
+    world.barrier()
+    if world.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        if args.fresh:
+            shutil.rmtree(parts, ignore_errors=True)
+        state.begin(fresh=args.fresh)
+    world.barrier()
+    with world.main_first():  # rank 0 trains (or downloads) and caches; the others load its cache
+        for spec in dict.fromkeys(t2_specs + t4_specs):
+            get(spec)
+
     record = dict(command=command_line(args), data=args.data, size=size, n_images=len(images),
-                  metric_settings=dataclasses.asdict(settings),
+                  metric_settings=dataclasses.asdict(settings), processes=world.size,
                   torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
                   tables={})
-    cache: dict = {}  # (spec) -> scores, so a model in both tables is scored once per metric
+    cache: dict = {}   # spec -> scores (rank 0), so a model in both tables is scored once per metric
+    scored: dict = {}  # spec -> metrics scored so far (every rank: they must agree on the jobs)
+    resumed = [0]
+
+    def score_job(spec, todo):
+        tag = hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
+        job = os.path.join(parts, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}-{tag}-{'+'.join(todo)}")
+        os.makedirs(job, exist_ok=True)
+        nb = E.n_batches(len(images), args.batch_size)
+        got = {}
+        for bi in world.share(nb):
+            try:
+                with open(os.path.join(job, f"batch-{bi:05d}.json")) as f:
+                    got[bi] = json.load(f)
+            except (OSError, ValueError):
+                continue
+        n_old = len(got)
+        left = [bi for bi in world.share(nb) if bi not in got]
+        for bi, sc, tim in E.evaluate_batches(get(spec), images, labels, masks, batches=left, methods=methods,
+                                              metrics=todo, settings=settings, mean=mean, std=std,
+                                              batch_size=args.batch_size, progress=progress,
+                                              desc=f"evaluate {spec}"):
+            got[bi] = dict(scores={m: {k: [float(v) for v in a] for k, a in d.items()} for m, d in sc.items()},
+                           seconds=tim)
+            write_text(os.path.join(job, f"batch-{bi:05d}.json"), json.dumps(got[bi]))
+        everyone = world.gather((got, n_old))
+        if not world.is_main:
+            return None, None
+        per_batch, seconds = {}, {}
+        for g, n in everyone:
+            resumed[0] += n
+            for bi, rec in g.items():
+                per_batch[int(bi)] = rec["scores"]
+                for m, t in rec["seconds"].items():
+                    seconds[m] = seconds.get(m, 0.0) + t
+        return E.join_batches(per_batch), seconds
 
     def scores_for(spec, mets):
-        model = get(spec)
-        have = cache.setdefault(spec, {})
-        todo = [m for m in mets if not have or m not in next(iter(have.values()))]
+        todo = [m for m in mets if m not in scored.setdefault(spec, set())]
         if todo:
             t0 = time.perf_counter()
-            tim = {}
-            res = E.evaluate(model, images, labels, masks, methods=methods, metrics=todo, settings=settings,
-                             mean=mean, std=std, batch_size=args.batch_size, progress=progress, timings=tim)
-            for meth, d in res.items():
-                have.setdefault(meth, {}).update(d)
-            record.setdefault("seconds", {})[f"{spec} {'+'.join(todo)}"] = round(time.perf_counter() - t0, 1)
-            record.setdefault("seconds_per_method", {})[f"{spec} {'+'.join(todo)}"] = {k: round(v, 1) for k, v in tim.items()}
-        return {meth: {k: d[k] for k in mets} for meth, d in have.items()}
+            res, tim = score_job(spec, todo)
+            scored[spec].update(todo)
+            if world.is_main:
+                for meth, d in res.items():
+                    cache.setdefault(spec, {}).setdefault(meth, {}).update(d)
+                record.setdefault("seconds", {})[f"{spec} {'+'.join(todo)}"] = round(time.perf_counter() - t0, 1)
+                record.setdefault("seconds_per_method", {})[f"{spec} {'+'.join(todo)}"] = {
+                    k: round(v, 1) for k, v in tim.items()}
+        if not world.is_main:
+            return None
+        return {meth: {k: d[k] for k in mets} for meth, d in cache[spec].items()}
 
     written = []
     if t2_specs:
         t0 = time.perf_counter()
         res2 = {_model_label(s): scores_for(s, metrics) for s in t2_specs}
-        record["tables"]["table2"] = dict(models=t2_specs, metrics=metrics, seconds=round(time.perf_counter() - t0, 1))
-        md = E.table2_markdown(res2, metrics, n_images=len(images))
-        _write(args.out, "table2.md", md, written)
-        _write(args.out, "table2.csv", E.results_csv(res2, accuracies), written)
-        print(md)
+        if world.is_main:
+            record["tables"]["table2"] = dict(models=t2_specs, metrics=metrics, seconds=round(time.perf_counter() - t0, 1))
+            md = E.table2_markdown(res2, metrics, n_images=len(images))
+            _write(args.out, "table2.md", md, written)
+            _write(args.out, "table2.csv", E.results_csv(res2, accuracies), written)
+            print(md)
     if t4_specs:
         t0 = time.perf_counter()
         res4 = {_t4_label(s, t4_specs): scores_for(s, ["Fidelity"]) for s in t4_specs}
-        acc4 = {_t4_label(s, t4_specs): accuracies[_model_label(s)] for s in t4_specs}
-        record["tables"]["table4"] = dict(models=t4_specs, metrics=["Fidelity"], seconds=round(time.perf_counter() - t0, 1))
-        md = E.table4_markdown(res4, acc4, n_images=len(images))
-        _write(args.out, "table4.md", md, written)
-        _write(args.out, "table4.csv", E.results_csv(res4, acc4), written)
-        print(md)
+        if world.is_main:
+            acc4 = {_t4_label(s, t4_specs): accuracies[_model_label(s)] for s in t4_specs}
+            record["tables"]["table4"] = dict(models=t4_specs, metrics=["Fidelity"], seconds=round(time.perf_counter() - t0, 1))
+            md = E.table4_markdown(res4, acc4, n_images=len(images))
+            _write(args.out, "table4.md", md, written)
+            _write(args.out, "table4.csv", E.results_csv(res4, acc4), written)
+            print(md)
+    if not world.is_main:
+        return 0
     if args.figure_images > 0:
         spec = (t2_specs or t4_specs)[0]
         n = min(args.figure_images, len(images))
         fig = E.plot_maps(get(spec), images[:n], labels[:n], masks[:n], methods=methods, mean=mean, std=std,
                           title=f"{_model_label(spec)}: maps on test images (outline: mask)")
         path = os.path.join(args.out, "fig_maps.png")
-        fig.savefig(path, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
         written.append(path)
     record["test_accuracy"] = accuracies
     # run.json keeps the latest run that produced each table
@@ -247,8 +334,27 @@ def run(args) -> int:
     for table in record["tables"] or {"figure": None}:
         runs[table] = record
     _write(args.out, "run.json", json.dumps(runs, indent=1, default=str) + "\n", written)
+    if resumed[0]:
+        print(f"resumed {resumed[0]} batch(es) scored by an interrupted earlier run", file=sys.stderr)
+    # finished: the per-batch scores have served (a later run recomputes, with the code of its day)
+    shutil.rmtree(parts, ignore_errors=True)
+    os.remove(state.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(state.dir)
     print("wrote " + ", ".join(written))
     return 0
+
+
+def _resume_settings(args, images, labels, masks) -> dict:
+    """What the scores depend on: every option but where and how the run goes, and the data itself."""
+    import hashlib
+    import srd_fx
+    skip = {"out", "no_progress", "fresh", "dist_timeout", "threads", "figure_images", "command"}
+    opts = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and k not in skip}
+    h = hashlib.blake2b(digest_size=16)
+    for t in (images, labels, masks):
+        h.update(t.contiguous().numpy().tobytes())
+    return dict(options=opts, data_hash=h.hexdigest(), srd_fx=srd_fx.__version__)
 
 
 def command_line(args) -> str:
@@ -269,7 +375,7 @@ def command_line(args) -> str:
 
 
 def _write(out, name, text, written):
+    from srd_fx.eval.distributed import write_text
     path = os.path.join(out, name)
-    with open(path, "w") as f:
-        f.write(text)
+    write_text(path, text)
     written.append(path)

@@ -37,8 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Per-channel mean of the model's input normalisation (default: the timm model's, else ImageNet's).")
     p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="Per-channel standard deviation of the input normalisation (default: the timm model's, else ImageNet's).")
-    p.add_argument("--device", default="cpu",
-                   help="Torch device to run on, e.g. cpu or cuda (default: cpu).")
+    p.add_argument("--device", default=None,
+                   help="Torch device to run on, e.g. cpu or cuda (default: cpu; under torchrun cuda:LOCAL_RANK "
+                        "when there are GPUs).")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch.set_num_threads (default: torch's choice; torchrun sets 1 per process).")
     p.add_argument("--out", default="srd.png",
                    help="Output PNG for one image, or a folder for several (then NAME_srd.png per image); "
                         "default: srd.png.")
@@ -49,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-npy", action="store_true",
                    help="Do not write the raw map (.npy, float32 at the layer's own resolution, not normalised) "
                         "next to each PNG.")
+    p.add_argument("--fresh", action="store_true",
+                   help="Redo every image of a folder run, even those an earlier run of the same settings "
+                        "finished (by default a rerun skips them: it resumes).")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="Under torchrun: seconds to wait for the rendezvous before giving up (default: 60).")
 
 
 def _fail(msg: str) -> int:
@@ -56,14 +64,40 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _settings(args) -> dict:
+    """What the maps depend on (a folder's earlier outputs are reused only under the same)."""
+    import srd_fx
+    w = args.weights
+    return dict(model=args.model, weights=None if not w else [os.path.abspath(w), os.path.getsize(w) if os.path.isfile(w) else None],
+                pretrained=args.pretrained, num_classes=args.num_classes, target=args.target, layer=args.layer,
+                size=args.size, mean=args.mean, std=args.std, alpha=args.alpha, cmap=args.cmap, npy=not args.no_npy,
+                srd_fx=srd_fx.__version__)
+
+
 def run(args: argparse.Namespace) -> int:
+    import srd_fx
+    from srd_fx.eval import distributed
+
+    try:
+        world = distributed.init(args.device, args.dist_timeout)
+    except srd_fx.SRDError as e:
+        return _fail(str(e))
+    try:
+        return _run(args, world)
+    finally:
+        world.close()
+
+
+def _run(args: argparse.Namespace, world) -> int:
     import numpy as np
     import torch
 
     import srd_fx
+    from srd_fx.eval.distributed import RunState, atomic_path, check_collisions
     from srd_fx.eval.io import (ModelLoadError, find_images, load_model, model_preprocessing, overlay,
                            preprocess, read_image, upsample)
 
+    who = f"{world.label}: " if world.distributed else ""
     if not 0.0 <= args.alpha <= 1.0:
         return _fail(f"--alpha must be in [0, 1], got {args.alpha}")
     try:
@@ -71,35 +105,69 @@ def run(args: argparse.Namespace) -> int:
         matplotlib.colormaps[args.cmap]
     except KeyError:
         return _fail(f"unknown matplotlib colormap {args.cmap!r} (see matplotlib.colormaps)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = world.device
     try:
-        device = torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        return _fail(f"device {args.device!r} is not usable here ({str(e).splitlines()[0]})")
+        return _fail(f"device {str(device)!r} is not usable here ({str(e).splitlines()[0]})")
     try:
         files = find_images(args.images)
-        model = load_model(args.model, args.weights, args.pretrained, args.num_classes).to(device)
+        with world.main_first():  # a pretrained download happens once, on rank 0
+            torch.manual_seed(0)  # random weights (no --weights/--pretrained) are the same in every process
+            model = load_model(args.model, args.weights, args.pretrained, args.num_classes).to(device)
     except (FileNotFoundError, ModelLoadError) as e:
         return _fail(str(e))
-    if not (args.weights or args.pretrained):
+    if not (args.weights or args.pretrained) and world.is_main:
         print(f"note: {args.model} has random weights (no --weights/--pretrained): the maps explain an "
-              "untrained network", file=sys.stderr)
+              "untrained network (initialised with torch.manual_seed(0))", file=sys.stderr)
     size, mean, std = model_preprocessing(model, args.size, args.mean, args.std)
 
     many = len(files) > 1 or not args.out.lower().endswith(".png")
+
+    def outputs(f):
+        stem = os.path.splitext(os.path.basename(f))[0]
+        png = os.path.join(args.out, stem + "_srd.png") if many else args.out
+        return [png] + ([] if args.no_npy else [os.path.splitext(png)[0] + ".npy"])
+
+    try:
+        check_collisions(files, [outputs(f) for f in files])
+    except srd_fx.SRDError as e:
+        return _fail(str(e))
+    state, done = None, {}
     if many:
-        os.makedirs(args.out, exist_ok=True)
+        # a folder run is resumable: finished images are logged in OUT/.srd_fx/ and skipped by a rerun
+        state = RunState(args.out, "explain", _settings(args), world)
+        try:
+            state.check(fresh=args.fresh)
+        except srd_fx.SRDError as e:
+            return _fail(f"{who}{e}")
+        world.barrier()
+        if world.is_main:
+            os.makedirs(args.out, exist_ok=True)
+            state.begin(fresh=args.fresh)
+        world.barrier()
+        done = {} if args.fresh else state.done()
     elif os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     try:
         explainer = srd_fx.compile(model, layers=(args.layer,))
     except srd_fx.SRDError as e:
         return _fail(f"{args.model} cannot be compiled: {e}")
-    for f in files:
+    skipped = 0
+    mine = [files[i] for i in world.share(len(files))]
+    for f in mine:
+        outs = outputs(f)
+        if state is not None and RunState.complete(done.get(os.path.abspath(f)), outs):
+            skipped += 1
+            continue
+        where = f"{who}{f}: "
+        resume = (" The finished images are kept: rerun the same command to resume." if many else "")
         try:
             x, rgb = preprocess(read_image(f), size, mean, std)
         except ValueError as e:
-            return _fail(str(e))
+            return _fail(f"{who}{e}{resume}")
         x = x.to(device)
         try:
             with torch.no_grad():
@@ -111,17 +179,27 @@ def run(args: argparse.Namespace) -> int:
         except KeyError as e:  # unknown --layer
             return _fail(e.args[0] if e.args else str(e))
         except srd_fx.SRDError as e:
-            return _fail(f"{f}: {e}")
+            return _fail(f"{where}{e}{resume}")
         raw = out.relevance[args.layer][0].detach().float().cpu()
         sal = upsample(raw[None], x.shape[-2:])[0].double().numpy()
         cls = int(out.logits.argmax(1)) if args.target is None else args.target
-        stem = os.path.splitext(os.path.basename(f))[0]
-        png = os.path.join(args.out, stem + "_srd.png") if many else args.out
-        overlay(rgb, sal, png, title=f"SRD-{args.layer}, class {cls}", cmap=args.cmap, alpha=args.alpha)
-        msg = f"{f}: class {cls}, wrote {png}"
+        png = outs[0]
+        msg = f"{where}class {cls}, wrote {png}"
         if not args.no_npy:
-            npy = os.path.splitext(png)[0] + ".npy"
-            np.save(npy, raw.numpy().astype(np.float32))
-            msg += f" and {npy} {tuple(raw.shape)}"
+            with atomic_path(outs[1]) as tmp:
+                np.save(tmp, raw.numpy().astype(np.float32))
+            msg += f" and {outs[1]} {tuple(raw.shape)}"
+        with atomic_path(png) as tmp:
+            overlay(rgb, sal, tmp, title=f"SRD-{args.layer}, class {cls}", cmap=args.cmap, alpha=args.alpha)
+        if state is not None:
+            state.log(os.path.abspath(f), outs, target=cls)
         print(msg)
+    if skipped:
+        print(f"{who}skipped {skipped} image(s) an earlier run finished (--fresh redoes them)")
+    if state is not None:
+        world.barrier()
+        if world.is_main:
+            state.finish()
+            if world.distributed:
+                print(f"{len(files)} image(s) explained by {world.size} processes into {args.out}")
     return 0
