@@ -29,7 +29,7 @@ def make(num_classes=5):
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 """
-EXPLAIN = ["--model", "tinynet:make", "--size", "24", "--threads", "1"]
+EXPLAIN = ["--model", "dist_tinynet:make", "--size", "24", "--threads", "1"]
 EVALUATE = ["--size", "32", "--models", "resnet:relu", "--table4-models", "resnet:relu", "resnet:elu",
             "--methods", "GradCAM", "SRD-low", "SRD-input", "--metrics", "Pointing", "Fidelity", "Stability",
             "--n-images", "7", "--batch-size", "2", "--fidelity-runs", "3", "--stability-samples", "2",
@@ -61,7 +61,7 @@ def _files(folder):
 def ws(tmp_path_factory):
     """A user's folder: a model factory, 5 small images, and the single-process reference runs."""
     ws = tmp_path_factory.mktemp("dist")
-    (ws / "tinynet.py").write_text(TINYNET)
+    (ws / "dist_tinynet.py").write_text(TINYNET)
     rng = np.random.default_rng(0)
     (ws / "imgs").mkdir()
     for i in range(5):
@@ -75,7 +75,7 @@ def ws(tmp_path_factory):
     finally:
         os.chdir(cwd)
         sys.path.remove(str(ws))
-        sys.modules.pop("tinynet", None)
+        sys.modules.pop("dist_tinynet", None)
     return ws
 
 
@@ -121,7 +121,7 @@ def test_explain_failing_rank_keeps_the_others_and_a_resume_needs_the_same_world
     # other settings are refused as well (the maps there would not be the ones asked for)
     assert main(["explain", "imgs_bad", *EXPLAIN, "--layer", "low", "--out", "maps_bad"]) == 2
     assert "layer: 'input' then, 'low' now" in capsys.readouterr().err
-    sys.modules.pop("tinynet", None)
+    sys.modules.pop("dist_tinynet", None)
 
 
 def test_explain_killed_and_resumed_equals_uninterrupted(ws, monkeypatch, capsys):
@@ -153,7 +153,7 @@ def test_explain_killed_and_resumed_equals_uninterrupted(ws, monkeypatch, capsys
     assert main(["explain", "imgs_many", *EXPLAIN, "--out", "maps_ref"]) == 0
     assert _files(ws / "maps_k") == _files(ws / "maps_ref")
     assert not [f for f in os.listdir(ws / "maps_k") if ".tmp-" in f]
-    sys.modules.pop("tinynet", None)
+    sys.modules.pop("dist_tinynet", None)
 
 
 def test_two_inputs_with_one_output_name_are_refused(ws, monkeypatch, capsys):
@@ -165,7 +165,7 @@ def test_two_inputs_with_one_output_name_are_refused(ws, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "would both be written to" in err and "im0_srd.png" in err
     assert not (ws / "clash").exists()
-    sys.modules.pop("tinynet", None)
+    sys.modules.pop("dist_tinynet", None)
 
 
 def test_unreachable_rendezvous_is_a_named_error(ws):
@@ -197,17 +197,17 @@ def test_evaluate_killed_and_resumed_equals_uninterrupted(ws, monkeypatch, capsy
                           "--out", "eval_k"], cwd=ws, env=_env(ws), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
-        while p.poll() is None and len(list(parts.glob("*/batch-*.json"))) < 2:
+        while p.poll() is None and len(list(parts.glob("*/*/batch-*.json"))) < 2:
             time.sleep(0.01)
         p.send_signal(signal.SIGKILL)
     finally:
         p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    n = len(list(parts.glob("*/batch-*.json")))
+    n = len(list(parts.glob("*/*/batch-*.json")))
     monkeypatch.chdir(ws)
     # other settings are refused (the saved scores are not theirs); nothing is removed
     assert main(["evaluate", *EVALUATE, "--seed", "1", "--cache-dir", str(ws / "cache"), "--out", "eval_k"]) == 2
-    assert "other settings" in capsys.readouterr().err and len(list(parts.glob("*/batch-*.json"))) == n
+    assert "other settings" in capsys.readouterr().err and len(list(parts.glob("*/*/batch-*.json"))) == n
     assert main(["evaluate", *EVALUATE, "--cache-dir", str(ws / "cache"), "--out", "eval_k"]) == 0
     assert f"resumed {n} batch(es)" in capsys.readouterr().err
     ref, got = _files(ws / "ref_eval"), _files(ws / "eval_k")

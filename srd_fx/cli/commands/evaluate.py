@@ -221,12 +221,15 @@ def _run(args, world) -> int:
     except srd_fx.SRDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parts = os.path.join(state.dir, "evaluate")
+    # the scores' folder is named after the settings too: a node without the shared file system (so
+    # without rank 0's record of the settings) never reuses scores made under other ones
+    key = hashlib.blake2b(json.dumps(state.settings, sort_keys=True).encode(), digest_size=6).hexdigest()
+    parts = os.path.join(state.dir, "evaluate", key)
     world.barrier()
     if world.is_main:
         os.makedirs(args.out, exist_ok=True)
         if args.fresh:
-            shutil.rmtree(parts, ignore_errors=True)
+            shutil.rmtree(os.path.dirname(parts), ignore_errors=True)
         state.begin(fresh=args.fresh)
     world.barrier()
     with world.main_first():  # rank 0 trains (or downloads) and caches; the others load its cache
@@ -337,7 +340,7 @@ def _run(args, world) -> int:
     if resumed[0]:
         print(f"resumed {resumed[0]} batch(es) scored by an interrupted earlier run", file=sys.stderr)
     # finished: the per-batch scores have served (a later run recomputes, with the code of its day)
-    shutil.rmtree(parts, ignore_errors=True)
+    shutil.rmtree(os.path.dirname(parts), ignore_errors=True)
     os.remove(state.path)
     with contextlib.suppress(OSError):
         os.rmdir(state.dir)
