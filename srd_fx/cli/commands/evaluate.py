@@ -258,13 +258,23 @@ def _run(args, world) -> int:
                 continue
         n_old = len(got)
         left = [bi for bi in world.share(nb) if bi not in got]
-        for bi, sc, tim in E.evaluate_batches(get(spec), images, labels, masks, batches=left, methods=methods,
-                                              metrics=todo, settings=settings, mean=mean, std=std,
-                                              batch_size=args.batch_size, progress=progress,
-                                              desc=f"evaluate {spec}"):
-            got[bi] = dict(scores={m: {k: [float(v) for v in a] for k, a in d.items()} for m, d in sc.items()},
-                           seconds=tim)
-            write_text(os.path.join(job, f"batch-{bi:05d}.json"), json.dumps(got[bi]))
+        batches = E.evaluate_batches(get(spec), images, labels, masks, batches=left, methods=methods,
+                                     metrics=todo, settings=settings, mean=mean, std=std,
+                                     batch_size=args.batch_size, progress=progress, desc=f"evaluate {spec}")
+        n_new = 0
+        try:
+            for bi, sc, tim in batches:
+                got[bi] = dict(scores={m: {k: [float(v) for v in a] for k, a in d.items()} for m, d in sc.items()},
+                               seconds=tim)
+                write_text(os.path.join(job, f"batch-{bi:05d}.json"), json.dumps(got[bi]))
+                n_new += 1
+        except (srd_fx.SRDError, ValueError, FloatingPointError, RuntimeError, AssertionError) as e:
+            bi = left[n_new]
+            who = f"{world.label}: " if world.distributed else ""
+            lo, hi = bi * args.batch_size, min((bi + 1) * args.batch_size, len(images)) - 1
+            raise SystemExit(f"error: {who}{spec}, batch {bi} (test images {lo}..{hi}): {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}. The batches already scored are kept "
+                             f"in {parts}: rerun the same command to resume.") from None
         everyone = world.gather((got, n_old))
         if not world.is_main:
             return None, None
