@@ -181,6 +181,21 @@ def test_wrong_rank_target_range_and_nan():
         e(torch.randn(1, 4, 8, 8, dtype=torch.float64))
 
 
+def _uniform_head(A, logits, target):
+    return torch.ones(A.shape[0], *A.shape[2:], dtype=A.dtype)
+
+
+@pytest.mark.parametrize("head", ["gradcam", "ones", _uniform_head], ids=["gradcam", "ones", "callable"])
+def test_every_head_checks_the_target_against_the_logits(head):
+    e = srd_fx.compile(tiny(), head=head)          # 5 classes
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ok = e(x, target=4)
+    assert torch.isfinite(ok.saliency).all()
+    for bad in (99, 5, -1, torch.tensor([0, 7]), torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0])):
+        with pytest.raises(srd_fx.InputError, match=r"0\.\.4|\(2,\)"):
+            e(x, target=bad)
+
+
 def test_nan_weights_are_refused():
     m = tiny()
     with torch.no_grad():

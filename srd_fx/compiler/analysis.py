@@ -54,6 +54,22 @@ class Layer:
     inputs: List[fx.Node] = field(default_factory=list)  # activation outputs / the model input
 
 
+class _Marked:
+    """The graph as a rule's ``layout`` sees it, with the axes ``axes`` of ``x`` marked as its only
+    channel axes: where the rule puts them is where those axes go (GraphInfo.origin)."""
+
+    def __init__(self, info, x, axes):
+        self._info, self._x, self._axes = info, x, tuple(axes)
+
+    def caxes(self, n):
+        return self._axes if n is self._x else self._info.caxes(n)
+
+    true_caxes = caxes
+
+    def __getattr__(self, name):
+        return getattr(self._info, name)
+
+
 class GraphInfo:
     """Everything the builder and the rules need to know about the traced graph."""
 
@@ -276,6 +292,73 @@ class GraphInfo:
             else:
                 self.caxes_[n] = tuple(r.layout(self, n))
         return self.caxes_[n]
+
+    # ------------------------------------------------------------------ read-out orientation
+    def origin(self, n) -> Tuple[Optional[int], ...]:
+        """For each axis of ``n``: the input axis it descends from, None where unknown (a new,
+        merged or reduced axis).  An axis is followed through an op the way the op's rule moves
+        channel axes (``Rule.layout``), with that axis marked as the only channel axis: a
+        permute/transpose/movedim moves it, an op that keeps the rank and does not move marked
+        axes keeps it in place."""
+        cache = self.__dict__.setdefault("_origin", {})
+        if n in cache:
+            return cache[n]
+        rank = len(self.shape(n)) if self.is_tensor(n) else 0
+        ins = [] if n.op == "placeholder" or not self.is_tensor(n) else self.main_inputs(n)
+        if n.op == "placeholder":
+            o = tuple(range(rank))
+        elif not ins or not self.is_tensor(ins[0]):
+            o = (None,) * rank
+        else:
+            x = ins[0]
+            ox, sx, sn = self.origin(x), self.shape(x), self.shape(n)
+            rule = self.rule.get(n)
+            moved = {}
+            if rule is not None and rule.kind != "activation":
+                for a in range(1, len(sx)):
+                    try:
+                        to = tuple(rule.layout(_Marked(self, x, (a,)), n))
+                    except (UnsupportedOpError, ValueError, IndexError, KeyError, TypeError):
+                        continue
+                    if len(to) == 1 and 0 < to[0] < rank and sn[to[0]] == sx[a]:
+                        moved[a] = to[0]
+            targets = list(moved.values())
+            is_perm = len(sx) == rank and len(moved) == rank - 1 and len(set(targets)) == rank - 1
+            if is_perm:
+                o = [ox[0]] + [None] * (rank - 1)
+                for a, t in moved.items():
+                    o[t] = ox[a]
+            elif len(sx) == rank:                       # rank kept, nothing moved: in place
+                o = list(ox)
+            else:                                       # an output axis reached from one input axis
+                o = [ox[0] if rank else None] + [None] * (rank - 1)
+                for a, t in moved.items():
+                    if targets.count(t) == 1:
+                        o[t] = ox[a]
+            o = tuple(o)
+        cache[n] = o
+        return o
+
+    def readout_perm(self, n) -> Optional[Tuple[int, ...]]:
+        """The permutation that puts the position map of ``n`` (batch, then its position axes in
+        tensor order) in the input's (row, column, ...) order (SPEC §8 "Read-out"); None when it
+        already is, or when the positions of ``n`` cannot all be traced to input positions."""
+        if not self.is_tensor(n):
+            return None
+        cax, o = self.caxes(n), self.origin(n)
+        pos = [a for a in range(1, len(o)) if a not in cax]
+        src = [o[a] for a in pos]
+        inpos = set(range(1, len(self.shape(self.input)))) - set(self.caxes(self.input))
+        if len(pos) < 2 or not all(s in inpos for s in src) or len(set(src)) != len(src):
+            return None
+        order = sorted(range(len(pos)), key=lambda i: src[i])
+        return None if order == list(range(len(pos))) else (0,) + tuple(1 + i for i in order)
+
+    def position_shape(self, n) -> Tuple[int, ...]:
+        """The sizes of ``n``'s position map as it is read out (input orientation, no batch)."""
+        sp = [s for i, s in enumerate(self.shape(n)) if i != 0 and i not in self.caxes(n)]
+        perm = self.readout_perm(n)
+        return tuple(sp[p - 1] for p in perm[1:]) if perm else tuple(sp)
 
     def unsupported(self, node, reason):
         raise UnsupportedOpError(

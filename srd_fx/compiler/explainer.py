@@ -150,13 +150,22 @@ class Explainer(nn.Module):
             for a in self.info.caxes(node):
                 shape[a] = 1
         shape[0] = x.shape[0]
+        want = (tuple(s for i, s in enumerate(shape) if i != 0) if per_neuron
+                else self.info.position_shape(node))
         if R.numel() != _prod(shape):
-            raise InputError(f"relevance for layer {layer!r} must have "
-                             f"{tuple(s for i, s in enumerate(shape) if i != 0 and (per_neuron or i not in self.info.caxes(node)))} "
+            raise InputError(f"relevance for layer {layer!r} must have {want} "
                              f"{'neuron values' if per_neuron else 'values'} per sample, got {tuple(R.shape)}")
+        if not per_neuron:
+            R = self._to_layout(node, R.reshape((x.shape[0],) + want))
         with _half_kernels(x):
             out = gm(x, R.reshape(shape))
         return out["saliency"] if read is None else self._read(out, read)
+
+    def _to_layout(self, node, m):
+        """A position map given in the input's orientation (B, rows, columns, ...) in the axis
+        order of ``node``'s tensor (the inverse of the read-out permutation)."""
+        perm = self.info.readout_perm(node)
+        return m if perm is None else m.permute([perm.index(i) for i in range(len(perm))])
 
     def _read(self, out, read):
         from .twin import resolve_layers
@@ -179,7 +188,7 @@ class Explainer(nn.Module):
             self.build(x)
         node, gm = self._seeded(layer)
         cax = self.info.caxes(node)
-        sp = [s for i, s in enumerate(self.info.shape(node)) if i != 0 and i not in cax]
+        sp = list(self.info.position_shape(node))    # positions are (row, column, ...) of the input
         if positions is None:
             positions = [tuple(int(v) for v in idx) for idx in torch.cartesian_prod(*[torch.arange(s) for s in sp]).reshape(-1, len(sp)).tolist()]
         positions = [tuple(p) if isinstance(p, (tuple, list)) else (p,) for p in positions]
@@ -196,7 +205,7 @@ class Explainer(nn.Module):
             shape[a] = 1
         shape[0] = B * P
         with _half_kernels(xr):
-            out = gm(xr, seed.reshape(shape))
+            out = gm(xr, self._to_layout(node, seed).reshape(shape))
         if read is not None:
             return {k: v.reshape(B, P, *v.shape[1:]) for k, v in self._read(out, read).items()}
         sal = out["saliency"]

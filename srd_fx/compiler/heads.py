@@ -124,8 +124,11 @@ def gradcam(head, A, logits, target, caxes, neuron=False):
     return torch.relu(phi)
 
 
-def ones(A, caxes, neuron=False):
-    """R^L_i = 1 (the attack setting of Sec. 4.3); unit="neuron": 1/C per neuron."""
+def ones(A, caxes, neuron=False, logits=None, target=None):
+    """R^L_i = 1 (the attack setting of Sec. 4.3); unit="neuron": 1/C per neuron.  The map does
+    not depend on the target, which is still checked against the logits."""
+    if logits is not None and target is not None:
+        resolve_target(logits, target)
     shape = list(A.shape)
     for a in caxes:
         shape[a] = 1
@@ -138,7 +141,10 @@ def ones(A, caxes, neuron=False):
 
 def user_head(fn, A, logits, target, caxes, neuron=False):
     """A callable head ``(A, logits, target) -> R^L``: shape (B, H, W) — or, with
-    unit="neuron", the shape of A (one relevance per neuron)."""
+    unit="neuron", the shape of A (one relevance per neuron).  A (and so the map) is in the
+    layout the model computes L in; the target is checked against the logits and passed as given."""
+    if target is not None:
+        resolve_target(logits, target)
     r = fn(A, logits, target)
     if not isinstance(r, torch.Tensor):
         raise InputError(f"the head must return a tensor, got {type(r).__name__}")

@@ -556,7 +556,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
         root.srd_head = heads.extract_head(info, root.__dict__.get("srd_output_selector"))
         R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, neuron, name="R_L")
     elif head == "ones":
-        R_L = b.call(heads.ones, b.val(L), cax_L, neuron, name="R_L")
+        R_L = b.call(heads.ones, b.val(L), cax_L, neuron, logits, target, name="R_L")
     else:
         raise ValueError(f"head must be 'gradcam', 'ones' or a callable (A, logits, target) -> R, got {head!r}")
 
@@ -591,13 +591,13 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
         r = R_of.get(node)
         if r is None:
             r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
-        rel[key] = b.call(ops.position_map, r, info.caxes(node), name="out_" + key.replace(".", "_"))
+        rel[key] = _read_out(b, r, node, "out_" + key.replace(".", "_"))
     sal = b.call(ops.position_map, R_in, (1,), name="saliency")
     lost_total = b.call(add_all, *lost, name="lost") if lost else None
     if check:
         sal = b.call(check_map, sal, R_L, lost_total, logits, "the SRD saliency map", name="saliency_checked")
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
-                "R_L": b.call(ops.position_map, R_L, info.caxes(L), name="out_R_L")})
+                "R_L": _read_out(b, R_L, L, "out_R_L")})
     for n in b.g.nodes:  # overwrite a temporary in place only where nothing else reads it
         if n.target is ops.pfv_dot and n.kwargs.get("overwrite_g") and len(n.args[1].users) != 1:
             n.kwargs = {k: v for k, v in n.kwargs.items() if k != "overwrite_g"}
@@ -605,6 +605,14 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, names
+
+
+def _read_out(b: Builder, r, node, name):
+    """The relevance ``r`` of ``node`` as a position map (B, rows, columns, ...): channel axes
+    summed, positions in the input's orientation whatever permute the model applied."""
+    m = b.call(ops.position_map, r, b.info.caxes(node), name=name)
+    perm = b.info.readout_perm(node)
+    return b.call(torch.permute, m, perm, name=name + "_oriented") if perm else m
 
 
 def resolve_layers(info: GraphInfo, layers) -> Dict[str, fx.Node]:
@@ -636,10 +644,10 @@ def resolve_layers(info: GraphInfo, layers) -> Dict[str, fx.Node]:
 
 def high_layer(info: GraphInfo) -> fx.Node:
     """SRD-high: the last activation layer with 4x the spatial size of L (ResNet50 layer2 at 224)."""
-    sL = info.shape(info.L)[2:]
+    sL = info.position_shape(info.L)
     best = None
     for lay in sorted(info.layers, key=lambda l: info.order[l.node]):
-        s = info.shape(lay.node)[2:]
+        s = info.position_shape(lay.node)
         if len(s) == len(sL) and all(a >= 4 * c for a, c in zip(s, sL)):
             best = lay.node
     if best is None:
