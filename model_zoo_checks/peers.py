@@ -25,6 +25,8 @@ import copy
 import datetime
 import json
 import math
+import os
+import re
 import shlex
 import sys
 import time
@@ -54,11 +56,19 @@ def _summarise_map(attr, x, r_out) -> Dict:
     return out
 
 
+def _portable(text: str) -> str:
+    """A traceback excerpt without this machine's paths: installed packages as
+    ``site-packages/...``, files of this repository relative to its root."""
+    text = re.sub(r'"[^"]*[/\\](site-packages|dist-packages)[/\\]', r'"\1/', text)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return text.replace(root + os.sep, "")
+
+
 def _error(e: BaseException) -> Dict:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return dict(produced=False, finite=False, conserved=False,
                 error=f"{type(e).__name__}: {first[:300]}",
-                where="".join(traceback.format_exception(type(e), e, e.__traceback__)[-2:])[-600:])
+                where=_portable("".join(traceback.format_exception(type(e), e, e.__traceback__)[-2:]))[-600:])
 
 
 def run_zennit(model, x1, target: int) -> Dict:

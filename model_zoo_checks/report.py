@@ -156,7 +156,7 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     lost = [(n, records[n]["metrics"].get("lost_frac")) for n in names
             if records.get(n, {}).get("status") == "pass" and (records[n].get("metrics") or {}).get("lost_frac")]
     lost = sorted(((n, f) for n, f in lost if f and f > CONSERVATION_TOL), key=lambda t: -t[1])
-    w(f"- *lost* is the relevance SRD drops, per SPEC.md \"Conservation\", where a position's PFV norm "
+    w(f"- *lost* is the relevance SRD drops, per docs/method.md \"Lost relevance and conservation\", where a position's PFV norm "
       "or its bias-share denominator D_j is zero (`out.lost`); the check verifies that it accounts for the "
       f"whole imbalance. Passing models with lost > {CONSERVATION_TOL:g} * sum|R^L|: {len(lost)}"
       + (f" (largest: {', '.join(f'{n} {100 * f:.2f}%' for n, f in lost[:5])}) — ReLU layers of "

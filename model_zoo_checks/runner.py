@@ -371,7 +371,7 @@ def _check_model(name: str, opts: Options) -> Dict:
                 m["conservation_head"] = "ones (Grad-CAM head is zero on this random network)"
             except Exception as e:
                 fails.append(("exception", f"head='ones' rerun: {type(e).__name__}: {str(e)[:200]}"))
-        # SPEC.md "Conservation": relevance is lost exactly where ||v_j|| or D_j is zero; the
+        # docs/method.md "Lost relevance and conservation": relevance is lost exactly where ||v_j|| or D_j is zero; the
         # explainer reports it per sample (out.lost), so the balance checked is R^input + lost = R^L.
         s_in = cons_out.saliency.flatten(1).sum(1) + cons_out.lost.reshape(-1).to(cons_out.saliency.dtype)
         s_L = cons_out.R_L.flatten(1).sum(1)

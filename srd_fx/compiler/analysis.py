@@ -64,8 +64,6 @@ class _Marked:
     def caxes(self, n):
         return self._axes if n is self._x else self._info.caxes(n)
 
-    true_caxes = caxes
-
     def __getattr__(self, name):
         return getattr(self._info, name)
 
@@ -301,8 +299,18 @@ class GraphInfo:
         permute/transpose/movedim moves it, an op that keeps the rank and does not move marked
         axes keeps it in place."""
         cache = self.__dict__.setdefault("_origin", {})
-        if n in cache:
-            return cache[n]
+        chain = []                      # n and its first main inputs back to a known node
+        while n not in cache:
+            chain.append(n)
+            ins = [] if n.op == "placeholder" or not self.is_tensor(n) else self.main_inputs(n)
+            if not ins or not self.is_tensor(ins[0]):
+                break
+            n = ins[0]
+        for m in reversed(chain):
+            cache[m] = self._origin_step(m, cache)
+        return cache[chain[0] if chain else n]
+
+    def _origin_step(self, n, cache) -> Tuple[Optional[int], ...]:
         rank = len(self.shape(n)) if self.is_tensor(n) else 0
         ins = [] if n.op == "placeholder" or not self.is_tensor(n) else self.main_inputs(n)
         if n.op == "placeholder":
@@ -311,7 +319,7 @@ class GraphInfo:
             o = (None,) * rank
         else:
             x = ins[0]
-            ox, sx, sn = self.origin(x), self.shape(x), self.shape(n)
+            ox, sx, sn = cache[x], self.shape(x), self.shape(n)
             rule = self.rule.get(n)
             moved = {}
             if rule is not None and rule.kind != "activation":
@@ -336,7 +344,6 @@ class GraphInfo:
                     if targets.count(t) == 1:
                         o[t] = ox[a]
             o = tuple(o)
-        cache[n] = o
         return o
 
     def readout_perm(self, n) -> Optional[Tuple[int, ...]]:
