@@ -47,3 +47,7 @@ class PrecisionLossError(NonFiniteError):
 class UnsupportedPrecisionError(SRDError, RuntimeError):
     """This machine has no kernel for a float16/bfloat16 computation of the model or its twin (a CPU
     without oneDNN float16 support, an op PyTorch does not implement in half precision on CPU)."""
+
+
+class OptionError(SRDError, ValueError, TypeError):
+    """A compile option has an unknown name or a value that is not accepted."""

@@ -35,14 +35,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .compiler.options import Options
+from .errors import OptionError
 from .eval.io import upsample
 
 __all__ = ["explainer_for", "srd_maps", "explain_func", "quantus_explain_func", "SRDAttribution",
            "SRDCAM", "srd_cam"]
 
 TargetLike = Union[None, int, Sequence[int], np.ndarray, torch.Tensor]
-#: compile options that may be passed through the wrappers
-COMPILE_OPTIONS = ("head", "encoder_output", "eps", "value", "unit", "chunk_size", "output_selector")
+#: compile options that may be passed through the wrappers (``layers`` is their ``layer``)
+COMPILE_OPTIONS = tuple(n for n in Options.names() if n != "layers")
+
+
+def _check_options(compile_kwargs: Dict[str, Any]) -> None:
+    """Refuse an unknown option name before anything is compiled."""
+    bad = set(compile_kwargs) - set(COMPILE_OPTIONS)
+    if bad:
+        raise OptionError(f"unknown SRD option(s) {sorted(bad)}; accepted: layer, {', '.join(COMPILE_OPTIONS)}")
 
 _EXPLAINERS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 
@@ -58,9 +67,7 @@ def _hashable(v: Any) -> Any:
 def explainer_for(model: nn.Module, x: torch.Tensor, layer: str = "input", **compile_kwargs: Any):
     """The SRD explainer of ``model`` reading ``layer``, for inputs shaped like ``x``: compiled on
     the first request, then cached (per model, layer, options, input shape, dtype and device)."""
-    bad = set(compile_kwargs) - set(COMPILE_OPTIONS)
-    if bad:
-        raise TypeError(f"unknown SRD option(s) {sorted(bad)}; accepted: layer, {', '.join(COMPILE_OPTIONS)}")
+    _check_options(compile_kwargs)
     import srd_fx
     per_model = _EXPLAINERS.setdefault(model, {})
     key = (layer, tuple(sorted((k, _hashable(v)) for k, v in compile_kwargs.items())),
@@ -165,9 +172,7 @@ class SRDAttribution(_CaptumAttribution):
     def __init__(self, model: nn.Module, layer: str = "input", **compile_kwargs: Any) -> None:
         super().__init__(model)
         self.model, self.layer, self.compile_kwargs = model, layer, compile_kwargs
-        bad = set(compile_kwargs) - set(COMPILE_OPTIONS)
-        if bad:
-            raise TypeError(f"unknown SRD option(s) {sorted(bad)}; accepted: {', '.join(COMPILE_OPTIONS)}")
+        _check_options(compile_kwargs)
 
     @_keeps_wrapped
     def attribute(self, inputs: Union[torch.Tensor, Tuple[torch.Tensor]], target: TargetLike = None,

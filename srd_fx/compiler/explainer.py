@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -21,10 +21,9 @@ import torch.nn as nn
 from .analysis import GraphInfo
 from ..errors import (InputError, NonFiniteError, SRDError, TrainingModeError, UnsupportedOpError,
                       UnsupportedPrecisionError)
+from .options import Options
 from .trace import TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
-from .twin import build_twin
-
-Head = Union[str, Callable]
+from .twin import build_twin, check_input
 
 
 @dataclass
@@ -54,25 +53,16 @@ class SRDOutput:
 
 
 class Explainer(nn.Module):
-    """A compiled SRD explainer (see :func:`compile`)."""
+    """A compiled SRD explainer (see :func:`compile`): ``options`` (an :class:`Options`) with any
+    of its fields overridden by keyword."""
 
-    def __init__(self, model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
-                 encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
-                 unit: str = "pfv", example_input: Optional[torch.Tensor] = None, check: bool = True,
-                 chunk_size: Optional[int] = None, output_selector=None):
+    def __init__(self, model: nn.Module, options: Optional[Options] = None, *,
+                 example_input: Optional[torch.Tensor] = None, **overrides: Any):
         super().__init__()
-        self.output_selector = output_selector
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError("chunk_size must be a positive number of samples")
-        self.chunk_size = chunk_size
-        if value not in ("pre", "post"):
-            raise ValueError("value must be 'pre' (SRD) or 'post' (ablation, SPEC §5)")
-        if unit not in ("pfv", "neuron"):
-            raise ValueError("unit must be 'pfv' (SRD) or 'neuron' (ablation, SPEC §5)")
+        self.options = o = Options.make(options, **overrides)
+        self.output_selector, self.chunk_size = o.output_selector, o.chunk_size
         check_eval(model)
         self.model = model
-        self.options = dict(head=head, layers=tuple(layers) if layers != "all" else "all",
-                            encoder_output=encoder_output, eps=eps, value=value, unit=unit, check=check)
         self.graph_module = None
         self.info: Optional[GraphInfo] = None
         try:
@@ -83,7 +73,7 @@ class Explainer(nn.Module):
                 self.traced = None
             else:
                 self.traced = trace(model, ex)
-        if check:
+        if o.check:
             bad = _non_finite(list(model.named_parameters()) + list(model.named_buffers()))
             if bad:
                 raise NonFiniteError(f"the model has non-finite weights in {bad[:5]}: explanations would be NaN")
@@ -109,16 +99,17 @@ class Explainer(nn.Module):
             raise InputError(f"the model fails on an input of shape {tuple(example.shape)} "
                              f"({type(e).__name__}: {str(e).splitlines()[-1][:300]}); check the input size, "
                              "dtype and device") from e
-        if self.options["check"]:
-            check_trace_matches(self.model, ex, traced_out)
-        if self.output_selector is None:
-            _check_single_output(self.traced)
-        self.info = GraphInfo(self.traced, self.options["encoder_output"], self.output_selector)
-        self.__dict__.pop("_seeded_cache", None)
         o = self.options
+        if o.check:
+            check_trace_matches(self.model, ex, traced_out)
+        if o.output_selector is None:
+            _check_single_output(self.traced)
+        self.info = GraphInfo(self.traced, o.encoder_output, o.output_selector)
+        self.__dict__.pop("_seeded_cache", None)
         self.graph_module, self.layer_nodes = build_twin(
-            self.info, _root_of(self.model), head=o["head"], layers=o["layers"], eps=o["eps"], value=o["value"],
-            unit=o["unit"], check=o["check"], output_selector=self.output_selector, input_channels=ex.shape[1] if ex.dim() > 1 else None)
+            self.info, _root_of(self.model), head=o.head, layers=o.layers, eps=o.eps, value=o.value,
+            unit=o.unit, check=o.check, output_selector=o.output_selector,
+            input_channels=ex.shape[1] if ex.dim() > 1 else None)
         return self
 
     def _seeded(self, layer: str):
@@ -130,8 +121,8 @@ class Explainer(nn.Module):
         cache = self.__dict__.setdefault("_seeded_cache", {})
         if node not in cache:
             o = self.options
-            gm, _ = build_twin(self.info, _root_of(self.model), layers="all", eps=o["eps"],
-                               value=o["value"], unit=o["unit"], check=False, seed=node)
+            gm, _ = build_twin(self.info, _root_of(self.model), layers="all", eps=o.eps,
+                               value=o.value, unit=o.unit, check=False, seed=node)
             cache[node] = gm
         return node, cache[node]
 
@@ -145,7 +136,7 @@ class Explainer(nn.Module):
             self.build(x)
         node, gm = self._seeded(layer)
         shape = list(self.info.shape(node))
-        per_neuron = self.options["unit"] == "neuron"   # unit="neuron": one relevance per neuron
+        per_neuron = self.options.unit == "neuron"   # unit="neuron": one relevance per neuron
         if not per_neuron:
             for a in self.info.caxes(node):
                 shape[a] = 1
@@ -181,7 +172,7 @@ class Explainer(nn.Module):
         layer's spatial dims; default: all positions), as backward passes seeded one-hot, batched
         over positions: returns (B, P, H, W).  Each ERF sums to 1 where norms are non-degenerate.
         With ``read`` (layer names): a dict layer -> (B, P, h, w) of what reaches those layers."""
-        if self.options["unit"] == "neuron":
+        if self.options.unit == "neuron":
             raise InputError("erf() seeds one PFV (SPEC §3) and is defined for unit='pfv'; with "
                              "unit='neuron' seed the neurons you want with propagate(x, layer, R)")
         if self.graph_module is None:
@@ -229,24 +220,17 @@ class Explainer(nn.Module):
 
     # ------------------------------------------------------------------ calling -----------
     def forward(self, x: torch.Tensor, target: Union[None, int, torch.Tensor] = None) -> SRDOutput:
-        if self.options["check"]:
-            if any(m.training for m in self.model.modules()):
-                raise TrainingModeError("the model was put back in training mode after compile; call "
-                                        "model.eval() before explaining")
-            if isinstance(x, torch.Tensor) and self.graph_module is not None and x.dim() != len(self.info.shape(self.info.input)):
-                raise InputError(f"expected an input of rank {len(self.info.shape(self.info.input))}, got "
-                                 f"shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
-        if self.graph_module is not None and isinstance(x, torch.Tensor) \
-                and not specialised_for(self.traced, x.shape):
+        if self.options.check and any(m.training for m in self.model.modules()):
+            raise TrainingModeError("the model was put back in training mode after compile; call "
+                                    "model.eval() before explaining")
+        if self.options.check or self.graph_module is None:
+            # before the twin is (re)built for it; the twin itself checks the values (finiteness)
+            rank = len(self.info.shape(self.info.input)) if self.graph_module is not None else None
+            check_input(x, rank, None, next((p for p in self.model.parameters() if p.is_floating_point()), None),
+                        finite=False)
+        if self.graph_module is not None and not specialised_for(self.traced, x.shape):
             self.graph_module = None  # the trace depends on the input size: rebuild for this one
         if self.graph_module is None:
-            if not isinstance(x, torch.Tensor) or x.dim() < 2:
-                raise InputError(f"expected a batched tensor input (B, C, ...), got "
-                                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
-            p = next((p for p in self.model.parameters() if p.is_floating_point()), None)
-            if p is not None and (p.device != x.device or p.dtype != x.dtype):
-                raise InputError(f"the input is {x.dtype} on {x.device} but the model is {p.dtype} on "
-                                 f"{p.device}: use x.to(device={str(p.device)!r}, dtype={p.dtype})")
             self.build(x)
         n = self.chunk_size
         if n is not None and x.shape[0] > n:
@@ -367,26 +351,12 @@ def _default_example(model):
     return None
 
 
-def compile(model: nn.Module, *, head: Head = "gradcam", layers: Sequence[str] = ("input",),
-            encoder_output: Optional[str] = None, eps: float = 1e-12, value: str = "pre",
-            unit: str = "pfv", example_input: Optional[torch.Tensor] = None,
-            check: bool = True, chunk_size: Optional[int] = None,
-            output_selector=None) -> Explainer:
+def compile(model: nn.Module, options: Optional[Options] = None, *,
+            example_input: Optional[torch.Tensor] = None, **overrides: Any) -> Explainer:
     """Compile ``model`` (in eval mode) into its SRD explainer.
 
-    head:           "gradcam" (Eq. 4, default), "ones" (Sec. 4.3) or ``f(A, logits, target) -> R``;
-    layers:         relevance maps to return: "input", "low" (L), "high" (4x L's resolution),
-                    activation module/node names, or "all";
-    encoder_output: module or node name of L (default: timm's forward_features, else the input
-                    of the global pooling);
-    eps:            positions with ||v||^2 <= eps pass no relevance;
-    value:          "pre" (SRD) or "post" (ablation, SPEC §5: share by <v_hat, act(v)>);
-    unit:           "pfv" (SRD) or "neuron" (ablation, SPEC §5: scalar neurons, LRP-0 with bias
-                    sharing per neuron);
-    example_input:  build now instead of on the first call;
-    check:          validate inputs/outputs (finite, ranks, training mode);
-    chunk_size:     explain large batches this many samples at a time (bounds memory);
-    output_selector: for models returning a tuple/dict: a callable, key or index giving the logits."""
-    return Explainer(model, head=head, layers=layers, encoder_output=encoder_output, eps=eps,
-                     value=value, unit=unit, example_input=example_input, check=check,
-                     chunk_size=chunk_size, output_selector=output_selector)
+    options:        an :class:`srd_fx.Options` (default: SRD as published); any of its fields
+                    (head, layers, encoder_output, eps, value, unit, check, chunk_size,
+                    output_selector) may also be given by keyword, e.g. ``compile(model, layers="all")``;
+    example_input:  build now instead of on the first call."""
+    return Explainer(model, options, example_input=example_input, **overrides)

@@ -112,21 +112,24 @@ def materialize(z, like):
     return z.expand((z.shape[0],) + tuple(like.shape[1:]))
 
 
-def check_input(x, rank, channels, ref=None):
+def check_input(x, rank, channels, ref=None, finite=True):
+    """The one input validator (the explainer before building, the twin on every call): a tensor
+    on ``ref``'s device and dtype, of rank ``rank`` (None: batched, at least 2), with ``channels``
+    input channels (None: any) and, with ``finite``, no NaN/Inf.  Returns ``x``."""
     from ..errors import InputError, NonFiniteError
     if not isinstance(x, torch.Tensor):
-        raise InputError(f"expected a tensor input, got {type(x).__name__}")
+        raise InputError(f"expected a batched tensor input (B, C, ...), got {type(x).__name__}")
     if ref is not None and x.device != ref.device:
         raise InputError(f"the input is on {x.device} but the model is on {ref.device}; move one of them "
                          f"(x.to('{ref.device}'))")
     if ref is not None and x.dtype != ref.dtype:
         raise InputError(f"the input is {x.dtype} but the model is {ref.dtype}; cast it (x.to({ref.dtype}))")
-    if x.dim() != rank:
-        raise InputError(f"expected an input of rank {rank} (batch, channels, ...), got shape "
+    if (x.dim() < 2) if rank is None else (x.dim() != rank):
+        raise InputError(f"expected an input of rank {rank or '2 or more'} (batch, channels, ...), got shape "
                          f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
     if channels is not None and x.shape[1] != channels:
         raise InputError(f"expected {channels} input channels, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if finite and not torch.isfinite(x).all():
         raise NonFiniteError("the input contains NaN or Inf values; SRD maps would be meaningless. "
                              "Clean the input (torch.nan_to_num) before explaining it.")
     return x

@@ -481,10 +481,7 @@ def explain_pfv(explainer, index: PFVIndex, data: Data, image: int, position: Op
     out = explainer(x, target)
     if layer not in out.relevance:  # the explainer was compiled without this layer: one that has it
         import srd_fx
-        o = explainer.options
-        out = srd_fx.compile(explainer.model, head=o["head"], layers=(layer,), eps=o["eps"], value=o["value"],
-                             unit=o["unit"], check=o["check"], encoder_output=o["encoder_output"],
-                             example_input=x)(x, target)
+        out = srd_fx.compile(explainer.model, explainer.options, layers=(layer,), example_input=x)(x, target)
     tgt = int(out.logits.argmax(1)) if target is None else int(target)
     rel = out.relevance[layer][0]
     if position is None:
