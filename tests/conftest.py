@@ -32,3 +32,48 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# (imported by the test modules: ``from conftest import fixed_head, ...``)
+def fixed_head(R_L, seen=None):
+    """A head that hands the backward the given initial relevance ``R_L`` (B, h, w); the encoder
+    outputs it is shown are appended to ``seen``."""
+    def head(A, logits, target):
+        if seen is not None:
+            seen.append(A.detach().clone())
+        return R_L
+    return head
+
+
+def conservation_error(out):
+    """|sum saliency + lost - sum R_L| / sum |R_L|, worst sample of an SRDOutput."""
+    lost = out.lost if out.lost is not None else torch.zeros_like(out.R_L[:, 0, 0])
+    num = (out.saliency.sum((1, 2)) + lost - out.R_L.sum((1, 2))).abs()
+    return (num / out.R_L.abs().sum((1, 2)).clamp_min(1e-300)).max().item()
+
+
+def assert_close_to(got, ref, tol, scale, what):
+    """Same shape and max |got - ref| <= tol * scale."""
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = (got - ref).abs().max().item()
+    assert err <= tol * scale, f"{what}: max |srd_fx - naive| = {err:.3e} > {tol:g} * {scale:.3e}"
+    return err
+
+
+def naive_agreement(model, net, x, R_L, tol, **options):
+    """Explain ``x`` with srd_fx from the initial relevance ``R_L`` and compare the input map and
+    every activation layer's map with the naive reference ``net`` (tests/naive_srd.py), pairing
+    the layers in order.  Returns (SRDOutput, worst error / scale)."""
+    import naive_srd as N
+    import srd_fx
+    e = srd_fx.compile(model, head=fixed_head(R_L), layers="all", **options)
+    out = e(x)
+    ref = N.propagate(net, x, R_L)
+    names = [b.name for b in net.blocks]
+    assert len(e.activation_layers) == len(names), (e.activation_layers, names)
+    scale = max(max(t.abs().max().item() for t in ref.values()), 1e-300)
+    worst = 0.0
+    for got, want in [("input", "input")] + list(zip(e.activation_layers, names)):
+        worst = max(worst, assert_close_to(out.relevance[got], ref[want], tol, scale, got) / scale)
+    return out, worst

@@ -44,6 +44,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 import naive_srd as N
 import srd_fx
+from conftest import conservation_error
 
 AGREE_TOL = 1e-8       # naive vs srd_fx, relative to the relevance scale
 CONSERVE_TOL = 1e-10   # conservation, relative to sum |R_L|
@@ -1023,17 +1024,6 @@ def network_spec(draw, max_stages=3):
 # =============================================================================================
 # The checks
 # =============================================================================================
-def conservation_error(out):
-    """|sum saliency + lost - sum R_L| / sum |R_L|, worst sample."""
-    lost = out.lost if out.lost is not None else torch.zeros_like(out.R_L[:, 0, 0])
-    num = (out.saliency.sum((1, 2)) + lost - out.R_L.sum((1, 2))).abs()
-    return (num / out.R_L.abs().sum((1, 2)).clamp_min(1e-300)).max().item()
-
-
-def _fixed_head(R):
-    return lambda A, logits, target: R
-
-
 def _max_abs(*ts):
     return max(t.abs().max().item() for t in ts)
 

@@ -28,6 +28,7 @@ from scipy.stats import pearsonr
 
 import naive_srd as N
 import srd_fx
+from conftest import conservation_error as conservation, naive_agreement
 from capabilities import skip_without_cpu_half
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,26 +48,11 @@ def xin(b=2, dtype=torch.float64, hw=(8, 8), seed=1):
     return torch.randn(b, 3, *hw, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
-def conservation(out):
-    lost = out.lost if out.lost is not None else 0
-    num = (out.saliency.sum((1, 2)) + lost - out.R_L.sum((1, 2))).abs()
-    return (num / out.R_L.abs().sum((1, 2)).clamp_min(1e-300)).max().item()
-
-
 def agree(m, net, x, tol=1e-8):
     """srd_fx and the naive reference, from the same random R_L, at the input and every layer."""
     L = N.encoder_output(net, x)
     R = torch.rand(x.shape[0], *L.shape[-2:], dtype=x.dtype, generator=torch.Generator().manual_seed(5)) + 0.1
-    e = srd_fx.compile(m, head=lambda A, logits, t: R, layers="all")
-    out = e(x)
-    ref = N.propagate(net, x, R)
-    assert len(e.activation_layers) == len(net.blocks), (e.activation_layers, [b.name for b in net.blocks])
-    scale = max(t.abs().max().item() for t in ref.values())
-    pairs = [("input", "input")] + list(zip(e.activation_layers, [b.name for b in net.blocks]))
-    for got, want in pairs:
-        err = (out.relevance[got] - ref[want]).abs().max().item()
-        assert err <= tol * scale, f"{got}: |srd_fx - naive| = {err:.3e}"
-    return out
+    return naive_agreement(m, net, x, R, tol)[0]
 
 
 # =============================================================================================

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import naive_srd as N
 import srd_fx
+from conftest import assert_close_to, fixed_head
 
 TOL = 1e-8
 NETS = sorted(N.TINY_NETS)
@@ -21,20 +22,6 @@ def _build(name, batch=2):
     m, net = N.TINY_NETS[name]()
     x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
     return m, net, x
-
-
-def _fixed_head(R_L, seen=None):
-    def head(A, logits, target):
-        if seen is not None:
-            seen.append(A.detach().clone())
-        return R_L
-    return head
-
-
-def _assert_close(got, ref, scale, what):
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    err = (got - ref).abs().max().item()
-    assert err <= TOL * scale, f"{what}: max |srd_fx - naive| = {err:.3e} > {TOL:g} * {scale:.3e}"
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -54,7 +41,7 @@ def test_layer_by_layer_agreement(name):
     L = N.encoder_output(net, x)
     R_L = torch.rand(x.shape[0], *L.shape[-2:], dtype=torch.float64) + 0.1
     seen = []
-    explainer = srd_fx.compile(m, head=_fixed_head(R_L, seen), layers="all")
+    explainer = srd_fx.compile(m, head=fixed_head(R_L, seen), layers="all")
     out = explainer(x)
 
     # Same layers, same encoder output, same logits.
@@ -68,10 +55,10 @@ def test_layer_by_layer_agreement(name):
     scale = R_L.abs().max().item()
     assert set(ref) <= set(out.relevance), sorted(set(ref) - set(out.relevance))
     for layer, r in ref.items():
-        _assert_close(out.relevance[layer], r, scale, f"{name}/{layer}")
-    _assert_close(out.saliency, ref["input"], scale, f"{name}/saliency")
-    _assert_close(out.relevance["low"], R_L, scale, f"{name}/low")
-    _assert_close(out.R_L, R_L, scale, f"{name}/R_L")
+        assert_close_to(out.relevance[layer], r, TOL, scale, f"{name}/{layer}")
+    assert_close_to(out.saliency, ref["input"], TOL, scale, f"{name}/saliency")
+    assert_close_to(out.relevance["low"], R_L, TOL, scale, f"{name}/low")
+    assert_close_to(out.R_L, R_L, TOL, scale, f"{name}/R_L")
     # Conservation on the reference itself (sum over the input == sum over L).
     torch.testing.assert_close(ref["input"].sum((1, 2)), R_L.sum((1, 2)), rtol=1e-12, atol=0)
 
@@ -81,10 +68,10 @@ def test_signed_initial_relevance():
     m, net, x = _build("resnet")
     L = N.encoder_output(net, x)
     R_L = torch.randn(x.shape[0], *L.shape[-2:], dtype=torch.float64)
-    out = srd_fx.compile(m, head=_fixed_head(R_L), layers="all")(x)
+    out = srd_fx.compile(m, head=fixed_head(R_L), layers="all")(x)
     ref = N.propagate(net, x, R_L)
     for layer, r in ref.items():
-        _assert_close(out.relevance[layer], r, R_L.abs().max().item(), f"signed/{layer}")
+        assert_close_to(out.relevance[layer], r, TOL, R_L.abs().max().item(), f"signed/{layer}")
 
 
 def test_module_names_select_the_same_layers():
@@ -93,11 +80,11 @@ def test_module_names_select_the_same_layers():
     L = N.encoder_output(net, x)
     R_L = torch.rand(x.shape[0], *L.shape[-2:], dtype=torch.float64)
     modules = ["block1.act1", "block1.act2", "block2.act1", "block2.act2"]
-    out = srd_fx.compile(m, head=_fixed_head(R_L), layers=["input"] + modules)(x)
+    out = srd_fx.compile(m, head=fixed_head(R_L), layers=["input"] + modules)(x)
     ref = N.propagate(net, x, R_L)
     for mod in modules:
-        _assert_close(out.relevance[mod], ref[mod.replace(".", "_")], R_L.abs().max().item(), mod)
-    _assert_close(out.relevance["input"], ref["input"], R_L.abs().max().item(), "input")
+        assert_close_to(out.relevance[mod], ref[mod.replace(".", "_")], TOL, R_L.abs().max().item(), mod)
+    assert_close_to(out.relevance["input"], ref["input"], TOL, R_L.abs().max().item(), "input")
 
 
 def test_naive_reference_is_discriminative():
@@ -108,7 +95,7 @@ def test_naive_reference_is_discriminative():
         m, net, x = _build(name)
         L = N.encoder_output(net, x)
         R_L = torch.rand(x.shape[0], *L.shape[-2:], dtype=torch.float64) + 0.1
-        out = srd_fx.compile(m, head=_fixed_head(R_L))(x)
+        out = srd_fx.compile(m, head=fixed_head(R_L))(x)
         for b in net.blocks:
             if b.name == block:
                 b.shadow = wrong
@@ -151,12 +138,12 @@ def test_gradcam_head_matches_eq4(name, target):
     assert R_ref.sum() > 0, "degenerate test case: all-zero Grad-CAM maps"
     out = srd_fx.compile(m, layers="all")(x, target=target)
     scale = R_ref.abs().max().item()
-    _assert_close(out.R_L, R_ref, scale, f"{name}/R_L")
-    _assert_close(out.relevance["low"], R_ref, scale, f"{name}/low")
+    assert_close_to(out.R_L, R_ref, TOL, scale, f"{name}/R_L")
+    assert_close_to(out.relevance["low"], R_ref, TOL, scale, f"{name}/low")
     torch.testing.assert_close(out.logits, logits, rtol=1e-12, atol=1e-12)
     ref = N.propagate(net, x, R_ref)
     for layer, r in ref.items():
-        _assert_close(out.relevance[layer], r, scale, f"{name}/{layer}")
+        assert_close_to(out.relevance[layer], r, TOL, scale, f"{name}/{layer}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +163,8 @@ def test_erf_forward_equals_backward(name):
     # One backward pass per PFV of L, as a batch of copies of x each seeded at its own position.
     seeds = _one_hot_seeds(hL, wL)
     xs = x.expand(hL * wL, -1, -1, -1).contiguous()
-    out = srd_fx.compile(m, head=_fixed_head(seeds))(xs)
-    _assert_close(out.saliency, E_L, 1.0, f"{name}/ERF(L)")
+    out = srd_fx.compile(m, head=fixed_head(seeds))(xs)
+    assert_close_to(out.saliency, E_L, TOL, 1.0, f"{name}/ERF(L)")
 
     # Non-degenerate norms everywhere: every ERF (and every block's mu over i) sums to 1.
     assert not any(info["degenerate"].any() for _, info in per_block), "degenerate test case"
@@ -197,5 +184,5 @@ def test_erf_of_intermediate_layer(layer):
     m, net, x = _build("plain", batch=1)
     erf, _ = N.erf_forward(net, x)
     seeds = _one_hot_seeds(8, 8)
-    out = srd_fx.compile(m, head=_fixed_head(seeds), encoder_output=layer)(x.expand(64, -1, -1, -1))
-    _assert_close(out.saliency, erf[layer], 1.0, f"ERF({layer})")
+    out = srd_fx.compile(m, head=fixed_head(seeds), encoder_output=layer)(x.expand(64, -1, -1, -1))
+    assert_close_to(out.saliency, erf[layer], TOL, 1.0, f"ERF({layer})")

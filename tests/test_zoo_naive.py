@@ -30,6 +30,7 @@ from timm.models._efficientnet_builder import decode_arch_def
 
 import naive_srd as N
 import srd_fx
+from conftest import assert_close_to, fixed_head
 from naive_srd import Block, Net, chain, identity, pad, window
 
 TOL = 1e-8
@@ -302,20 +303,6 @@ def _build(name, batch=2, **kw):
     return m, net, x
 
 
-def _fixed_head(R_L, seen=None):
-    def head(A, logits, target):
-        if seen is not None:
-            seen.append(A.detach().clone())
-        return R_L
-    return head
-
-
-def _assert_close(got, ref, scale, what):
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    err = (got - ref).abs().max().item()
-    assert err <= TOL * scale, f"{what}: max |srd_fx - naive| = {err:.3e} > {TOL:g} * {scale:.3e}"
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_description_matches_model(name):
     """The hand-written block description reproduces the timm model: its encoder output is
@@ -335,7 +322,7 @@ def test_layer_by_layer_agreement(name):
         logits = m(x)
     R_L = torch.rand(x.shape[0], *L.shape[-2:], dtype=torch.float64) + 0.1
     seen = []
-    explainer = srd_fx.compile(m, head=_fixed_head(R_L, seen), layers="all")
+    explainer = srd_fx.compile(m, head=fixed_head(R_L, seen), layers="all")
     out = explainer(x)
 
     # The same activation layers (gate branches and head activations excluded), the same L.
@@ -348,9 +335,9 @@ def test_layer_by_layer_agreement(name):
     scale = R_L.abs().max().item()
     assert set(ref) <= set(out.relevance), sorted(set(ref) - set(out.relevance))
     for layer, r in ref.items():
-        _assert_close(out.relevance[layer], r, scale, f"{name}/{layer}")
-    _assert_close(out.saliency, ref["input"], scale, f"{name}/saliency")
-    _assert_close(out.R_L, R_L, scale, f"{name}/R_L")
+        assert_close_to(out.relevance[layer], r, TOL, scale, f"{name}/{layer}")
+    assert_close_to(out.saliency, ref["input"], TOL, scale, f"{name}/saliency")
+    assert_close_to(out.R_L, R_L, TOL, scale, f"{name}/R_L")
     # the reference conserves relevance: sum over the input == sum over L
     torch.testing.assert_close(ref["input"].sum((1, 2)), R_L.sum((1, 2)), rtol=1e-10, atol=0)
 
@@ -369,6 +356,6 @@ def test_layernorm_statistics_are_recorded_constants():
     with torch.no_grad():
         torch.testing.assert_close(N.encoder_output(alt, x), m.forward_features(x), rtol=1e-12, atol=1e-12)
     R_L = torch.rand(1, *m.forward_features(x).shape[-2:], dtype=torch.float64) + 0.1
-    out = srd_fx.compile(m, head=_fixed_head(R_L))(x)
+    out = srd_fx.compile(m, head=fixed_head(R_L))(x)
     ref = N.propagate(alt, x, R_L)
     assert (out.saliency - ref["input"]).abs().max().item() > 1e3 * TOL * R_L.max().item()

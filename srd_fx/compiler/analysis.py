@@ -40,7 +40,7 @@ def how_to_register(node: fx.Node, modules) -> str:
             f"    from srd_fx.rules import Affine, Activation\n"
             f"    srd_fx.register_rule({tgt}, Affine())        # linear in its input, keeps positions\n"
             f"    srd_fx.register_rule({tgt}, Activation(fn))  # an element-wise nonlinearity\n"
-            f"(see srd_fx/rules/__init__.py for the full Rule interface: transpose, shadow, bias).")
+            f"(docs/rules.md: the Rule contract and one worked example of each kind of op).")
 
 
 @dataclass
