@@ -129,82 +129,12 @@ def _smoothgrad(model, x, t, nt_samples: int = 20, noise_level: float = 0.15):
 
 
 # ----------------------------------------------------------------------------- zennit ------------
-def _timm_basic_block_canonizer():
-    """A zennit canonizer for timm's ResNet ``BasicBlock``/``Bottleneck`` (zennit ships one for
-    torchvision's): the residual addition goes through zennit's ``Sum`` layer so that LRP rules split
-    relevance between the branches."""
-    from zennit.canonizers import AttributeCanonizer
-    from zennit.layer import Sum
-    from timm.models.resnet import BasicBlock, Bottleneck
-
-    def basic_forward(self, x):
-        shortcut = x
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        x = self.bn2(self.conv2(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.act2(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
-
-    def bottleneck_forward(self, x):
-        shortcut = x
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        x = self.bn3(self.conv3(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.act3(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
-
-    def attribute_map(name, module):
-        if isinstance(module, BasicBlock):
-            return {"forward": basic_forward.__get__(module), "canonizer_sum": Sum()}
-        if isinstance(module, Bottleneck):
-            return {"forward": bottleneck_forward.__get__(module), "canonizer_sum": Sum()}
-        return None
-
-    return AttributeCanonizer(attribute_map)
-
-
-def _lrp_canonizers(model):
-    from zennit.canonizers import SequentialMergeBatchNorm
-    from zennit.torchvision import ResNetCanonizer
-    cans = [SequentialMergeBatchNorm()]
-    try:
-        import torchvision
-        if isinstance(model, torchvision.models.ResNet):
-            cans = [ResNetCanonizer()]
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from timm.models.resnet import ResNet as TimmResNet
-        if isinstance(model, TimmResNet):
-            cans.append(_timm_basic_block_canonizer())
-    except ImportError:  # pragma: no cover
-        pass
-    return cans
-
-
 def _lrp_zplus(model, x, t):
-    from zennit.attribution import Gradient
-    from zennit.composites import LayerMapComposite, layer_map_base
-    from zennit.rules import ZPlus
-    from zennit.types import Convolution, Linear
-    # zennit's base map (activations and batch-norm pass, sums and average pools by the Norm rule),
-    # plus the z+ rule on every convolution and linear layer
-    composite = LayerMapComposite(layer_map=layer_map_base() + [(Convolution, ZPlus()), (Linear, ZPlus())],
-                                  canonizers=_lrp_canonizers(model))
-    with torch.no_grad():
-        n_classes = model(x[:1]).shape[-1]
-    with _no_inplace(model), Gradient(model=model, composite=composite) as attributor:
-        _, relevance = attributor(x, F.one_hot(t, n_classes).to(x.dtype))
-    return relevance
+    # the attack's LRP z+ (zennit's z+ rule on every convolution and linear layer, batch norm folded
+    # into the convolutions, residual additions split by zennit's Sum): one implementation
+    from ..methods.robustness import lrp_zplus
+    with torch.enable_grad():
+        return lrp_zplus(model, x, t)
 
 
 # ----------------------------------------------------------------------------- pytorch-grad-cam ---

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..errors import InputError, NonFiniteError
 
 __all__ = ["METHODS", "AttackResult", "manipulate", "replace_relu", "softplus_copy",
-           "lrp_network", "make_method", "similarity", "explain"]
+           "lrp_network", "lrp_zplus", "make_method", "similarity", "explain"]
 
 _RELU_FNS = (F.relu, torch.relu)
 
@@ -252,6 +252,30 @@ def lrp_composite():
     return LayerMapComposite(layer_map=layer_map_base() + [(Linear, ZPlus())])
 
 
+def lrp_zplus_map(net: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """LRP z+ of ``net`` (a network prepared by :func:`lrp_network`) for one class per sample:
+    zennit's rules (:func:`lrp_composite`), the relevance at the input (B, C, H, W).  With
+    ``create_graph`` the map is differentiable in ``x`` (the attack)."""
+    from zennit.attribution import Gradient as ZGradient
+    if not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    with ZGradient(model=net, composite=lrp_composite(), create_graph=create_graph):
+        logits = net(x)
+        onehot = torch.zeros_like(logits).scatter_(1, target.view(-1, 1), 1.0)
+        # zennit's hooks build a graph only where the incoming gradient requires grad
+        # (create_graph=grad_output.requires_grad): a constant one-hot would silently drop
+        # the top layer's dependence on x from the map's derivative
+        onehot.requires_grad_(create_graph)
+        (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot, create_graph=create_graph)
+    return rel
+
+
+def lrp_zplus(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LRP z+ of ``model`` (B, C, H, W): the one implementation, used by the evaluation's
+    baselines (``srd_fx.eval.baselines``) and reported by the attack."""
+    return lrp_zplus_map(lrp_network(model, x, None), x, target).detach()
+
+
 # ------------------------------------------------------------------------------------------
 # explanation methods
 # ------------------------------------------------------------------------------------------
@@ -401,33 +425,13 @@ class LRPZPlus(Method):
         self.orig = lrp_network(model, example, None) if beta is not None else self.net
         self.plain = softplus_copy(model, beta) if beta is not None else model
 
-    def _lrp(self, net, x, target, create_graph):
-        from zennit.attribution import Gradient as ZGradient
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        with ZGradient(model=net, composite=lrp_composite(), create_graph=create_graph) as attributor:
-            logits = net(x)
-            onehot = torch.zeros_like(logits).scatter_(1, target.view(-1, 1), 1.0)
-            # zennit's hooks build a graph only where the incoming gradient requires grad
-            # (create_graph=grad_output.requires_grad): a constant one-hot would silently drop
-            # the top layer's dependence on x from the map's derivative
-            onehot.requires_grad_(create_graph)
-            (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot, create_graph=create_graph)
-        return rel
-
     def attack(self, x, target):
-        rel = self._lrp(self.net, x, target, True)
+        rel = lrp_zplus_map(self.net, x, target, create_graph=True)
         # the logit term's gradient must be the true one: a plain forward outside zennit's hooks
         return _channel_abs_sum(rel), self.plain(x)
 
     def report(self, x, target):
-        from zennit.attribution import Gradient as ZGradient
-        xd = x.detach().requires_grad_(True)
-        with ZGradient(model=self.orig, composite=lrp_composite()) as attributor:
-            logits = self.orig(xd)
-            onehot = torch.zeros_like(logits).scatter_(1, target.view(-1, 1), 1.0)
-            _, rel = attributor(xd, onehot)
-        return _channel_abs_sum(rel.detach())
+        return _channel_abs_sum(lrp_zplus_map(self.orig, x.detach(), target).detach())
 
 
 class LRPZPlusReLU(LRPZPlus):
