@@ -117,18 +117,11 @@ def short_name(model_name: str) -> str:
     return model_name.split(":")[-1]
 
 
-@contextlib.contextmanager
 def no_inplace(model: nn.Module):
     """Turn off ``inplace`` on activation modules for the duration (zennit's and captum's backward
-    hooks cannot wrap in-place ops)."""
-    changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
-    for m in changed:
-        m.inplace = False
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.inplace = True
+    hooks cannot wrap in-place ops): the evaluation harness's own context manager."""
+    from srd_fx.eval.baselines import no_inplace as _no_inplace
+    return _no_inplace(model)
 
 
 def amp(device: str, dtype: str):

@@ -37,7 +37,7 @@ from . import lists
 from .cli import PARAMS_CACHE, add_arguments, options_from, select
 from .report import PEER_TOL, PEERS_JSON, write_report
 from .runner import (CACHE_DIR, SRD_CACHE, Options, append_cache, build_model, code_fingerprint, load_cache,
-                     pick_input, run_models)
+                     pick_input, run_models, with_threads)
 
 PEERS_CACHE = CACHE_DIR / "peers.jsonl"
 
@@ -110,13 +110,7 @@ def run_captum(model, x1, target: int) -> Dict:
 
 def check_peers(name: str, opts: Options) -> Dict:
     """zennit and captum LRP on one model (never raises)."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, opts.threads))
-    try:
-        return _check_peers(name, opts)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(_check_peers, name, opts)
 
 
 def _check_peers(name: str, opts: Options) -> Dict:

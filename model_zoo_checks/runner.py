@@ -278,16 +278,20 @@ def _rel(a, b):
 
 
 # ---------------------------------------------------------------------------------- the check
-def check_model(name: str, opts: Options) -> Dict:
-    """Build, compile and check one model; never raises (failures are in the record).  Runs with
-    ``opts.threads`` torch threads and restores the caller's setting."""
+def with_threads(check: Callable[[str, "Options"], Dict], name: str, opts: "Options") -> Dict:
+    """``check(name, opts)`` with ``opts.threads`` torch threads; the caller's setting is restored."""
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, opts.threads))
     try:
-        return _check_model(name, opts)
+        return check(name, opts)
     finally:
         torch.set_num_threads(before)
+
+
+def check_model(name: str, opts: Options) -> Dict:
+    """Build, compile and check one model; never raises (failures are in the record)."""
+    return with_threads(_check_model, name, opts)
 
 
 def _check_model(name: str, opts: Options) -> Dict:

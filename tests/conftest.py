@@ -77,3 +77,30 @@ def naive_agreement(model, net, x, R_L, tol, **options):
     for got, want in [("input", "input")] + list(zip(e.activation_layers, names)):
         worst = max(worst, assert_close_to(out.relevance[got], ref[want], tol, scale, got) / scale)
     return out, worst
+
+
+def layer_by_layer(model, net, x, L, logits, tol, name, conserve_rtol=1e-10):
+    """The strict agreement check against the naive reference ``net``: same activation layers
+    (by name), same encoder output ``L``, the model's ``logits``, and every layer's map, the input
+    map and R_L within ``tol`` of the scale of a random R_L; the reference itself conserves.
+    Returns (SRDOutput, R_L)."""
+    import naive_srd as N
+    import srd_fx
+    R_L = torch.rand(x.shape[0], *L.shape[-2:], dtype=torch.float64) + 0.1
+    seen = []
+    explainer = srd_fx.compile(model, head=fixed_head(R_L, seen), layers="all")
+    out = explainer(x)
+    assert explainer.activation_layers == [b.name for b in net.blocks]
+    assert explainer.encoder_output == net.L
+    torch.testing.assert_close(seen[-1], L, rtol=0, atol=1e-12)
+    assert torch.equal(out.logits, logits), "logits differ from model(x)"
+    ref = N.propagate(net, x, R_L)
+    scale = R_L.abs().max().item()
+    assert set(ref) <= set(out.relevance), sorted(set(ref) - set(out.relevance))
+    for layer, r in ref.items():
+        assert_close_to(out.relevance[layer], r, tol, scale, f"{name}/{layer}")
+    assert_close_to(out.saliency, ref["input"], tol, scale, f"{name}/saliency")
+    assert_close_to(out.R_L, R_L, tol, scale, f"{name}/R_L")
+    # the reference conserves relevance: sum over the input == sum over L
+    torch.testing.assert_close(ref["input"].sum((1, 2)), R_L.sum((1, 2)), rtol=conserve_rtol, atol=0)
+    return out, R_L

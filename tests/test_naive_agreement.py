@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import naive_srd as N
 import srd_fx
-from conftest import assert_close_to, fixed_head
+from conftest import assert_close_to, fixed_head, layer_by_layer
 
 TOL = 1e-8
 NETS = sorted(N.TINY_NETS)
@@ -39,28 +39,10 @@ def test_description_matches_module(name):
 def test_layer_by_layer_agreement(name):
     m, net, x = _build(name)
     L = N.encoder_output(net, x)
-    R_L = torch.rand(x.shape[0], *L.shape[-2:], dtype=torch.float64) + 0.1
-    seen = []
-    explainer = srd_fx.compile(m, head=fixed_head(R_L, seen), layers="all")
-    out = explainer(x)
-
-    # Same layers, same encoder output, same logits.
-    assert explainer.activation_layers == [b.name for b in net.blocks]
-    assert explainer.encoder_output == net.L
-    torch.testing.assert_close(seen[-1], L, rtol=0, atol=1e-12)
     with torch.no_grad():
-        assert torch.equal(out.logits, m(x))
-
-    ref = N.propagate(net, x, R_L)
-    scale = R_L.abs().max().item()
-    assert set(ref) <= set(out.relevance), sorted(set(ref) - set(out.relevance))
-    for layer, r in ref.items():
-        assert_close_to(out.relevance[layer], r, TOL, scale, f"{name}/{layer}")
-    assert_close_to(out.saliency, ref["input"], TOL, scale, f"{name}/saliency")
-    assert_close_to(out.relevance["low"], R_L, TOL, scale, f"{name}/low")
-    assert_close_to(out.R_L, R_L, TOL, scale, f"{name}/R_L")
-    # Conservation on the reference itself (sum over the input == sum over L).
-    torch.testing.assert_close(ref["input"].sum((1, 2)), R_L.sum((1, 2)), rtol=1e-12, atol=0)
+        logits = m(x)
+    out, R_L = layer_by_layer(m, net, x, L, logits, TOL, name, conserve_rtol=1e-12)
+    assert_close_to(out.relevance["low"], R_L, TOL, R_L.abs().max().item(), f"{name}/low")
 
 
 def test_signed_initial_relevance():

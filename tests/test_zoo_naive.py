@@ -30,7 +30,7 @@ from timm.models._efficientnet_builder import decode_arch_def
 
 import naive_srd as N
 import srd_fx
-from conftest import assert_close_to, fixed_head
+from conftest import assert_close_to, fixed_head, layer_by_layer
 from naive_srd import Block, Net, chain, identity, pad, window
 
 TOL = 1e-8
@@ -320,26 +320,8 @@ def test_layer_by_layer_agreement(name):
     with torch.no_grad():
         L = m.forward_features(x)
         logits = m(x)
-    R_L = torch.rand(x.shape[0], *L.shape[-2:], dtype=torch.float64) + 0.1
-    seen = []
-    explainer = srd_fx.compile(m, head=fixed_head(R_L, seen), layers="all")
-    out = explainer(x)
-
-    # The same activation layers (gate branches and head activations excluded), the same L.
-    assert explainer.activation_layers == [b.name for b in net.blocks]
-    assert explainer.encoder_output == net.L
-    torch.testing.assert_close(seen[-1], L, rtol=0, atol=1e-12)
-    assert torch.equal(out.logits, logits), "logits differ from model(x)"
-
-    ref = N.propagate(net, x, R_L)
-    scale = R_L.abs().max().item()
-    assert set(ref) <= set(out.relevance), sorted(set(ref) - set(out.relevance))
-    for layer, r in ref.items():
-        assert_close_to(out.relevance[layer], r, TOL, scale, f"{name}/{layer}")
-    assert_close_to(out.saliency, ref["input"], TOL, scale, f"{name}/saliency")
-    assert_close_to(out.R_L, R_L, TOL, scale, f"{name}/R_L")
-    # the reference conserves relevance: sum over the input == sum over L
-    torch.testing.assert_close(ref["input"].sum((1, 2)), R_L.sum((1, 2)), rtol=1e-10, atol=0)
+    # the same activation layers (gate branches and head activations excluded), the same L
+    layer_by_layer(m, net, x, L, logits, TOL, name)
 
 
 def test_layernorm_statistics_are_recorded_constants():

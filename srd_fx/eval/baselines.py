@@ -81,7 +81,7 @@ def _targets(model, x, target) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _no_inplace(model):
+def no_inplace(model):
     """Temporarily turn off ``inplace`` on activation modules (captum's and zennit's backward hooks
     cannot wrap in-place ops)."""
     changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
@@ -97,25 +97,25 @@ def _no_inplace(model):
 # ----------------------------------------------------------------------------- captum ------------
 def _saliency(model, x, t):
     from captum.attr import Saliency
-    with _no_inplace(model):
+    with no_inplace(model):
         return Saliency(model).attribute(x.requires_grad_(), target=t, abs=True)
 
 
 def _guided_backprop(model, x, t):
     from captum.attr import GuidedBackprop
-    with _no_inplace(model):
+    with no_inplace(model):
         return GuidedBackprop(model).attribute(x.requires_grad_(), target=t)
 
 
 def _input_x_gradient(model, x, t):
     from captum.attr import InputXGradient
-    with _no_inplace(model):
+    with no_inplace(model):
         return InputXGradient(model).attribute(x.requires_grad_(), target=t)
 
 
 def _integrated_gradients(model, x, t, n_steps: int = 50):
     from captum.attr import IntegratedGradients
-    with _no_inplace(model):
+    with no_inplace(model):
         return IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=t, n_steps=n_steps,
                                                     internal_batch_size=max(n_steps, 64))
 
@@ -123,7 +123,7 @@ def _integrated_gradients(model, x, t, n_steps: int = 50):
 def _smoothgrad(model, x, t, nt_samples: int = 20, noise_level: float = 0.15):
     from captum.attr import NoiseTunnel, Saliency
     sigma = noise_level * float(x.max() - x.min())
-    with _no_inplace(model):
+    with no_inplace(model):
         return NoiseTunnel(Saliency(model)).attribute(x.requires_grad_(), nt_type="smoothgrad", nt_samples=nt_samples,
                                                       stdevs=sigma, target=t, nt_samples_batch_size=nt_samples)
 

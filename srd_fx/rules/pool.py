@@ -29,11 +29,19 @@ def _pool_params(b, node, variant):
     return k, s, p, 1, arg(node, 4, "ceil_mode", False)
 
 
-class _WindowShadow(Rule):
+class _Pool(Rule):
+    """Pooling over windows of positions: a window's PFVs flow into one PFV (channels on axis 1)."""
     pointwise = False
+
+    def __init__(self, variant=None):
+        if variant is not None:
+            self.variant = variant
 
     def layout(self, b, node):
         return (1,)
+
+
+class _WindowShadow(_Pool):
 
     def shadow(self, b, node, ms):
         k, s, p, d, _ = _pool_params(b, node, self.variant)
@@ -64,15 +72,8 @@ class AvgPool(_WindowShadow):
     variant = "avg"
 
 
-class AdaptivePool(Rule):
+class AdaptivePool(_Pool):
     """Adaptive average / max pooling: windows follow PyTorch's start/end rule."""
-    pointwise = False
-
-    def __init__(self, variant):
-        self.variant = variant
-
-    def layout(self, b, node):
-        return (1,)
 
     def is_global_reduction(self, b, node):
         return all(s == 1 for s in b.shape(node)[2:])
@@ -198,15 +199,8 @@ register_rule("method:sum", _mean)
 register_rule(torch.sum, _mean)
 
 
-class SamePool(Rule):
+class SamePool(_Pool):
     """timm's MaxPool2dSame / AvgPool2dSame (leaves): dynamic TF 'SAME' padding."""
-    pointwise = False
-
-    def __init__(self, variant):
-        self.variant = variant
-
-    def layout(self, b, node):
-        return (1,)
 
     def _geo(self, b, node):
         m = b.module(node)
