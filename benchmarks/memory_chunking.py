@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -88,8 +89,7 @@ def main(argv=None) -> int:
     print(f"(torch CPU, {args.threads} threads; each row a fresh process; "
           f"peak = ru_maxrss after explaining - ru_maxrss before; times are wall-clock on a shared machine)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

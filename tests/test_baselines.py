@@ -25,20 +25,21 @@ def _randomise_bn(model):
     return model
 
 
-@pytest.fixture(scope="module")
-def models():
+def _models(size):
     torch.manual_seed(0)
-    return {name: _randomise_bn(build(arch, act, size=SIZE)).eval()
+    return {name: _randomise_bn(build(arch, act, size=size)).eval()
             for name, (arch, act) in {"resnet-relu": ("resnet", "relu"), "resnet-gelu": ("resnet", "gelu"),
                                       "vgg-relu": ("vgg", "relu")}.items()}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _models(SIZE)
 
 
 @pytest.fixture(scope="module")
 def small_models():
-    torch.manual_seed(0)
-    return {name: _randomise_bn(build(arch, act, size=SMALL)).eval()
-            for name, (arch, act) in {"resnet-relu": ("resnet", "relu"), "resnet-gelu": ("resnet", "gelu"),
-                                      "vgg-relu": ("vgg", "relu")}.items()}
+    return _models(SMALL)
 
 
 @pytest.fixture(scope="module")

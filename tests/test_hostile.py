@@ -470,6 +470,8 @@ def test_training_mode_is_refused_at_compile_and_call():
 
 
 class _Wrap(nn.Module):
+    """tiny() wrapped in a forward of the given ``kind``."""
+
     def __init__(self, kind):
         super().__init__()
         self.kind = kind
@@ -678,18 +680,13 @@ def test_inplace_ops_on_shared_tensors_fixed(mode):
         assert torch.equal(out.logits, m(xin()))
 
 
-class _InPlaceMore(nn.Module):
+class _InPlaceMore(_InPlace):
     """More in-place forms: the module form on a shared tensor, ``inplace`` given positionally,
     the tensor reached through eval-mode identity/dropout (which return their input), and three that cannot be followed (a write through a slice, a write seen through an earlier
     view, a second Python name for the mutated tensor)."""
 
     def __init__(self, mode):
-        super().__init__()
-        torch.manual_seed(2)
-        self.mode = mode
-        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 3)
+        super().__init__(mode)
         self.act = nn.ReLU(inplace=True)
         self.ident, self.drop = nn.Identity(), nn.Dropout(0.3)
 
@@ -748,12 +745,7 @@ def test_inplace_writes_fx_cannot_follow_are_refused(mode, err, words):
 # =============================================================================================
 # Tuple / dict outputs
 # =============================================================================================
-class _Multi(nn.Module):
-    def __init__(self, kind):
-        super().__init__()
-        self.kind = kind
-        self.m = tiny()
-
+class _Multi(_Wrap):
     def forward(self, x):
         y = self.m(x)
         if self.kind == "tuple":

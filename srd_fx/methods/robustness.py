@@ -145,26 +145,25 @@ class _GuidedFn(torch.autograd.Function):
         return d * g.clamp(min=0), None, None
 
 
-class _Record(nn.Module):
-    """Ordinary activation that records its input (the pre-activation) in ``store[key]``."""
+class _Keyed(nn.Module):
+    """An activation with a slot ``store[key]`` shared with its twin in the other network."""
 
     def __init__(self, beta, store, key):
         super().__init__()
         self.beta, self.key = beta, key
         self.store = store
+
+
+class _Record(_Keyed):
+    """Ordinary activation that records its input (the pre-activation) in ``store[key]``."""
 
     def forward(self, x):
         self.store[self.key] = x
         return _act(x, self.beta)
 
 
-class _GuidedFromRecord(nn.Module):
+class _GuidedFromRecord(_Keyed):
     """Guided activation reading the pre-activation its twin ``_Record`` stored."""
-
-    def __init__(self, beta, store, key):
-        super().__init__()
-        self.beta, self.key = beta, key
-        self.store = store
 
     def forward(self, x):
         return _GuidedFn.apply(x, self.store[self.key], self.beta)
