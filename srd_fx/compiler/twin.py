@@ -526,8 +526,19 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels,
                        b.attr(ref) if ref else None, name="x_checked") if check else x
     b.env[info.input] = x_checked
+    logits = _record_forward(b, output_selector)                   # 1. forward, recording constants
+    L, R_L = _initial_relevance(b, head, seed, target, logits)     # 2. R at the encoder output L (Eq. 4)
+    lost: List[fx.Node] = []
+    R_of = _srd_backward(b, L, R_L, x_checked, lost)               # 3. the SRD backward, one sweep
+    names = resolve_layers(info, layers)                            # 4. outputs
+    _emit_outputs(b, names, R_of, L, R_L, lost, logits, check)
+    return _graph_module(b), names
 
-    # 1. forward, recording the constants the rules ask for
+
+def _record_forward(b: Builder, output_selector) -> fx.Node:
+    """The model's forward in the twin, each rule recording the constants it needs; returns the
+    logits node."""
+    info, root = b.info, b.root
     for n in info.nodes:
         if n.op in ("placeholder", "output"):
             continue
@@ -536,22 +547,24 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     out_arg = info.output.args[0]
     if output_selector is not None:
         root.srd_output_selector = output_selector if callable(output_selector) else _Key(output_selector)
-        logits = b.call(heads.select_output, b.val(out_arg), b.attr("srd_output_selector"), name="logits")
-    elif isinstance(out_arg, fx.Node) and info.is_tensor(out_arg):
-        logits = b.val(out_arg)
-    else:
-        raise UnsupportedOpError(
-            "the model returns a tuple/dict, not a logits tensor (B, classes): pass "
-            "output_selector= (e.g. output_selector='logits', 0, or a callable) to srd_fx.compile.")
+        return b.call(heads.select_output, b.val(out_arg), b.attr("srd_output_selector"), name="logits")
+    if isinstance(out_arg, fx.Node) and info.is_tensor(out_arg):
+        return b.val(out_arg)
+    raise UnsupportedOpError(
+        "the model returns a tuple/dict, not a logits tensor (B, classes): pass "
+        "output_selector= (e.g. output_selector='logits', 0, or a callable) to srd_fx.compile.")
 
-    # 2. initial relevance at the encoder output L (Eq. 4)
+
+def _initial_relevance(b: Builder, head, seed, target, logits):
+    """(L, R_L): the layer the backward starts from and its relevance (the head's, Eq. 4, or the
+    given seed map)."""
+    info, root = b.info, b.root
     L = info.L
     cax_L = info.caxes(L)
-    neuron = unit == "neuron"
+    neuron = b.unit == "neuron"
     if seed is not None:
-        R_L = target
-        L = seed
-    elif callable(head) and not isinstance(head, str):
+        return seed, target
+    if callable(head) and not isinstance(head, str):
         root.srd_user_head = head
         R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, neuron,
                      name="R_L")
@@ -562,10 +575,14 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
         R_L = b.call(heads.ones, b.val(L), cax_L, neuron, logits, target, name="R_L")
     else:
         raise ValueError(f"head must be 'gradcam', 'ones' or a callable (A, logits, target) -> R, got {head!r}")
+    return L, R_L
 
-    # 3. the SRD backward: one reverse sweep, last op first (see Backward)
+
+def _srd_backward(b: Builder, L, R_L, x_checked, lost: list) -> Dict[fx.Node, fx.Node]:
+    """The SRD backward: one reverse sweep, last op first (see Backward).  Returns the relevance
+    node of every activation layer reached and of the input."""
+    info = b.info
     R_of: Dict[fx.Node, fx.Node] = {}
-    lost: List[fx.Node] = []
     bw = Backward(b, lost)
     layers_at: Dict[fx.Node, List[Layer]] = {}
     for lay in info.layers:
@@ -586,28 +603,36 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
     if R_in is None:
         R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, b.caxes(info.input)))
     R_of[info.input] = R_in
+    return R_of
 
-    # 4. outputs
-    names = resolve_layers(info, layers)
+
+def _emit_outputs(b: Builder, names, R_of, L, R_L, lost, logits, check) -> None:
+    """The twin's output: logits, the input map (checked), the requested layers' maps, R_L, lost."""
+    info = b.info
     rel = {}
     for key, node in names.items():
         r = R_of.get(node)
         if r is None:
             r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
         rel[key] = _read_out(b, r, node, "out_" + key.replace(".", "_"))
-    sal = b.call(ops.position_map, R_in, (1,), name="saliency")
+    sal = b.call(ops.position_map, R_of[info.input], (1,), name="saliency")
     lost_total = b.call(add_all, *lost, name="lost") if lost else None
     if check:
         sal = b.call(check_map, sal, R_L, lost_total, logits, "the SRD saliency map", name="saliency_checked")
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
                 "R_L": _read_out(b, R_L, L, "out_R_L")})
-    for n in b.g.nodes:  # overwrite a temporary in place only where nothing else reads it
+
+
+def _graph_module(b: Builder) -> fx.GraphModule:
+    """The finished twin: temporaries overwritten in place only where nothing else reads them, dead
+    code removed, Python code generated."""
+    for n in b.g.nodes:
         if n.target is ops.pfv_dot and n.kwargs.get("overwrite_g") and len(n.args[1].users) != 1:
             n.kwargs = {k: v for k, v in n.kwargs.items() if k != "overwrite_g"}
-    gm = fx.GraphModule(root, b.g, "SRDExplainer")
+    gm = fx.GraphModule(b.root, b.g, "SRDExplainer")
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return gm, names
+    return gm
 
 
 def _read_out(b: Builder, r, node, name):
