@@ -51,3 +51,8 @@ class UnsupportedPrecisionError(SRDError, RuntimeError):
 
 class OptionError(SRDError, ValueError, TypeError):
     """A compile option has an unknown name or a value that is not accepted."""
+
+
+class MissingDependencyError(SRDError, ImportError):
+    """An optional library is not installed; the message names it and the extra that installs it
+    (``pip install "srd_fx[eval]"``)."""

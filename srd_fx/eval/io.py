@@ -34,6 +34,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: scikit-image photos usable by name instead of a file
 BUNDLED = ("chelsea", "coffee", "astronaut", "rocket")
+#: the one photo shipped inside the package (scikit-image's ``chelsea``, CC0), so that
+#: ``srd-fx explain`` works from an installed wheel without scikit-image
+PACKAGED_PHOTOS = {"chelsea": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           "data", "chelsea.jpg")}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 __all__ = ["ModelLoadError", "load_model", "read_state_dict", "model_preprocessing", "find_images",
@@ -257,6 +261,8 @@ def find_images(spec: str) -> List[str]:
 
 def read_image(spec: str) -> Image.Image:
     """A file or a bundled photo name, as an RGB Pillow image."""
+    if spec in PACKAGED_PHOTOS and os.path.exists(PACKAGED_PHOTOS[spec]):
+        return Image.open(PACKAGED_PHOTOS[spec]).convert("RGB")
     if spec in BUNDLED:
         import skimage.data
         return Image.fromarray(getattr(skimage.data, spec)()[..., :3]).convert("RGB")
