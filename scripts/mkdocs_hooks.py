@@ -85,7 +85,7 @@ def _documented(obj) -> set:
         return set()
     names = set()
     for section in obj.docstring.parse("numpy"):
-        if section.kind.value in ("parameters", "other parameters"):
+        if section.kind.value in ("parameters", "other parameters", "attributes"):
             names |= {p.name.lstrip("*") for p in section.value}
     return names
 

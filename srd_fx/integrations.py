@@ -64,9 +64,36 @@ def _hashable(v: Any) -> Any:
         return ("id", id(v))
 
 
-def explainer_for(model: nn.Module, x: torch.Tensor, layer: str = "input", **compile_kwargs: Any):
-    """The SRD explainer of ``model`` reading ``layer``, for inputs shaped like ``x``: compiled on
-    the first request, then cached (per model, layer, options, input shape, dtype and device)."""
+def explainer_for(model: nn.Module, x: torch.Tensor, layer: str = "input", **compile_kwargs: Any) -> Any:
+    """The SRD explainer of ``model`` reading ``layer``, for inputs shaped like ``x``.
+
+    Compiled on the first request, then cached per model, layer, options, input shape, dtype and
+    device (the cache holds the model weakly).
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    x
+        An input batch (B, C, H, W); only its shape, dtype and device matter.
+    layer
+        Where the relevance is read: "input", "low", "high" or an activation module/node name.
+    **compile_kwargs
+        Options of :func:`srd_fx.compile` (``head``, ``encoder_output``, ``eps``, ``value``, ``unit``,
+        ``chunk_size``, ``output_selector``).
+
+    Returns
+    -------
+    srd_fx.Explainer
+        The compiled explainer.
+
+    Raises
+    ------
+    srd_fx.OptionError
+        For an option :func:`srd_fx.compile` does not take, or a bad option value.
+    srd_fx.SRDError
+        From :func:`srd_fx.compile` when the model cannot be compiled.
+    """
     _check_options(compile_kwargs)
     import srd_fx
     per_model = _EXPLAINERS.setdefault(model, {})
@@ -98,9 +125,41 @@ def _as_targets(target: TargetLike, batch: int, device) -> Optional[torch.Tensor
 
 def srd_maps(model: nn.Module, x: torch.Tensor, target: TargetLike = None, layer: str = "input",
              to_input_size: bool = True, **compile_kwargs: Any) -> torch.Tensor:
-    """SRD relevance maps (B, H, W) of ``layer`` for ``target`` (None: the predicted class); with
-    ``to_input_size`` the maps of coarser layers are resized bilinearly to the input's size.  Not
-    normalised: relevance is conserved, ``maps.sum() == R_L.sum() - lost`` for ``layer="input"``."""
+    """SRD relevance maps of ``layer`` for ``target``.
+
+    Not normalised: relevance is conserved, ``maps.sum() == R_L.sum() - lost`` for ``layer="input"``.
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    x
+        The inputs (B, C, H, W).
+    target
+        None (the predicted class), an int, or one class index per sample.
+    layer
+        Where the relevance is read: "input", "low", "high" or an activation module/node name.
+    to_input_size
+        Resize the maps of coarser layers bilinearly to the input's size.
+    **compile_kwargs
+        Options of :func:`srd_fx.compile`.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, H, W) maps (or the layer's own (B, h, w) without ``to_input_size``).
+
+    Raises
+    ------
+    ValueError
+        If ``x`` is not a 4-d tensor, or the targets are not class indices, one or one per sample.
+    TypeError
+        For a tuple target.
+    srd_fx.OptionError
+        For an unknown compile option.
+    srd_fx.SRDError
+        When the model cannot be compiled or explained.
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"inputs must be a (B, C, H, W) tensor, got {type(x).__name__} "
                          f"{tuple(getattr(x, 'shape', ()))}")
@@ -118,10 +177,40 @@ def explain_func(model: Any, inputs: Union[np.ndarray, torch.Tensor], targets: T
                  **kwargs: Any) -> np.ndarray:
     """A Quantus ``explain_func``: SRD maps (B, 1, H, W) float32 at the input size.
 
-    ``inputs`` (B, C, H, W) and ``targets`` (B,) arrive as NumPy arrays (or tensors); ``layer``
-    ("input", "low", "high" or an activation name) and the compile options (``head``, ``eps``, ...)
-    come from Quantus' ``explain_func_kwargs``.  Quantus' own keys (``device``, ``method``) are
-    accepted; maps are not normalised here (Quantus does that when ``normalise=True``)."""
+    ``layer`` and the compile options come from Quantus' ``explain_func_kwargs``.  Maps are not
+    normalised here (Quantus does that when ``normalise=True``).
+
+    Parameters
+    ----------
+    model
+        An ``nn.Module`` in eval mode, or a Quantus ``ModelInterface`` wrapping one.
+    inputs
+        The inputs (B, C, H, W), a NumPy array or a tensor.
+    targets
+        One class index per sample (or one for all).
+    layer
+        Where the relevance is read: "input", "low", "high" or an activation module/node name.
+    device
+        Quantus' device; it must be the model's.
+    **kwargs
+        Options of :func:`srd_fx.compile` (``head``, ``eps``, ...); Quantus' ``method`` key is ignored.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, 1, H, W) float32 maps.
+
+    Raises
+    ------
+    TypeError
+        If the model is not an ``nn.Module``.
+    srd_fx.OptionError
+        For an unknown compile option.
+    ValueError
+        If the model is not on ``device``, or the targets do not fit the batch.
+    srd_fx.SRDError
+        When the model cannot be compiled or explained.
+    """
     kwargs.pop("method", None)  # quantus.evaluate adds the method's name
     if hasattr(model, "get_model") and not isinstance(model, nn.Module):
         model = model.get_model()  # a Quantus ModelInterface
@@ -166,8 +255,22 @@ class SRDAttribution(_CaptumAttribution):
 
     ``SRDAttribution(model, layer="input").attribute(inputs, target)`` returns a (B, 1, H, W)
     tensor (one relevance per position, broadcastable against the inputs as captum's layer
-    methods are); ``upsample=False`` keeps a coarse layer's own resolution.  Compile options
-    (``head``, ``eps``, ``encoder_output``, ...) are passed to :func:`srd_fx.compile`."""
+    methods are).
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    layer
+        Where the relevance is read: "input", "low", "high" or an activation module/node name.
+    **compile_kwargs
+        Options of :func:`srd_fx.compile` (``head``, ``eps``, ``encoder_output``, ...).
+
+    Raises
+    ------
+    srd_fx.OptionError
+        For an option :func:`srd_fx.compile` does not take.
+    """
 
     def __init__(self, model: nn.Module, layer: str = "input", **compile_kwargs: Any) -> None:
         super().__init__(model)
@@ -178,8 +281,31 @@ class SRDAttribution(_CaptumAttribution):
     def attribute(self, inputs: Union[torch.Tensor, Tuple[torch.Tensor]], target: TargetLike = None,
                   additional_forward_args: Any = None, upsample: bool = True
                   ) -> Union[torch.Tensor, Tuple[torch.Tensor]]:
-        """SRD maps (B, 1, H, W) of ``inputs`` (B, C, H, W) for ``target`` (int, one int per sample,
-        or None for the predicted class)."""
+        """SRD maps of ``inputs`` for ``target``, captum's ``attribute``.
+
+        Parameters
+        ----------
+        inputs
+            The inputs (B, C, H, W), or a 1-tuple holding them.
+        target
+            None (the predicted class), an int, or one class index per sample.
+        additional_forward_args
+            Must be None: SRD explains models with a single tensor input.
+        upsample
+            Resize a coarse layer's map to the input size (False keeps its own resolution).
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            (B, 1, H, W) maps in the inputs' dtype; a 1-tuple when ``inputs`` was one.
+
+        Raises
+        ------
+        ValueError
+            For ``additional_forward_args`` or more than one input.
+        srd_fx.SRDError
+            When the model cannot be compiled or explained.
+        """
         if additional_forward_args is not None:
             raise ValueError("SRD explains models with a single tensor input; additional_forward_args "
                              "is not supported")
@@ -193,10 +319,12 @@ class SRDAttribution(_CaptumAttribution):
         return (maps,) if is_tuple else maps
 
     def has_convergence_delta(self) -> bool:
+        """False: SRD returns no convergence delta (its lost relevance is ``SRDOutput.lost``)."""
         return False
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """False, in captum's sense: the map is not a gradient multiplied by the inputs."""
         return False
 
 
@@ -248,7 +376,26 @@ class SRDCAM:
     ``layer`` (or grad-cam's ``target_layers=[module]``) picks where SRD reads its relevance:
     "input" (SRD-input), "low" (encoder output), "high", or a module.  Targets are class indices
     (``ClassifierOutputTarget`` and its softmax / ReST variants, or ints); SRD's head always starts
-    from the class logit (SPEC Eq. 4).  Also a context manager, like the library's CAMs."""
+    from the class logit (Eq. 4).  Also a context manager, like the library's CAMs.
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    layer
+        "input", "low", "high", a module name or a submodule of ``model``.
+    target_layers
+        grad-cam's way of naming the layer: a list of one submodule (overrides ``layer``).
+    **compile_kwargs
+        Options of :func:`srd_fx.compile`.
+
+    Raises
+    ------
+    ValueError
+        If ``target_layers`` holds more than one module, or a module that is not in ``model``.
+    TypeError
+        If ``layer`` is neither a name nor a module.
+    """
 
     def __init__(self, model: nn.Module, layer: Any = "input", target_layers: Optional[Sequence[Any]] = None,
                  **compile_kwargs: Any) -> None:
@@ -261,6 +408,8 @@ class SRDCAM:
         self.compile_kwargs = compile_kwargs
 
     def __call__(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Any]] = None) -> np.ndarray:
+        """(B, H, W) float32 maps in [0, 1] of ``input_tensor`` (B, C, H, W) for ``targets`` (a list of
+        ``ClassifierOutputTarget`` or ints; None: the predicted classes)."""
         ts = _cam_targets(targets, input_tensor.shape[0])
         maps = srd_maps(self.model, input_tensor, ts, layer=self.layer, to_input_size=False, **self.compile_kwargs)
         # the library's order: clip at 0, min-max scale per image, then resize bilinearly
@@ -278,5 +427,31 @@ class SRDCAM:
 
 def srd_cam(model: nn.Module, input_tensor: torch.Tensor, targets: Optional[Sequence[Any]] = None,
             layer: Any = "input", **compile_kwargs: Any) -> np.ndarray:
-    """One line: ``srd_cam(model, x, [ClassifierOutputTarget(k)])`` -> (B, H, W) maps in [0, 1]."""
+    """SRD as a grad-cam-style one-liner: ``srd_cam(model, x, [ClassifierOutputTarget(k)])``.
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    input_tensor
+        The inputs (B, C, H, W).
+    targets
+        ``ClassifierOutputTarget`` objects or ints, one or one per sample (None: the predicted classes).
+    layer
+        "input", "low", "high", a module name or a submodule.
+    **compile_kwargs
+        Options of :func:`srd_fx.compile`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, H, W) float32 maps, clipped at 0 and min-max scaled to [0, 1] per image.
+
+    Raises
+    ------
+    TypeError
+        For a target that does not name one class.
+    ValueError
+        If the number of targets fits neither one nor the batch.
+    """
     return SRDCAM(model, layer, **compile_kwargs)(input_tensor, targets)

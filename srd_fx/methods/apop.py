@@ -195,9 +195,20 @@ class APOP:
 
     Attributes: ``layers`` (fx names of the activation layers, in execution order), ``pools``
     (fx names of the max-pools), ``module_of`` (layer -> module name, or None for functional
-    activations), ``graph_module`` (the rewritten fx GraphModule)."""
+    activations), ``graph_module`` (the rewritten fx GraphModule).
 
-    def __init__(self, model: nn.Module):
+    Parameters
+    ----------
+    model
+        The model, in eval mode; it must return one logits tensor.
+
+    Raises
+    ------
+    srd_fx.TraceError
+        When torch.fx cannot trace the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
         gm = trace(model)
         modules = dict(gm.named_modules())
         self.control = _Control()
@@ -260,7 +271,24 @@ class APOP:
         return out
 
     def resolve(self, layer: str) -> str:
-        """The fx name of an activation layer given by fx name or module name."""
+        """The fx name of an activation layer.
+
+        Parameters
+        ----------
+        layer
+            An fx node name (one of ``layers``) or a module name (a module called several times
+            means its last call).
+
+        Returns
+        -------
+        str
+            The fx node name.
+
+        Raises
+        ------
+        KeyError
+            If no activation layer has that name (the message lists them).
+        """
         if layer in self._acts:
             return layer
         calls = [n for n in self.layers if self.module_of[n] == layer]
@@ -276,22 +304,73 @@ class APOP:
         return self.graph_module.code
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unmodified model (through the rewritten graph)."""
+        """The unmodified model (through the rewritten graph).
+
+        Parameters
+        ----------
+        x
+            The model's input.
+
+        Returns
+        -------
+        torch.Tensor
+            The logits, equal to ``model(x)``.
+        """
         return self._call("normal", x)
 
     __call__ = forward
 
     def record(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the model on ``x``, store every activation pattern and max-pool index; return
-        the original logits (equal to ``model(x)``)."""
+        """Run the model on ``x`` and store every activation pattern and max-pool index.
+
+        Parameters
+        ----------
+        x
+            The model's (normalised) input.
+
+        Returns
+        -------
+        torch.Tensor
+            The original logits, equal to ``model(x)``.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If ``x`` is not a tensor.
+        srd_fx.NonFiniteError
+            If ``x`` or the logits hold NaN/Inf.
+        """
         out = self._call("record", x)
         self._recorded_shape = tuple(x.shape)
         return out
 
     def run(self, x: torch.Tensor, mode: str = "apop") -> torch.Tensor:
-        """Re-run the network on ``x`` with the recorded pattern: ``mode="apop"`` (activations ->
-        ``v * mask``, max-pools -> gather at the recorded indices) or ``"apop_relu"`` (ReLU after
-        the mask).  ``x`` must have the recorded input's shape."""
+        """Re-run the network on ``x`` with the recorded pattern.
+
+        Parameters
+        ----------
+        x
+            The replacement input, of the recorded input's shape (e.g. ``torch.zeros_like(x)``).
+        mode
+            ``"apop"`` (activations -> ``v * mask``, max-pools -> gather at the recorded indices) or
+            ``"apop_relu"`` (ReLU after the mask).
+
+        Returns
+        -------
+        torch.Tensor
+            The logits of the pattern-replaying network.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``mode``.
+        RuntimeError
+            If no pattern was recorded yet (call :meth:`record` first).
+        srd_fx.InputError
+            If ``x``'s shape is not the recorded input's.
+        srd_fx.NonFiniteError
+            If ``x`` or the logits hold NaN/Inf.
+        """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if self._recorded_shape is None:
@@ -302,8 +381,25 @@ class APOP:
         return self._call(mode, x)
 
     def binarize(self, x: torch.Tensor, layer: str) -> torch.Tensor:
-        """A normal forward pass on ``x`` in which activation layer ``layer`` (fx or module name)
-        outputs ``(pre-activation > 0)`` as 0/1 values (Fig. 6)."""
+        """A normal forward pass in which one activation layer outputs ``(pre-activation > 0)``.
+
+        Parameters
+        ----------
+        x
+            The model's input.
+        layer
+            The activation layer to binarise (fx node or module name), Fig. 6.
+
+        Returns
+        -------
+        torch.Tensor
+            The logits.
+
+        Raises
+        ------
+        KeyError
+            If ``layer`` is not an activation layer.
+        """
         return self._call("binarize", x, binarize=self.resolve(layer))
 
     @property
@@ -318,15 +414,29 @@ class APOP:
 
 
 class Binarized(nn.Module):
-    """``model`` with one activation layer binarised (a callable ``x -> logits``)."""
+    """``model`` with one activation layer binarised (a module ``x -> logits``).
 
-    def __init__(self, model: nn.Module, layer: str):
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    layer
+        The activation layer whose output becomes ``(pre-activation > 0)`` (fx node or module name).
+
+    Raises
+    ------
+    KeyError
+        If ``layer`` is not an activation layer.
+    """
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
         super().__init__()
         self.apop = APOP(model)
         self.layer = self.apop.resolve(layer)
         self.graph_module = self.apop.graph_module   # registered: .to()/.double() reach the weights
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits with the layer binarised."""
         return self.apop.binarize(x, self.layer)
 
 
@@ -358,9 +468,35 @@ def evaluate(model: nn.Module, batches, inputs=INPUTS, modes=MODES, binarize_lay
     """Top-1/top-5 accuracy of the original model, of APOP and "APOP & relu" for each replacement
     input (Table 3), and optionally of every single-layer binarisation (Fig. 6).
 
-    ``batches``: an iterable of ``(x, labels)`` with ``x`` the model's (normalised) input.
-    ``binarize_layers``: False, True (every activation layer) or a list of layer names.
-    Returns a dict of counts turned into accuracies (see the keys)."""
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    batches
+        An iterable of ``(x, labels)``, ``x`` the model's (normalised) input.
+    inputs
+        Replacement inputs to replay on, from ``"zeros"``, ``"ones"``, ``"normal"``.
+    modes
+        ``"apop"`` and/or ``"apop_relu"``.
+    binarize_layers
+        False, True (every activation layer) or a list of layer names.
+    seed
+        Seed of the ``"normal"`` replacement input.
+    progress
+        Show a progress bar (tqdm).
+
+    Returns
+    -------
+    dict
+        ``n``, ``num_classes``, ``layers``, ``pools``, ``module_of``, ``binarized``, ``accuracy``
+        (key -> ``{"top1", "top5"}``, keys ``original``, ``MODE/INPUT``, ``binarize/LAYER``) and
+        ``chance``.
+
+    Raises
+    ------
+    srd_fx.InputError
+        If ``batches`` is empty.
+    """
     a = APOP(model)
     layers = (a.layers if binarize_layers is True else
               [a.resolve(l) for l in binarize_layers] if binarize_layers else [])
@@ -393,14 +529,48 @@ def evaluate(model: nn.Module, batches, inputs=INPUTS, modes=MODES, binarize_lay
 
 
 def apop(model: nn.Module) -> APOP:
-    """The APOP rewrite of ``model`` (in eval mode): ``.record(x)``, ``.run(x_other, mode)``,
-    ``.binarize(x, layer)``, ``.layers``.  See :mod:`srd_fx.apop`."""
+    """The APOP rewrite of ``model``: ``.record(x)``, ``.run(x_other, mode)``, ``.binarize(x, layer)``.
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode; it must return one logits tensor.
+
+    Returns
+    -------
+    APOP
+        The rewrite (see :class:`srd_fx.methods.apop.APOP`).
+
+    Raises
+    ------
+    srd_fx.TraceError
+        When torch.fx cannot trace the model.
+    """
     return APOP(model)
 
 
 def binarize(model: nn.Module, layer: str) -> Binarized:
-    """``model`` with activation layer ``layer`` (fx node or module name) replaced by
-    ``(pre-activation > 0)`` — the paper's "particular layer binarisation" (Fig. 6)."""
+    """``model`` with one activation layer replaced by ``(pre-activation > 0)``.
+
+    The paper's "particular layer binarisation" (Fig. 6).
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode.
+    layer
+        The activation layer (fx node or module name).
+
+    Returns
+    -------
+    Binarized
+        A module ``x -> logits``.
+
+    Raises
+    ------
+    KeyError
+        If ``layer`` is not an activation layer.
+    """
     return Binarized(model, layer)
 
 

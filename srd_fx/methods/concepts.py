@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import InputError, NonFiniteError
+
+if TYPE_CHECKING:  # annotations only
+    import matplotlib.figure
+
+    import srd_fx
+
+__all__ = ["PFVIndex", "sub_concepts", "explain_pfv", "plot_concepts", "erf_box", "feature_extractor",
+           "layer_name", "ConceptExplanation", "PFVView"]
 
 Position = Tuple[int, ...]
 Data = Union[torch.Tensor, "torch.utils.data.Dataset"]
@@ -50,8 +58,21 @@ def _layer(explainer, layer: str):
     return lay
 
 
-def layer_name(explainer, node: fx.Node) -> str:
-    """A readable name of a layer node: the module's qualified name, 'input', or the fx name."""
+def layer_name(explainer: "srd_fx.Explainer", node: fx.Node) -> str:
+    """A readable name of a layer node.
+
+    Parameters
+    ----------
+    explainer
+        A built explainer.
+    node
+        An fx node of its traced model.
+
+    Returns
+    -------
+    str
+        The module's qualified name, ``"input"``, or the fx node name.
+    """
     if node is explainer.info.input:
         return "input"
     if node.op == "call_module":
@@ -84,10 +105,32 @@ class _Features(nn.Module):
         return self.gm(x)
 
 
-def feature_extractor(explainer, layer: str, value: str = "pre") -> nn.Module:
-    """A module ``x -> PFV map`` of ``layer``: its pre-activation (``value="pre"``, the vector SRD
-    decomposes) or its post-activation output (``value="post"``).  It runs the traced model only up
-    to that tensor."""
+def feature_extractor(explainer: "srd_fx.Explainer", layer: str, value: str = "pre") -> nn.Module:
+    """A module ``x -> PFV map`` of ``layer``, running the traced model only up to that tensor.
+
+    Parameters
+    ----------
+    explainer
+        A built explainer.
+    layer
+        An activation layer (module or fx node name, "low", "high").
+    value
+        ``"pre"``: the pre-activation (the vector SRD decomposes); ``"post"``: the layer's output.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``x -> features`` in the layer's own layout.
+
+    Raises
+    ------
+    ValueError
+        For a ``value`` other than "pre"/"post".
+    RuntimeError
+        If the explainer is not built yet.
+    KeyError
+        If ``layer`` is not an activation layer.
+    """
     if value not in ("pre", "post"):
         raise ValueError(f"value must be 'pre' (pre-activation PFVs) or 'post', got {value!r}")
     if explainer.info is None:
@@ -144,10 +187,32 @@ class PFVIndex:
 
     Rows are image-major: row ``r`` is image ``r // P``, position ``r % P`` (row-major over the
     layer's spatial grid ``spatial``, ``P = prod(spatial)``).  ``vectors`` are unit-normalised;
-    ``norms`` keeps the original norms (zero-norm PFVs have no direction and are never returned)."""
+    ``norms`` keeps the original norms (zero-norm PFVs have no direction and are never returned).
+    Build one with :meth:`build` (from a model and images) or :meth:`from_features`.
+
+    Parameters
+    ----------
+    vectors
+        (N * P, C) unit PFVs.
+    norms
+        (N * P,) their original norms.
+    spatial
+        The layer's spatial grid (e.g. ``(h, w)``).
+    layer
+        The layer the PFVs come from.
+    value
+        ``"pre"`` or ``"post"``: pre- or post-activation PFVs.
+    labels
+        Optional class label per image.
+
+    Raises
+    ------
+    srd_fx.InputError
+        If the shapes do not fit together.
+    """
 
     def __init__(self, vectors: torch.Tensor, norms: torch.Tensor, spatial: Sequence[int],
-                 layer: Optional[str] = None, value: str = "pre", labels: Optional[torch.Tensor] = None):
+                 layer: Optional[str] = None, value: str = "pre", labels: Optional[torch.Tensor] = None) -> None:
         P = math.prod(spatial)
         if vectors.dim() != 2 or vectors.shape[0] % P or norms.shape != vectors.shape[:1]:
             raise InputError(f"vectors must be (images * {P}, C) with one norm per row, got "
@@ -161,7 +226,35 @@ class PFVIndex:
     @classmethod
     def from_features(cls, feats: torch.Tensor, *, layer: Optional[str] = None, value: str = "pre",
                       dtype: torch.dtype = torch.float32, device=None, labels=None) -> "PFVIndex":
-        """An index of a PFV map ``feats`` (N, *spatial, C) (channels last)."""
+        """An index of a PFV map.
+
+        Parameters
+        ----------
+        feats
+            (N, *spatial, C) features, channels last.
+        layer
+            The layer they come from.
+        value
+            ``"pre"`` or ``"post"``.
+        dtype
+            The dtype the vectors are stored in.
+        device
+            Where the vectors are stored (default: where ``feats`` is).
+        labels
+            Optional class label per image.
+
+        Returns
+        -------
+        PFVIndex
+            The index.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If ``feats`` has fewer than 3 dimensions.
+        srd_fx.NonFiniteError
+            If a PFV holds NaN/Inf.
+        """
         if feats.dim() < 3:
             raise InputError(f"features must be (N, *spatial, C), got {tuple(feats.shape)}")
         spatial = feats.shape[1:-1]
@@ -181,10 +274,43 @@ class PFVIndex:
         """Run the model over ``data`` (a (N, C, H, W) tensor or a Dataset of images / (image, ...)
         tuples, all of one size) up to ``layer`` and index every PFV.
 
-        ``transform`` maps a batch of raw images to the model's input (e.g.
-        ``srd_fx.eval.data.normalize``); ``value`` picks pre- (default) or post-activation PFVs; the
-        vectors are stored in ``dtype`` on ``device`` (default: the CPU).  Only one batch of
-        activations is alive at a time."""
+        Only one batch of activations is alive at a time.
+
+        Parameters
+        ----------
+        explainer
+            The explainer of the model (built on the first image if it is not yet).
+        data
+            A (N, C, H, W) tensor, or a Dataset of images or ``(image, ...)`` tuples, all of one size.
+        layer
+            The activation layer whose PFVs are indexed.
+        value
+            ``"pre"`` (default) or ``"post"``-activation PFVs.
+        transform
+            Maps a batch of raw images to the model's input (e.g. ``srd_fx.eval.data.normalize``).
+        batch_size
+            Images per forward pass.
+        dtype
+            The dtype the vectors are stored in.
+        device
+            Where the vectors are stored (default: the CPU).
+        labels
+            Optional class label per image.
+        progress
+            Show a progress bar (tqdm).
+
+        Returns
+        -------
+        PFVIndex
+            The index.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If ``data`` is empty or its images differ in size.
+        srd_fx.NonFiniteError
+            If a PFV holds NaN/Inf.
+        """
         if _n_items(data) == 0:
             raise InputError("the data is empty: nothing to index")
         p = next(explainer.model.parameters(), None)
@@ -219,14 +345,34 @@ class PFVIndex:
 
     @property
     def n_images(self) -> int:
+        """The number of images indexed."""
         return len(self) // self.P
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
+        """Where the vectors are stored."""
         return self.vectors.device
 
     def row(self, image: int, position: Sequence[int]) -> int:
-        """The row of PFV ``position`` of image ``image``."""
+        """The row of one PFV.
+
+        Parameters
+        ----------
+        image
+            The image's index.
+        position
+            The PFV's position on the layer's grid.
+
+        Returns
+        -------
+        int
+            Its row in ``vectors``.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If the image or the position is outside the index.
+        """
         position = tuple(int(p) for p in position)
         if not 0 <= image < self.n_images:
             raise InputError(f"image {image} is outside the index ({self.n_images} images)")
@@ -238,7 +384,18 @@ class PFVIndex:
         return image * self.P + r
 
     def locate(self, rows) -> List[Tuple[int, Position]]:
-        """(image, position) of each row."""
+        """The (image, position) of each row.
+
+        Parameters
+        ----------
+        rows
+            Row indices (any shape).
+
+        Returns
+        -------
+        list of (int, tuple)
+            One ``(image, position)`` per row, in order.
+        """
         out = []
         for r in torch.as_tensor(rows).reshape(-1).tolist():
             img, q = divmod(int(r), self.P)
@@ -250,7 +407,25 @@ class PFVIndex:
         return out
 
     def vector(self, image: int, position: Sequence[int]) -> torch.Tensor:
-        """The stored PFV (unit vector times its norm)."""
+        """The stored PFV (unit vector times its norm).
+
+        Parameters
+        ----------
+        image
+            The image's index.
+        position
+            The PFV's position on the layer's grid.
+
+        Returns
+        -------
+        torch.Tensor
+            (C,) the PFV.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If the image or the position is outside the index.
+        """
         r = self.row(image, position)
         return self.vectors[r] * self.norms[r]
 
@@ -260,12 +435,33 @@ class PFVIndex:
                chunk_size: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` PFVs of highest cosine similarity to each query.
 
-        queries: (C,) or (Q, C); exclude_images: an image index per query (or one for all; -1 for
-        none) whose PFVs are skipped — the query's own image; distinct_images: at most one PFV
-        (the most similar) per image; chunk_size: PFVs compared at a time (rounded to whole
-        images), which bounds the memory of a search to Q x chunk_size similarities.
-        Returns (similarities (Q, k), rows (Q, k)), most similar first; fewer than k candidates
-        give -inf / -1 in the tail."""
+        Parameters
+        ----------
+        queries
+            (C,) or (Q, C) query vectors.
+        k
+            Neighbours per query.
+        exclude_images
+            An image index per query (or one for all; -1 for none) whose PFVs are skipped: the
+            query's own image.
+        distinct_images
+            At most one PFV (the most similar) per image.
+        chunk_size
+            PFVs compared at a time (rounded to whole images): bounds the memory of a search to
+            Q x chunk_size similarities.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(similarities, rows)``, each (Q, k) (or (k,) for one query), most similar first; fewer
+            than ``k`` candidates give -inf / -1 in the tail.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If the queries' width is not the index's channel count, ``k`` < 1, or a query has zero
+            norm.
+        """
         q = torch.as_tensor(queries)
         single = q.dim() == 1
         q = q[None] if single else q
@@ -318,14 +514,34 @@ class PFVIndex:
         return (best_s[0], best_r[0]) if single else (best_s, best_r)
 
     # -- persistence -------------------------------------------------------------------------
-    def save(self, path: str):
-        """Write the index to ``path`` (torch.save of plain tensors and metadata)."""
+    def save(self, path: str) -> None:
+        """Write the index to a file (``torch.save`` of plain tensors and metadata).
+
+        Parameters
+        ----------
+        path
+            The file to write.
+        """
         torch.save(dict(vectors=self.vectors.cpu(), norms=self.norms.cpu(), spatial=list(self.spatial),
                         layer=self.layer, value=self.value,
                         labels=None if self.labels is None else torch.as_tensor(self.labels).cpu()), path)
 
     @classmethod
     def load(cls, path: str, device=None) -> "PFVIndex":
+        """Read an index written by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            The file.
+        device
+            Where to put the vectors (default: the CPU).
+
+        Returns
+        -------
+        PFVIndex
+            The index.
+        """
         d = torch.load(path, map_location=device or "cpu", weights_only=True)
         return cls(d["vectors"], d["norms"], d["spatial"], d["layer"], d["value"], d.get("labels"))
 
@@ -337,7 +553,7 @@ def _check_finite(t: torch.Tensor, what: str):
 
 # ----------------------------------------------------------------------------- sub-concepts ----
 @torch.no_grad()
-def sub_concepts(explainer, x: torch.Tensor, layer: str, positions=None) -> Dict[str, torch.Tensor]:
+def sub_concepts(explainer: "srd_fx.Explainer", x: torch.Tensor, layer: str, positions=None) -> Dict[str, torch.Tensor]:
     """The sharing ratios from PFVs of ``layer`` to the PFVs of the layers feeding its affine block.
 
     Returns ``{input layer key: (B, P, h, w)}`` (keys: "input" or the fx name of an activation
@@ -350,7 +566,31 @@ def sub_concepts(explainer, x: torch.Tensor, layer: str, positions=None) -> Dict
     whose input ``a`` also reaches another input ``l`` (ResNet: the skip input feeds the residual
     branch), the relevance that arrives at ``l`` through ``a`` is the propagation of ``a``'s share
     and is subtracted, inputs being processed latest first (paths from ``(layer, j)`` leave the
-    block through exactly one input, and the backward pass is linear in the seed)."""
+    block through exactly one input, and the backward pass is linear in the seed).
+
+    Parameters
+    ----------
+    explainer
+        The explainer of the model (built on ``x`` if it is not yet).
+    x
+        The inputs (B, C, H, W).
+    layer
+        The activation layer of the PFVs ``j``.
+    positions
+        Positions on the layer's grid (index tuples); default: all.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``{input layer key: (B, P, h, w)}`` sharing ratios.
+
+    Raises
+    ------
+    srd_fx.InputError
+        For a position outside the layer.
+    KeyError
+        If ``layer`` is not an activation layer.
+    """
     _ensure_built(explainer, x)
     lay = _layer(explainer, layer)
     order = explainer.info.order
@@ -378,7 +618,27 @@ def sub_concepts(explainer, x: torch.Tensor, layer: str, positions=None) -> Dict
 def erf_box(erf: torch.Tensor, mass: float = 0.9, min_size: int = 8) -> Tuple[int, int, int, int]:
     """The bounding box ``(top, left, bottom, right)`` (exclusive ends) of the fewest pixels holding
     ``mass`` of the positive ERF mass, grown around its centre to at least ``min_size`` pixels a
-    side (clipped to the image).  An ERF with no positive mass gives the whole image."""
+    side (clipped to the image).  An ERF with no positive mass gives the whole image.
+
+    Parameters
+    ----------
+    erf
+        (H, W) an ERF map.
+    mass
+        The share of the positive mass the box must hold, in (0, 1].
+    min_size
+        The smallest side of the box, in pixels.
+
+    Returns
+    -------
+    tuple of int
+        ``(top, left, bottom, right)``, ends exclusive.
+
+    Raises
+    ------
+    srd_fx.InputError
+        If ``erf`` is not 2-d or ``mass`` is outside (0, 1].
+    """
     if erf.dim() != 2:
         raise InputError(f"an ERF map must be (H, W), got {tuple(erf.shape)}")
     if not 0 < mass <= 1:
@@ -408,9 +668,26 @@ def erf_box(erf: torch.Tensor, mass: float = 0.9, min_size: int = 8) -> Tuple[in
 # ----------------------------------------------------------------------------- one query -------
 @dataclass
 class PFVView:
-    """One PFV shown by its ERF: ``image`` (index into the data), ``position`` on the layer's
-    grid, ``erf`` (H, W), ``box`` (top, left, bottom, right) from :func:`erf_box`, and a score
-    (cosine similarity for a neighbour, sharing ratio for a sub-concept)."""
+    """One PFV shown by its ERF.
+
+    Attributes
+    ----------
+    image
+        Index of the image in the data.
+    position
+        The PFV's position on the layer's grid.
+    layer
+        The PFV's layer.
+    erf
+        (H, W) its ERF.
+    box
+        ``(top, left, bottom, right)`` from :func:`erf_box`.
+    score
+        Cosine similarity for a neighbour, sharing ratio for a sub-concept, share of the relevance
+        for the query.
+    label
+        The image's class label, when known.
+    """
     image: int
     position: Position
     layer: str
@@ -424,14 +701,27 @@ class PFVView:
 class ConceptExplanation:
     """What :func:`explain_pfv` returns.
 
-    query:           the query PFV (score: its share of the prediction's relevance at its layer,
-                     ``R^k_j / sum R^k``, for class ``target``);
-    neighbours:      its nearest PFVs from other images (score: cosine similarity);
-    sub_concepts:    the PFVs of the previous layer(s) with the largest sharing ratios
-                     ``mu^{l->k}_{i->j}`` (score), largest first;
-    shares:          {input layer key: (h, w) map of all sharing ratios of the query};
-    relevance:       (h, w) relevance of the query image at the query's layer;
-    target, logits:  the explained class and the model's logits for the query image."""
+    Attributes
+    ----------
+    query
+        The query PFV (score: its share of the prediction's relevance at its layer,
+        ``R^k_j / sum R^k``, for class ``target``).
+    neighbours
+        Its nearest PFVs from other images (score: cosine similarity).
+    sub_concepts
+        The PFVs of the previous layer(s) with the largest sharing ratios ``mu^{l->k}_{i->j}``
+        (score), largest first.
+    shares
+        ``{input layer key: (h, w) map of all sharing ratios of the query}``.
+    relevance
+        (h, w) relevance of the query image at the query's layer.
+    target
+        The explained class.
+    logits
+        The model's logits for the query image.
+    layer_names
+        Readable names of the layer keys.
+    """
     query: PFVView
     neighbours: List[PFVView]
     sub_concepts: List[PFVView]
@@ -453,7 +743,7 @@ def _erfs_at(explainer, xs: torch.Tensor, layer: str, positions: List[Position])
 
 
 @torch.no_grad()
-def explain_pfv(explainer, index: PFVIndex, data: Data, image: int, position: Optional[Sequence[int]] = None,
+def explain_pfv(explainer: "srd_fx.Explainer", index: PFVIndex, data: Data, image: int, position: Optional[Sequence[int]] = None,
                 *, k: int = 3, n_sub: int = 4, target: Optional[int] = None,
                 transform: Optional[Callable] = None, distinct_images: bool = True, mass: float = 0.9,
                 min_size: int = 8, labels: Optional[Sequence[int]] = None) -> ConceptExplanation:
@@ -461,9 +751,45 @@ def explain_pfv(explainer, index: PFVIndex, data: Data, image: int, position: Op
     nearest PFVs in other images of the index, with their ERFs) and what it is made of (its
     ``n_sub`` largest sub-concepts, with their ERFs).
 
-    ``data`` must be what the index was built from (same order); ``transform`` maps raw images to
-    model inputs; ``position`` defaults to the PFV with the largest SRD relevance at that layer for
-    ``target`` (default: the predicted class)."""
+    Parameters
+    ----------
+    explainer
+        The explainer of the model.
+    index
+        A :class:`PFVIndex` of the layer, built from ``data``.
+    data
+        What the index was built from (same order): a tensor or a Dataset of images.
+    image
+        The query image's index.
+    position
+        The query PFV's position; default: the PFV with the largest SRD relevance at that layer.
+    k
+        Nearest PFVs of other images to return.
+    n_sub
+        Sub-concepts to return.
+    target
+        The class explained (default: the predicted class).
+    transform
+        Maps raw images to model inputs.
+    distinct_images
+        At most one neighbour per image.
+    mass
+        ERF mass the crops hold (see :func:`erf_box`).
+    min_size
+        Smallest crop side, in pixels.
+    labels
+        Class label per image (default: the index's labels).
+
+    Returns
+    -------
+    ConceptExplanation
+        The query, its neighbours and its sub-concepts, each with its ERF.
+
+    Raises
+    ------
+    srd_fx.InputError
+        If the index does not know its layer, or the image or position is outside it.
+    """
     layer = index.layer
     if layer is None:
         raise InputError("the index does not know its layer: build it with PFVIndex.build(...)")
@@ -551,13 +877,32 @@ def _weighted_crop(img, view: PFVView):
 
 
 def plot_concepts(res: ConceptExplanation, data: Data, *, class_names: Optional[Sequence[str]] = None,
-                  title: Optional[str] = None, cmap: str = "bwr"):
+                  title: Optional[str] = None, cmap: str = "bwr") -> "matplotlib.figure.Figure":
     """The Fig. 5-style figure of an :func:`explain_pfv` result: top row — the query image with the
     query PFV's ERF, its ERF crop and the ERF crops of its nearest PFVs in other images; bottom row —
     the sharing ratios of the query over the previous layer and the ERF crops of its largest
     sub-concepts.  ``data`` gives the raw images (for display); maps are drawn with the diverging
-    ``cmap`` (positive red, negative blue by default), transparent where 0.  Returns a matplotlib
-    Figure."""
+    ``cmap`` (positive red, negative blue by default), transparent where 0.  Needs matplotlib (the
+    ``eval`` extra).
+
+    Parameters
+    ----------
+    res
+        The result of :func:`explain_pfv`.
+    data
+        The raw images, for display.
+    class_names
+        Names of the classes (default: their indices).
+    title
+        The figure's title.
+    cmap
+        A diverging matplotlib colormap.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure.
+    """
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
