@@ -46,6 +46,18 @@ for c in commands:
     srd_fx_cli(c, "--help")
 print(f"srd-fx --help and --help of {len(commands)} subcommands: ok")
 
+# README's usage example, as written there (random weights: nothing can be downloaded in CI)
+model = torchvision.models.resnet50().eval()
+x = torch.randn(1, 3, 224, 224)
+explainer = srd_fx.compile(model, layers=("input", "low", "high"))
+out = explainer(x)
+assert torch.allclose(out.logits, model(x), rtol=1e-4, atol=1e-4)
+assert out.saliency.shape == (1, 224, 224)
+assert out.relevance["low"].shape == (1, 7, 7) and out.relevance["high"].shape == (1, 28, 28)
+assert "def forward" in explainer.code
+print(f"README example (torchvision resnet50): maps {tuple(out.saliency.shape)}, low {tuple(out.relevance['low'].shape)}, "
+      f"high {tuple(out.relevance['high'].shape)}; generated code {len(explainer.code.splitlines())} lines")
+
 x = torch.randn(2, 3, 64, 64)
 with torch.no_grad():
     check(torchvision.models.resnet18(num_classes=10), x, "torchvision resnet18")
