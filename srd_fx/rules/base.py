@@ -90,20 +90,35 @@ class Rule:
 class Affine(Rule):
     """A generic op that is linear (or affine, ``linear=False``) in its main inputs.
 
-    ``pointwise=True`` means it keeps positions (element-wise, per-channel ops); otherwise give
-    ``shadow``/``shadow_T`` callables ``(b, node, ...)``.  Its transpose is autograd's VJP."""
+    Its transpose is autograd's VJP.
 
-    def __init__(self, linear: bool = True, pointwise: bool = True, shadow=None, shadow_T=None):
+    Parameters
+    ----------
+    linear
+        True when the op maps zero inputs to zero; False when it has a bias of its own.
+    pointwise
+        True when the op keeps positions (element-wise, per-channel ops); otherwise give ``shadow``
+        and ``shadow_T``.
+    shadow
+        ``f(b, node, ms) -> node``: the op's forward shadow on one-channel maps (see :meth:`Rule.shadow`).
+    shadow_T
+        ``f(b, node, m) -> list``: its transpose (see :meth:`Rule.shadow_T`).
+    """
+
+    def __init__(self, linear: bool = True, pointwise: bool = True, shadow: Optional[Callable] = None,
+                 shadow_T: Optional[Callable] = None) -> None:
         self.linear = linear
         self.pointwise = pointwise
         self._shadow, self._shadow_T = shadow, shadow_T
 
     def shadow(self, b, node, ms):
+        """The ``shadow`` callable given to the constructor, else the base rule's."""
         if self._shadow is not None:
             return self._shadow(b, node, ms)
         return super().shadow(b, node, ms)
 
     def shadow_T(self, b, node, m):
+        """The ``shadow_T`` callable given to the constructor, else the base rule's."""
         if self._shadow_T is not None:
             return self._shadow_T(b, node, m)
         return super().shadow_T(b, node, m)
@@ -118,9 +133,15 @@ class Meta(Rule):
 class Activation(Rule):
     """An element-wise nonlinearity (an activation layer of SPEC §1).
 
-    ``fn`` is the out-of-place functional form used in the twin's forward (so that the
-    pre-activation tensor is kept intact even when the model uses an in-place form).
-    ``gate_capable``: sigmoid-like functions that become gates when they scale another tensor.
+    Parameters
+    ----------
+    fn
+        The out-of-place functional form used in the twin's forward (so that the pre-activation
+        tensor is kept intact even when the model uses an in-place form); None: the op as traced.
+    gate_capable
+        True for sigmoid-like functions, which become gates when they scale another tensor.
+    name
+        A readable name for messages (default: ``fn``'s name).
     """
 
     kind = "activation"
@@ -133,12 +154,13 @@ class Activation(Rule):
     name: Optional[str] = None
 
     def __init__(self, fn: Optional[Callable] = None, gate_capable: bool = False,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None) -> None:
         self.fn = fn
         self.gate_capable = gate_capable
         self.name = name or (getattr(fn, "__name__", None) if fn is not None else None)
 
     def record(self, b, node):
+        """Emit the op out of place (an in-place activation would overwrite its pre-activation)."""
         return b.copy_out_of_place(node)
 
 
@@ -163,9 +185,31 @@ _METHOD_RULES: Dict[str, Rule] = {}
 def register_rule(target: Union[type, Callable, str], rule: Rule, *, override: bool = True) -> Rule:
     """Teach the compiler an op.
 
-    ``target`` is an ``nn.Module`` subclass (matches ``call_module`` nodes of that type and its
-    subclasses), a function (``call_function`` nodes, e.g. ``torch.relu``), or a string
-    ``"method:name"`` / plain method name (``call_method`` nodes, e.g. ``"view"``).
+    A registered module type becomes a leaf of the trace.
+
+    Parameters
+    ----------
+    target
+        An ``nn.Module`` subclass (matches ``call_module`` nodes of that type and its subclasses), a
+        function (``call_function`` nodes, e.g. ``torch.relu``), or a string ``"method:name"`` / plain
+        method name (``call_method`` nodes, e.g. ``"view"``).
+    rule
+        The rule: an :class:`Affine`, an :class:`Activation` or a :class:`Rule` subclass instance.
+    override
+        Replace a rule already registered for ``target`` (False: refuse).
+
+    Returns
+    -------
+    Rule
+        ``rule``.
+
+    Raises
+    ------
+    TypeError
+        If ``rule`` is not a ``Rule``, or ``target`` is neither a module class, a function nor a
+        method name.
+    KeyError
+        If ``target`` has a rule already and ``override`` is False.
     """
     if not isinstance(rule, Rule):
         raise TypeError(f"register_rule expects a rules.Rule instance, got {type(rule).__name__}")
