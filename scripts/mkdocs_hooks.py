@@ -158,3 +158,11 @@ def on_pre_build(config):
         _check(obj, problems, seen)
     for p in problems:
         log.warning("API reference: %s", p)
+
+
+_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc):(<code>)")
+
+
+def on_page_content(html, page, config, files):
+    """Docstrings written with Sphinx roles (``:func:`name```) render as plain code in the reference."""
+    return _ROLE.sub(r"\1", html)
