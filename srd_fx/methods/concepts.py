@@ -411,20 +411,13 @@ class PFVIndex:
 
         Parameters
         ----------
-        image
-            The image's index.
-        position
-            The PFV's position on the layer's grid.
+        image, position
+            The PFV, as in :meth:`row` (which raises ``srd_fx.InputError`` outside the index).
 
         Returns
         -------
         torch.Tensor
             (C,) the PFV.
-
-        Raises
-        ------
-        srd_fx.InputError
-            If the image or the position is outside the index.
         """
         r = self.row(image, position)
         return self.vectors[r] * self.norms[r]
