@@ -246,7 +246,7 @@ class PFVIndex:
         Returns
         -------
         PFVIndex
-            The index.
+            The index of the PFVs of ``feats``.
 
         Raises
         ------
@@ -302,7 +302,7 @@ class PFVIndex:
         Returns
         -------
         PFVIndex
-            The index.
+            The index of every PFV of ``layer`` over ``data``.
 
         Raises
         ------
