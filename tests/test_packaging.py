@@ -66,7 +66,7 @@ def test_cli_without_the_extra_lists_commands_and_explains_what_is_missing():
 def test_version_is_written_once():
     import re
     text = open(os.path.join(ROOT, "pyproject.toml")).read()
-    assert re.search(r'^dynamic = \["version"\]', text, re.M) and not re.search(r"^version\s*=", text, re.M)
+    assert re.search(r'^dynamic = \["version"\]', text, re.M) and not re.search(r"^version\s*=\s*\"", text, re.M)
     assert re.fullmatch(r"\d+\.\d+\.\d+([ab]\d+|rc\d+)?", srd_fx.__version__)
     from srd_fx.cli import main
     with pytest.raises(SystemExit) as e:
