@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -30,12 +30,21 @@ from .twin import build_twin, check_input
 class SRDOutput:
     """What an explainer returns.
 
-    logits:     (B, K), equal to ``model(x)``;
-    saliency:   (B, H, W) relevance at the input ("SRD-input");
-    relevance:  requested layer -> (B, h, w) relevance maps;
-    R_L:        the initial relevance at the encoder output (B, h_L, w_L);
-    lost:       (B,) relevance that could not be propagated (zero-norm PFVs or receptive fields,
-                SPEC §2): ``saliency.sum() + lost == R_L.sum()`` per sample."""
+    Relevance is conserved: ``saliency.sum() + lost == R_L.sum()`` per sample.
+
+    Attributes
+    ----------
+    logits
+        (B, K), equal to ``model(x)``.
+    saliency
+        (B, H, W) relevance at the input ("SRD-input").
+    relevance
+        Requested layer name -> (B, h, w) relevance map.
+    R_L
+        (B, h_L, w_L) the initial relevance at the encoder output L.
+    lost
+        (B,) relevance that could not be propagated (on zero-norm PFVs or receptive fields).
+    """
     logits: torch.Tensor
     saliency: torch.Tensor
     relevance: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -43,8 +52,19 @@ class SRDOutput:
     lost: Optional[torch.Tensor] = None
 
     @staticmethod
-    def cat(parts):
-        """Concatenate outputs of several chunks along the batch."""
+    def cat(parts: Sequence["SRDOutput"]) -> "SRDOutput":
+        """Concatenate the outputs of several chunks along the batch.
+
+        Parameters
+        ----------
+        parts
+            Outputs with the same layers, in batch order.
+
+        Returns
+        -------
+        SRDOutput
+            One output for the whole batch.
+        """
         keys = parts[0].relevance.keys()
         c = lambda ts: None if ts[0] is None else torch.cat(ts)
         return SRDOutput(c([p.logits for p in parts]), c([p.saliency for p in parts]),
@@ -53,11 +73,25 @@ class SRDOutput:
 
 
 class Explainer(nn.Module):
-    """A compiled SRD explainer (see :func:`compile`): ``options`` (an :class:`Options`) with any
-    of its fields overridden by keyword."""
+    """A compiled SRD explainer, an ``nn.Module``: ``explainer(x, target)`` returns an :class:`SRDOutput`.
+
+    Made by :func:`srd_fx.compile`, which takes the same arguments and documents them.  The twin
+    (the generated forward and SRD backward) is built on the first call, or at once when
+    ``example_input`` is given or the model is a timm model with a default input size.
+
+    Parameters
+    ----------
+    model, options, example_input, **overrides
+        As in :func:`srd_fx.compile`.
+
+    Raises
+    ------
+    srd_fx.SRDError
+        As :func:`srd_fx.compile` does.
+    """
 
     def __init__(self, model: nn.Module, options: Optional[Options] = None, *,
-                 example_input: Optional[torch.Tensor] = None, **overrides: Any):
+                 example_input: Optional[torch.Tensor] = None, **overrides: Any) -> None:
         super().__init__()
         self.options = o = Options.make(options, **overrides)
         self.output_selector, self.chunk_size = o.output_selector, o.chunk_size
@@ -84,7 +118,27 @@ class Explainer(nn.Module):
 
     # ------------------------------------------------------------------ building ----------
     def build(self, example: torch.Tensor) -> "Explainer":
-        """Analyse the traced graph with the shapes of ``example`` and generate the twin."""
+        """Analyse the traced graph with the shapes of ``example`` and generate the twin.
+
+        Parameters
+        ----------
+        example
+            An input batch; its first sample decides shapes, layouts and gates.
+
+        Returns
+        -------
+        Explainer
+            ``self``, built.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If the model fails on ``example``.
+        srd_fx.TraceError
+            If the traced graph does not compute what the model computes (with ``check``).
+        srd_fx.UnsupportedOpError
+            For an op without a rule, or a model returning a tuple/dict without ``output_selector``.
+        """
         ex = example[:1].detach()
         if not specialised_for(self.traced, example.shape):
             self.traced = trace(self.model, example.detach())  # shape-specialised trace for this input
@@ -126,12 +180,37 @@ class Explainer(nn.Module):
             cache[node] = gm
         return node, cache[node]
 
-    def propagate(self, x: torch.Tensor, layer: str, R: torch.Tensor, read=None):
-        """Propagate a relevance map ``R`` (B, h, w) given at ``layer`` down to the input.
+    def propagate(self, x: torch.Tensor, layer: str, R: torch.Tensor,
+                  read: Optional[Sequence[str]] = None) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Propagate any relevance map ``R`` given at ``layer`` down to the input.
 
-        Returns the input map (B, H, W); with ``read`` (a list of layer names), a dict of the
-        relevance reaching each of those layers (e.g. the previous activation layer: the
-        sharing ratios mu^{l->k} of the seeded PFVs, Fig. 5 bottom)."""
+        Parameters
+        ----------
+        x
+            The inputs (B, C, H, W).
+        layer
+            An activation layer (module or node name, ``"low"``, ``"high"``).
+        R
+            The relevance at ``layer``: (B, h, w) (one value per PFV, in the input's orientation), or
+            one value per neuron with ``unit="neuron"``.
+        read
+            Layer names to read the relevance at instead of the input (e.g. the previous activation
+            layer: the sharing ratios of the seeded PFVs, Fig. 5 bottom).
+
+        Returns
+        -------
+        torch.Tensor or dict of str to torch.Tensor
+            The input map (B, H, W); with ``read``, layer name -> the relevance reaching it.
+
+        Raises
+        ------
+        srd_fx.InputError
+            If ``R`` does not have one value per PFV (or neuron) of ``layer``.
+        KeyError
+            If ``layer`` or a ``read`` name is not a layer of the model.
+        ValueError
+            If ``layer`` is the input.
+        """
         if self.graph_module is None:
             self.build(x)
         node, gm = self._seeded(layer)
@@ -167,11 +246,37 @@ class Explainer(nn.Module):
             res[key] = out["relevance"][name]
         return res
 
-    def erf(self, x: torch.Tensor, layer: str, positions=None, read=None):
-        """ERFs (SPEC §3) of the PFVs of ``layer`` at ``positions`` (list of index tuples over the
-        layer's spatial dims; default: all positions), as backward passes seeded one-hot, batched
-        over positions: returns (B, P, H, W).  Each ERF sums to 1 where norms are non-degenerate.
-        With ``read`` (layer names): a dict layer -> (B, P, h, w) of what reaches those layers."""
+    def erf(self, x: torch.Tensor, layer: str, positions: Optional[Sequence[Sequence[int]]] = None,
+            read: Optional[Sequence[str]] = None) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Effective receptive fields of PFVs of ``layer``: backward passes seeded one-hot.
+
+        The passes are batched over the positions.  Each ERF sums to 1 where norms are not
+        degenerate.
+
+        Parameters
+        ----------
+        x
+            The inputs (B, C, H, W).
+        layer
+            An activation layer (module or node name, ``"low"``, ``"high"``).
+        positions
+            Index tuples over the layer's spatial dimensions (default: all positions).
+        read
+            Layer names to read the ERFs at instead of the input.
+
+        Returns
+        -------
+        torch.Tensor or dict of str to torch.Tensor
+            (B, P, H, W) ERFs at the input; with ``read``, layer name -> (B, P, h, w).
+
+        Raises
+        ------
+        srd_fx.InputError
+            For a position outside the layer, or with ``unit="neuron"`` (seed neurons with
+            :meth:`propagate`).
+        KeyError
+            If ``layer`` is not a layer of the model.
+        """
         if self.options.unit == "neuron":
             raise InputError("erf() seeds one PFV (SPEC §3) and is defined for unit='pfv'; with "
                              "unit='neuron' seed the neurons you want with propagate(x, layer, R)")
@@ -211,15 +316,45 @@ class Explainer(nn.Module):
         return self.graph_module.code
 
     @property
-    def activation_layers(self):
+    def activation_layers(self) -> List[str]:
+        """The fx node names of the activation layers (empty until the explainer is built)."""
         return [l.name for l in self.info.layers] if self.info else []
 
     @property
-    def encoder_output(self) -> str:
+    def encoder_output(self) -> Optional[str]:
+        """The fx node name of the encoder output L (None until the explainer is built)."""
         return self.info.L.name if self.info else None
 
     # ------------------------------------------------------------------ calling -----------
     def forward(self, x: torch.Tensor, target: Union[None, int, torch.Tensor] = None) -> SRDOutput:
+        """Explain a batch: the logits and the SRD maps in one call.
+
+        Parameters
+        ----------
+        x
+            The inputs (B, C, H, W), of the model's dtype and device.  Differentiable: with
+            ``x.requires_grad`` the maps carry gradients.
+        target
+            The class explained: None (each sample's predicted class), an int, or a LongTensor (B,).
+
+        Returns
+        -------
+        SRDOutput
+            Logits, saliency, the requested relevance maps, ``R_L`` and ``lost``.
+
+        Raises
+        ------
+        srd_fx.InputError
+            For an input of the wrong rank, dtype or device, a non-finite input, or a bad target.
+        srd_fx.TrainingModeError
+            If the model was put back in training mode.
+        srd_fx.NonFiniteError
+            If a map would hold NaN/Inf.
+        srd_fx.PrecisionLossError
+            If float16/bfloat16 lost the map (it no longer conserves the relevance).
+        srd_fx.UnsupportedPrecisionError
+            If this machine has no kernel for a float16/bfloat16 computation.
+        """
         if self.options.check and any(m.training for m in self.model.modules()):
             raise TrainingModeError("the model was put back in training mode after compile; call "
                                     "model.eval() before explaining")
@@ -355,8 +490,40 @@ def compile(model: nn.Module, options: Optional[Options] = None, *,
             example_input: Optional[torch.Tensor] = None, **overrides: Any) -> Explainer:
     """Compile ``model`` (in eval mode) into its SRD explainer.
 
-    options:        an :class:`srd_fx.Options` (default: SRD as published); any of its fields
-                    (head, layers, encoder_output, eps, value, unit, check, chunk_size,
-                    output_selector) may also be given by keyword, e.g. ``compile(model, layers="all")``;
-    example_input:  build now instead of on the first call."""
+    ``srd_fx.compile(model)(x)`` returns the logits (equal to ``model(x)``) and the SRD maps in one
+    call; ``print(explainer.code)`` shows the generated forward and SRD backward.
+
+    Parameters
+    ----------
+    model
+        The model, in eval mode: one tensor input, (B, K) logits (or ``output_selector``).
+    options
+        An :class:`srd_fx.Options` (default: SRD as published).
+    example_input
+        An input batch to build the twin with now instead of on the first call.
+    **overrides
+        Any field of :class:`srd_fx.Options` by keyword (``head``, ``layers``, ``encoder_output``,
+        ``eps``, ``value``, ``unit``, ``check``, ``chunk_size``, ``output_selector``), e.g.
+        ``compile(model, layers=("input", "low"))``.
+
+    Returns
+    -------
+    Explainer
+        The compiled explainer (an ``nn.Module``).
+
+    Raises
+    ------
+    srd_fx.OptionError
+        For an unknown option or a value that is not accepted.
+    srd_fx.TrainingModeError
+        If the model or one of its modules is in training mode.
+    srd_fx.TraceError
+        If torch.fx cannot trace the model.
+    srd_fx.UnsupportedOpError
+        For an op without a rule (the node is named), or a use of an op SRD does not define.
+    srd_fx.NonFiniteError
+        If the model's weights hold NaN/Inf (with ``check``).
+    srd_fx.InputError
+        If the model fails on ``example_input``.
+    """
     return Explainer(model, options, example_input=example_input, **overrides)

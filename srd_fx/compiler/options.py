@@ -20,18 +20,36 @@ Head = Union[str, Callable]
 class Options:
     """What an explainer computes (all optional; the defaults are SRD as published).
 
-    head:            "gradcam" (Eq. 4, default), "ones" (Sec. 4.3) or ``f(A, logits, target) -> R``;
-    layers:          relevance maps to return: "input", "low" (L), "high" (4x L's resolution),
-                     activation module/node names, or "all";
-    encoder_output:  module or node name of L (default: timm's forward_features, else the input
-                     of the global pooling);
-    eps:             positions with ||v||^2 <= eps pass no relevance;
-    value:           "pre" (SRD) or "post" (ablation, SPEC §5: share by <v_hat, act(v)>);
-    unit:            "pfv" (SRD) or "neuron" (ablation, SPEC §5: scalar neurons, LRP-0 with bias
-                     sharing per neuron);
-    check:           validate inputs/outputs (finite, ranks, training mode);
-    chunk_size:      explain large batches this many samples at a time (bounds memory);
-    output_selector: for models returning a tuple/dict: a callable, key or index giving the logits.
+    Frozen and validated on construction; ``srd_fx.compile(model, **fields)`` builds one.
+
+    Attributes
+    ----------
+    head
+        The initial relevance at L: ``"gradcam"`` (Eq. 4, default), ``"ones"`` (Sec. 4.3) or a
+        callable ``f(A, logits, target) -> R``.
+    layers
+        Relevance maps to return: ``"input"``, ``"low"`` (L), ``"high"`` (4x L's resolution),
+        activation module/node names, or ``"all"``.
+    encoder_output
+        Module or node name of L (default: timm's ``forward_features``, else the input of the global
+        pooling).
+    eps
+        Positions with ``||v||^2 <= eps`` pass no relevance (it is reported in ``lost``).
+    value
+        ``"pre"`` (SRD) or ``"post"`` (ablation: share by ``<v_hat, act(v)>``).
+    unit
+        ``"pfv"`` (SRD) or ``"neuron"`` (ablation: scalar neurons, LRP-0 with bias sharing per neuron).
+    check
+        Validate inputs and outputs (finite values, ranks, training mode).
+    chunk_size
+        Explain large batches this many samples at a time (bounds memory).
+    output_selector
+        For models returning a tuple/dict: a callable, key or index giving the logits.
+
+    Raises
+    ------
+    srd_fx.OptionError
+        For a value that is not accepted (the message says what is).
     """
     head: Head = "gradcam"
     layers: Union[str, Tuple[str, ...]] = ("input",)
@@ -79,7 +97,25 @@ class Options:
 
     @classmethod
     def make(cls, options: Optional["Options"] = None, **overrides: Any) -> "Options":
-        """``options`` (default: the defaults) with ``overrides`` applied, validated."""
+        """``options`` with ``overrides`` applied, validated.
+
+        Parameters
+        ----------
+        options
+            The starting options (default: the defaults).
+        **overrides
+            Fields to replace, by name.
+
+        Returns
+        -------
+        Options
+            The new options.
+
+        Raises
+        ------
+        srd_fx.OptionError
+            If ``options`` is not an ``Options``, for an unknown field, or a value that is not accepted.
+        """
         if options is not None and not isinstance(options, Options):
             raise OptionError(f"options must be an srd_fx.Options, got {type(options).__name__}")
         bad = sorted(set(overrides) - set(cls.names()))
