@@ -7,7 +7,7 @@ How the default list is derived (this is the whole rule, in code below):
    element-wise activations, pooling, and channel/spatial gates) or :data:`NON_CNN_MODULES`
    (transformers, conv-attention hybrids, MLP mixers, state-space models; each with a reason).
    :func:`unclassified_modules` lists timm modules in neither table, so a timm upgrade that adds
-   a module is noticed (``tests/test_zoo_subset.py`` checks it) instead of silently ignored.
+   a module is noticed (``tests/rules/test_zoo_subset.py`` checks it) instead of silently ignored.
 2. The default list is ``timm.list_models(module=m)`` for every ``m`` in ``CNN_MODULES``.
    ``timm.list_models()`` without ``pretrained=True`` returns architecture names, without the
    ``.tag`` of pretrained weights, so each architecture appears once.

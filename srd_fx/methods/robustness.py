@@ -16,7 +16,7 @@ How each method is attacked (``METHODS``):
 * ``gradient``, ``input_x_gradient``, ``guided_backprop``, ``integrated_gradients``:
   differentiable re-computations (``torch.autograd.grad(create_graph=True)``) of exactly what
   captum's ``Saliency``, ``InputXGradient``, ``GuidedBackprop`` and ``IntegratedGradients``
-  return (checked against captum in ``tests/test_robustness.py``), evaluated on a copy of the
+  return (checked against captum in ``tests/harness/test_robustness.py``), evaluated on a copy of the
   network whose ReLUs are replaced by ``softplus(beta)`` (an fx rewrite, :func:`replace_relu`),
   because the gradient of a ReLU network's gradient map is zero almost everywhere.  Guided
   backprop runs two passes (an ordinary one recording pre-activations, a guided one using

@@ -797,7 +797,7 @@ def test_wrong_selector_key_names_the_available_keys():
 # =============================================================================================
 # Determinism
 # =============================================================================================
-_DET_SCRIPT = ("import sys, torch; sys.path.insert(0, {here!r}); torch.set_num_threads(1); "
+_DET_SCRIPT = ("import sys, torch; sys.path[:0] = [{here!r}, {tests!r}]; torch.set_num_threads(1); "
                "from test_hostile import _digest_here; print(*_digest_here()[:2])")
 
 
@@ -820,7 +820,8 @@ def test_bit_identical_maps_across_calls_compiles_and_processes():
     d2, c2, *_ = _digest_here()                                 # a fresh compile
     assert (d1, c1) == (d2, c2)
     env = dict(os.environ, PYTHONHASHSEED="12345")              # another process, another hash seed
-    res = subprocess.run([sys.executable, "-c", _DET_SCRIPT.format(here=HERE)], capture_output=True,
+    script = _DET_SCRIPT.format(here=HERE, tests=os.path.dirname(HERE))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True,
                          text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     d3, c3 = res.stdout.split()

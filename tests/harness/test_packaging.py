@@ -9,7 +9,7 @@ import pytest
 import srd_fx
 from srd_fx.extras import EVAL_LIBRARIES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HARNESS_ONLY = ("sklearn", "skimage", "matplotlib", "scipy", "quantus", "captum", "zennit", "pytorch_grad_cam")
 
 

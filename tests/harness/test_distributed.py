@@ -22,7 +22,7 @@ import srd_fx
 from srd_fx.cli import main
 from srd_fx.eval.distributed import World
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINYNET = """
 import torch.nn as nn
 def make(num_classes=5):

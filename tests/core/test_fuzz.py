@@ -1,7 +1,7 @@
 """Property-based fuzzing of ``srd_fx.compile`` on randomly generated small CNNs.
 
 A network is generated as a *spec*: a plain dict of numbers and strings (so that Hypothesis
-prints a failing example in a form that can be pasted into ``tests/test_regressions.py``).
+prints a failing example in a form that can be pasted into ``tests/core/test_regressions.py``).
 :func:`build` turns a spec into two things that share their weights:
 
 * an ``nn.Module`` written with the op forms a user would write — module, functional,
@@ -179,7 +179,7 @@ def _timm_functional():
 
 # timm's *functional* activations (swish, quick_gelu, hard_sigmoid, mish, hard_swish, hard_mish)
 # were the first core bug this suite found: fx traced into them, so their rule never applied
-# (tests/test_regressions.py keeps the repro).  Since the tracer wraps them as leaves they are
+# (tests/core/test_regressions.py keeps the repro).  Since the tracer wraps them as leaves they are
 # drawn like every other activation.
 
 MODULE_ACTS = {**_module_acts(), **_timm_acts()}
@@ -370,7 +370,7 @@ def _add_(v, sc):
 
 # Residual add forms drawn by the generator; ".add_" (``v = v.add_(sc)``) is a known core bug
 # (the twin's bias pass runs the in-place op on an expanded / leaf tensor: RuntimeError) and is
-# kept out of the draw until fixed (repro: tests/test_regressions.py).
+# kept out of the draw until fixed (repro: tests/core/test_regressions.py).
 KNOWN_BAD_ADD = {".add_"}
 ADD_FORMS = {
     "+": lambda v, sc: v + sc,
@@ -979,7 +979,7 @@ def stage_spec(draw, cin, hw):
     cout = cin if residual else None
     if where == "post" and gate in ("spatial", "cbam_spatial"):
         # a one-channel sigmoid activation times a one-channel spatial gate is ambiguous to the
-        # core (both factors look like gates; tests/test_regressions.py), so keep >= 2 channels
+        # core (both factors look like gates; tests/core/test_regressions.py), so keep >= 2 channels
         cout = draw(st.integers(2, 6))
     cs = draw(conv_spec(cin, hw, same=residual, cout=cout))
     mid = conv_out(cs, hw)

@@ -15,7 +15,7 @@ import naive_srd as N
 from conftest import conservation_error, naive_agreement
 from srd_fx.rules import base
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "rules.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "rules.md"
 TOL = 1e-8
 
 

@@ -1,4 +1,4 @@
-"""Networks on which the fuzzing suite (tests/test_fuzz.py) or the hostile-input suite found a
+"""Networks on which the fuzzing suite (tests/core/test_fuzz.py) or the hostile-input suite found a
 core bug, saved as explicit, shrunk specs and minimal models.
 
 A test marked ``xfail(strict=True, reason="needs core: ...")`` documents a bug that is still
