@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -21,7 +22,12 @@ PARAMS_CACHE = CACHE_DIR / "params.json"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sel = p.add_argument_group("which models (default: --all)")
     sel.add_argument("--all", action="store_true",
-                     help="Check the default list: every timm CNN architecture (see docs/zoo.md).")
+                     help="Check every model of the selected groups (default: the CNN group, every timm CNN "
+                          "architecture; see docs/zoo.md).")
+    sel.add_argument("--groups", nargs="+", default=["cnn"], metavar="GROUP",
+                     choices=list(lists.GROUPS) + ["tokens", "everything"],
+                     help=f"Groups that --all, --filter and --sample draw from: {', '.join(lists.GROUPS)}; "
+                          "'tokens' is every group but cnn, 'everything' all of timm (default: cnn).")
     sel.add_argument("--filter", action="append", default=[], metavar="PATTERN",
                      help="Only default-list names matching this shell pattern (e.g. 'resnet*'); repeatable.")
     sel.add_argument("--models", nargs="+", default=[], metavar="NAME",
@@ -31,7 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--ci-subset", action="store_true",
                      help=f"Check the fixed fast subset that CI runs ({CI_SUBSET.name}).")
     sel.add_argument("--sample", type=int, default=0, metavar="N",
-                     help="Check the N smallest models (by parameter count) of every family.")
+                     help="Check the N smallest models (by parameter count) of every family of the groups.")
+    sel.add_argument("--sample-random", type=int, default=0, metavar="K",
+                     help="Also check K more models of every family, drawn at random with --seed "
+                          "(after the --sample smallest).")
     sel.add_argument("--list", action="store_true",
                      help="Print the selected names with their family and timm module, and exit.")
     run = p.add_argument_group("how to run")
@@ -92,8 +101,19 @@ def param_counts(names: List[str]) -> Dict[str, int]:
     return {n: cache[n] for n in names}
 
 
+def groups_of(args) -> List[str]:
+    """The groups named by --groups ('tokens' and 'everything' expanded), in report order."""
+    want = set(getattr(args, "groups", None) or ["cnn"])
+    if "tokens" in want:
+        want |= set(lists.TOKEN_GROUPS)
+    if "everything" in want:
+        want |= set(lists.GROUPS)
+    return [g for g in lists.GROUPS if g in want]
+
+
 def select(args) -> List[str]:
-    default = lists.default_models()
+    groups = groups_of(args)
+    default = lists.default_models() if groups == ["cnn"] else lists.models_of(groups)
     names: List[str] = []
     if args.models:
         names += args.models
@@ -103,14 +123,17 @@ def select(args) -> List[str]:
         names += lists.read_list(CI_SUBSET)
     if args.filter:
         names += lists.select(default, args.filter)
-    if args.sample:
-        counts = param_counts(default)
+    if args.sample or getattr(args, "sample_random", 0):
+        counts = param_counts(default) if args.sample else {}
         fam: Dict[str, List[str]] = {}
         for n in default:
             fam.setdefault(lists.family_of(n, lists.module_of(n)), []).append(n)
+        rng = random.Random(args.seed)
         for f, ms in sorted(fam.items()):
             ms.sort(key=lambda n: (counts.get(n) is None, counts.get(n) or 0, n))
             names += ms[:args.sample]
+            rest = sorted(ms[args.sample:])
+            names += rng.sample(rest, min(getattr(args, "sample_random", 0), len(rest)))
     if args.all or not names:
         names += default
     seen, out = set(), []
@@ -121,26 +144,38 @@ def select(args) -> List[str]:
     return out
 
 
-def resnet50_compile_benchmark(repeats: int = 3) -> Dict:
-    """Compile time of timm ResNet50 with default options (float32, 1x3x224x224 example, one torch
-    thread: on a shared machine more threads only wait for each other)."""
+def compile_benchmark(name: str = "resnet50", repeats: int = 3) -> Dict:
+    """Compile time of a timm model with default options (float32, 1x3x224x224 example, one torch
+    thread: on a shared machine more threads only wait for each other); ``error`` when it does not
+    compile."""
     import timm
     import torch
     import srd_fx
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    m = timm.create_model("resnet50", pretrained=False).eval()
-    x = torch.randn(1, 3, 224, 224)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        srd_fx.compile(m, example_input=x)
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    torch.set_num_threads(before)
+    try:
+        torch.manual_seed(0)
+        m = timm.create_model(name, pretrained=False).eval()
+        x = torch.randn(1, 3, 224, 224)
+        walls, cpus = [], []
+        for _ in range(repeats):
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                srd_fx.compile(m, example_input=x)
+            except Exception as e:
+                return dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                            measured=time.strftime("%Y-%m-%d %H:%M"))
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+    finally:
+        torch.set_num_threads(before)
     return dict(wall_s=statistics.median(walls), cpu_s=statistics.median(cpus), repeats=repeats,
-                input="float32 1x3x224x224", threads=1, all_wall_s=walls)
+                input="float32 1x3x224x224", threads=1, all_wall_s=walls, measured=time.strftime("%Y-%m-%d %H:%M"),
+                load_avg=f"{os.getloadavg()[0]:.1f}")
+
+
+#: the models whose compile time the report gives (the targets: under 2 s each)
+COMPILE_BENCHMARKS = {"cnn": "resnet50", "transformer": "vit_small_patch16_224"}
 
 
 def run(args) -> int:
@@ -175,7 +210,8 @@ def _run(args) -> int:
             print(f"{n}\t{lists.family_of(n, lists.module_of(n))}\t{lists.module_of(n)}")
         print(f"# {len(names)} models", file=sys.stderr)
         return 0
-    full = args.all or not (args.models or args.models_file or args.ci_subset or args.filter or args.sample)
+    full = args.all or not (args.models or args.models_file or args.ci_subset or args.filter or args.sample
+                            or args.sample_random)
     if merged is not None:
         full = set(names) == set(lists.default_models())
     write = full if args.report is None else args.report
@@ -233,19 +269,16 @@ def _run(args) -> int:
                     jobs=args.jobs, threads=args.threads)
         if merged is not None:
             meta["shards"] = merged
-        if not args.no_compile_benchmark:
-            try:
-                meta["resnet50_compile"] = resnet50_compile_benchmark()
-            except Exception as e:  # reported, not fatal
-                meta["resnet50_compile_error"] = f"{type(e).__name__}: {e}"
+        meta["compile_benchmarks"] = {} if args.report_only or args.no_compile_benchmark else {
+            COMPILE_BENCHMARKS[g]: compile_benchmark(COMPILE_BENCHMARKS[g]) for g in groups_of(args)
+            if g in COMPILE_BENCHMARKS}
         cmd = "python -m model_zoo_checks " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
             if sys.argv and "model_zoo_checks" in " ".join(sys.argv[:1] + sys.argv[1:2]) else "python -m model_zoo_checks --all"
-        report_names = lists.default_models() if full else names
-        if merged is not None:
-            report_names = names
         report_dir.mkdir(parents=True, exist_ok=True)
-        write_report(report_names, {n: cache[n] for n in report_names if n in cache}, fingerprint=fp,
-                     command=cmd, meta=meta, md_path=report_dir / REPORT_MD.name, json_path=report_dir / REPORT_JSON.name)
+        # the records of this selection are merged over the ones already in report_dir's report.json
+        write_report(names, {n: cache[n] for n in names if n in cache}, fingerprint=fp, command=cmd,
+                     meta=None if args.report_only and merged is None else meta,
+                     md_path=report_dir / REPORT_MD.name, json_path=report_dir / REPORT_JSON.name)
         print(f"wrote {report_dir / REPORT_MD.name} and {report_dir / REPORT_JSON.name}", file=sys.stderr)
         if merged is not None and (merged["missing"] or merged["incomplete"]):
             from .shards import summary_line

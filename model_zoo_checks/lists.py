@@ -17,6 +17,19 @@ How the default list is derived (this is the whole rule, in code below):
 
 The family of a model (used for per-family pass rates) is the first matching pattern of
 :data:`FAMILY_PATTERNS`, else its timm module name.
+
+Every other timm architecture (the token models) belongs to one of the groups of
+:data:`TOKEN_GROUPS`, by its timm module (:data:`MODULE_GROUP`); its family is its timm module.
+Together the groups cover ``timm.list_models()`` exactly once (:func:`group_of`, :func:`models_of`):
+
+* ``cnn``: the default list above;
+* ``transformer``: attention on tokens throughout (ViT, DeiT, BEiT, EVA, CaiT, Swin, PVT, XCiT, ...);
+* ``hybrid``: convolution stages or stems combined with attention (CoAtNet/MaxViT, LeViT, MobileViT,
+  EfficientFormer, FastViT, BoTNet/HaloNet, ...), including the attention variants that live in CNN
+  modules (CLIP ResNets with an attention pool, MobileNetV4 hybrids, ``bat_*``);
+* ``mlp``: token-mixing MLPs (MLP-Mixer, ResMLP, gMLP);
+* ``other``: the remaining token mixers (MetaFormer's pooling/separable-conv/attention mixers, focal
+  modulation, LSTMs, state-space blocks, DCT) and timm's unit-test configurations (``test_*``).
 """
 from __future__ import annotations
 
@@ -99,6 +112,35 @@ NON_CNN_MODULES: Dict[str, str] = {
     "mlp_mixer": "MLP-Mixer / ResMLP / gMLP token mixing", "sequencer": "LSTM token mixing",
     "efficientvim": "state-space (Mamba) hybrid",
 }
+
+#: group of every module of NON_CNN_MODULES (the token models; see the module docstring).
+MODULE_GROUP: Dict[str, str] = {
+    **{m: "transformer" for m in (
+        "beit", "cait", "convit", "crossvit", "deit", "deepseek_vit", "eva", "gemma4_vit", "naflexvit",
+        "qwen3_vit", "pit", "tnt", "volo", "vision_transformer", "vision_transformer_relpos",
+        "vision_transformer_sam", "xcit", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
+        "twins", "nest", "pvt_v2", "mvitv2", "hiera", "hieradet_sam2", "davit", "gcvit")},
+    **{m: "hybrid" for m in (
+        "coat", "vision_transformer_hybrid", "maxxvit", "levit", "visformer", "mobilevit", "efficientformer",
+        "efficientformer_v2", "edgenext", "efficientvit_mit", "efficientvit_msra", "fastvit", "tiny_vit",
+        "swiftformer", "iformer", "nextvit", "shvit", "lowformer", "vitamin", "cpubone", "mobilenetv5",
+        "byoanet")},
+    "mlp_mixer": "mlp",
+    **{m: "other" for m in ("metaformer", "focalnet", "sequencer", "efficientvim", "csatv2")},
+}
+
+#: the groups of the sweep, in report order ("cnn" is the default list).
+GROUPS = ("cnn", "transformer", "hybrid", "mlp", "other")
+TOKEN_GROUPS = GROUPS[1:]
+GROUP_HELP: Dict[str, str] = {
+    "cnn": "timm's CNN architectures (the default list)",
+    "transformer": "vision transformers: attention on tokens throughout",
+    "hybrid": "convolution stages or stems combined with attention",
+    "mlp": "token-mixing MLPs (MLP-Mixer, ResMLP, gMLP)",
+    "other": "other token mixers (pooling/conv MetaFormers, focal modulation, LSTM, state space, DCT) "
+             "and timm's unit-test configurations",
+}
+TEST_CONFIG_FAMILY = "timm unit-test configs"
 
 #: names dropped from CNN modules (pattern -> reason).
 EXCLUDED_NAMES: Dict[str, str] = {
@@ -191,6 +233,12 @@ SEED_MODELS = ("vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "r
 
 
 def family_of(name: str, module: Optional[str] = None) -> str:
+    if name.startswith("test_"):
+        return TEST_CONFIG_FAMILY
+    if module in MODULE_GROUP:          # token models: the family is the timm module
+        return module
+    if module in CNN_MODULES and excluded_reason(name):
+        return f"{module} (attention variants)"
     for pat, fam in FAMILY_PATTERNS:
         if re.search(pat, name):
             return fam
@@ -232,10 +280,31 @@ def default_models() -> List[str]:
     return sorted(set(out))
 
 
+def group_of(name: str) -> str:
+    """The sweep group of a timm architecture (see the module docstring)."""
+    if name.startswith("test_"):
+        return "other"
+    module = module_of(name)
+    if module in CNN_MODULES:
+        return "hybrid" if excluded_reason(name) else "cnn"
+    return MODULE_GROUP.get(module, "other")
+
+
+def models_of(groups: Sequence[str]) -> List[str]:
+    """Every timm architecture of the given groups, sorted ("cnn" is :func:`default_models`)."""
+    import timm
+    bad = set(groups) - set(GROUPS)
+    if bad:
+        raise ValueError(f"unknown group(s) {sorted(bad)}; the groups are {', '.join(GROUPS)}")
+    want = set(groups)
+    return sorted(n for n in timm.list_models() if group_of(n) in want)
+
+
 def unclassified_modules() -> List[str]:
     """timm modules in neither CNN_MODULES nor NON_CNN_MODULES (new in a timm upgrade)."""
     import timm
-    return sorted(set(timm.list_modules()) - set(CNN_MODULES) - set(NON_CNN_MODULES))
+    return sorted((set(timm.list_modules()) - set(CNN_MODULES) - set(NON_CNN_MODULES))
+                  | (set(NON_CNN_MODULES) - set(MODULE_GROUP)))
 
 
 def excluded_names() -> Dict[str, str]:

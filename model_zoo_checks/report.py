@@ -116,79 +116,35 @@ def srd_entry(r: Dict) -> Dict:
                 conservation_rel_err=err, error=None if produced else f"{r.get('category')}: {r.get('reason')}")
 
 
-def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint: str, command: str,
-                 meta: Optional[Dict] = None, md_path: Path = REPORT_MD, json_path: Path = REPORT_JSON) -> Dict:
-    import timm
-    import torch
+def load_committed(json_path: Path = REPORT_JSON):
+    """(records, meta) of the committed report.json: the results of earlier sweeps, which a report
+    written from a partial run keeps.  An older flat ``meta`` (one CNN sweep) becomes
+    ``meta["groups"]["cnn"]``."""
+    if not json_path.exists():
+        return {}, dict(groups={}, compile_benchmarks={})
+    try:
+        doc = json.loads(json_path.read_text())
+    except json.JSONDecodeError:
+        return {}, dict(groups={}, compile_benchmarks={})
+    recs = {r["model"]: r for r in doc.get("records", []) if isinstance(r, dict) and "model" in r}
+    meta = doc.get("meta", {})
+    if "groups" not in meta:
+        old = {k: v for k, v in meta.items() if k not in ("resnet50_compile", "resnet50_compile_error")}
+        meta = dict(groups={"cnn": old} if old else {},
+                    compile_benchmarks={"resnet50": meta["resnet50_compile"]} if meta.get("resnet50_compile") else {})
+    meta.setdefault("groups", {})
+    meta.setdefault("compile_benchmarks", {})
+    return recs, meta
+
+
+def _group_row(g: str, names: Sequence[str], records: Dict[str, Dict], fingerprint: str) -> Dict:
     s = summarise(names, records, fingerprint)
-    fams = family_table(names, records)
-    peers = json.loads(PEERS_JSON.read_text()) if PEERS_JSON.exists() else {}
-    if peers.get("records"):
-        for n, pr in peers["records"].items():
-            pr["srd"] = srd_entry(records.get(n))
-    psum = _peer_summary([n for n in names if n in peers.get("records", {})], peers)
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    meta = dict(meta or {})
-    meta.update(generated=now, command=command, timm=timm.__version__, torch=torch.__version__,
-                python=platform.python_version(), cpus=os.cpu_count(), fingerprint=fingerprint,
-                tolerances=dict(logits=LOGITS_TOL, conservation=CONSERVATION_TOL, batch=BATCH_TOL))
-    L: List[str] = []
-    w = L.append
-    w("# srd_fx model-zoo report")
-    w("")
-    w(f"Produced by `{command}` ({now}; timm {timm.__version__}, torch {torch.__version__}, "
-      f"{os.cpu_count()} CPU cores; code fingerprint `{fingerprint}`). How the list is derived and what "
-      "each check means: [docs/zoo.md](../docs/zoo.md). Per-model numbers: [report.json](report.json).")
-    w("")
-    w("## Summary")
-    w("")
-    scope = "the default list" if set(names) == set(lists.default_models()) else "this selection"
-    w(f"- Models: **{s['total']}** timm CNN architectures in **{s['families']}** families ({scope}).")
-    w(f"- **Passed {s['passed']} / {s['total']} = {_pct(s['passed'], s['total'])}** of {scope} "
-      f"(failed {s['failed']}, skipped as too large {s['skipped']}, not run {s['not_run']}). "
-      f"Of the models actually checked: {_pct(s['passed'], s['passed'] + s['failed'])}.")
-    if s["stale"]:
-        w(f"- {s['stale']} record(s) come from an older version of the compiler (fingerprint differs) "
-          "and are marked *stale* below; rerun to refresh them.")
-    w(f"- Checks (float64): compile; logits relative error <= {LOGITS_TOL:g}; "
-      f"|sum R^input + lost - sum R^L| <= {CONSERVATION_TOL:g} * sum|R^L| per sample; every map finite "
-      f"(`layers=\"all\"`); batch of 2 equals the samples alone (relative error <= {BATCH_TOL:g}).")
-    lost = [(n, records[n]["metrics"].get("lost_frac")) for n in names
-            if records.get(n, {}).get("status") == "pass" and (records[n].get("metrics") or {}).get("lost_frac")]
-    lost = sorted(((n, f) for n, f in lost if f and f > CONSERVATION_TOL), key=lambda t: -t[1])
-    w(f"- *lost* is the relevance SRD drops, per docs/method.md \"Lost relevance and conservation\", where a position's PFV norm "
-      "or its bias-share denominator D_j is zero (`out.lost`); the check verifies that it accounts for the "
-      f"whole imbalance. Passing models with lost > {CONSERVATION_TOL:g} * sum|R^L|: {len(lost)}"
-      + (f" (largest: {', '.join(f'{n} {100 * f:.2f}%' for n, f in lost[:5])}) — ReLU layers of "
-         "few channels followed by 1x1 convolutions, where every channel of a position can be zero."
-         if lost else "."))
-    if s["compile_s_median"] is not None:
-        w(f"- Compile time (`srd_fx.compile(model, layers=\"all\", example_input=x)`, wall clock): median "
-          f"{s['compile_s_median']:.2f} s, 90th percentile {s['compile_s_p90']:.2f} s, max {s['compile_s_max']:.2f} s.")
-    if meta.get("resnet50_compile"):
-        b = meta["resnet50_compile"]
-        w(f"- ResNet50 compile time (default options, {b['input']}, median of {b['repeats']}): "
-          f"**{b['wall_s']:.2f} s** wall, {b['cpu_s']:.2f} s CPU (target: under 2 s).")
-    if meta.get("shards"):
-        from .shards import summary_line
-        w(f"- {summary_line(meta['shards'])}")
-    if meta.get("load_avg"):
-        w(f"- Load average of the machine during the run (shared with other jobs): {meta['load_avg']}; "
-          "wall-clock times are inflated accordingly.")
-    w("")
-    w("### Seed architectures")
-    w("")
-    w("| model | status | compile s | reason |")
-    w("|---|---|---|---|")
-    for n in lists.SEED_MODELS:
-        r = records.get(n)
-        if r is None:
-            w(f"| {n} | not run | | |")
-        else:
-            w(f"| {n} | {r['status']} | {_fmt_s(r.get('times', {}).get('compile_s'))} | {_esc(r.get('reason'))} |")
-    w("")
-    w("### Failures by cause")
-    w("")
+    s["raw_exceptions"] = s["categories"].get("exception", 0)
+    s["group"] = g
+    return s
+
+
+def _fail_tables(w, names: Sequence[str], records: Dict[str, Dict], s: Dict) -> None:
     w("| cause | models | meaning |")
     w("|---|---|---|")
     for c in CATEGORIES:
@@ -210,7 +166,165 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
         for op, ms in sorted(by_op.items(), key=lambda kv: -len(kv[1])):
             w(f"| {_esc(op)} | {len(ms)} | {', '.join(ms[:6])}{' ...' if len(ms) > 6 else ''} |")
         w("")
-    w("## Per-family pass rates")
+
+
+def _family_rows(w, names: Sequence[str], records: Dict[str, Dict]) -> None:
+    w("| family | models | passed | failed | skipped | not run | pass rate | pass rate of the checked | median compile s |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for f in family_table(names, records):
+        checked = f["passed"] + f["failed"]
+        w(f"| {f['family']} | {f['models']} | {f['passed']} | {f['failed']} | {f['skipped']} | {f['not_run']} | "
+          f"{100 * f['pass_rate']:.0f}% | {_pct(f['passed'], checked)} | {_fmt_s(f['compile_s_median'])} |")
+    w("")
+
+
+def _compile_line(model: str, b: Dict) -> str:
+    if b.get("error"):
+        return f"- {model} compile time: not measured, compile fails on this code ({_esc(b['error'])[:200]})."
+    return (f"- {model} compile time (default options, {b['input']}, median of {b['repeats']}, "
+            f"{b.get('threads', 1)} thread): **{b['wall_s']:.2f} s** wall, {b['cpu_s']:.2f} s CPU "
+            f"(target: under 2 s; measured {b.get('measured', '?')}).")
+
+
+def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint: str, command: str,
+                 meta: Optional[Dict] = None, md_path: Path = REPORT_MD, json_path: Path = REPORT_JSON) -> Dict:
+    """Rewrite REPORT.md and report.json over every timm architecture, by group.
+
+    ``records`` (this run's, or the cache's) are merged over the committed report.json records, so
+    a run of one group (or of a sample) never loses another group's results.  ``meta`` describes the
+    run of ``names``: it is stored for the groups those names belong to (a ``meta`` that already has
+    ``"groups"`` is a whole earlier meta and replaces nothing); its ``"compile_benchmarks"``
+    are merged by model."""
+    import timm
+    import torch
+    old_recs, M = load_committed(json_path)
+    records = {**old_recs, **{n: r for n, r in records.items() if r}}
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if meta is None:             # a rewrite from the records (--report-only): the runs stay as they were
+        pass
+    elif "groups" in meta:
+        M = dict(meta)
+        M.setdefault("compile_benchmarks", {})
+    else:
+        meta = dict(meta)
+        benches = meta.pop("compile_benchmarks", {})
+        M["compile_benchmarks"].update(benches)
+        run_groups = sorted({lists.group_of(n) for n in names if n in records})
+        for g in run_groups:
+            M["groups"][g] = dict(meta, generated=now, command=command, fingerprint=fingerprint, selected=sum(
+                lists.group_of(n) == g for n in names))
+    M.update(timm=timm.__version__, torch=torch.__version__, python=platform.python_version(),
+             cpus=os.cpu_count(), fingerprint=fingerprint, generated=now,
+             tolerances=dict(logits=LOGITS_TOL, conservation=CONSERVATION_TOL, batch=BATCH_TOL))
+
+    by_group: Dict[str, List[str]] = {g: [] for g in lists.GROUPS}
+    for n in sorted(set(timm.list_models()) | set(records)):
+        by_group[lists.group_of(n)].append(n)
+    every = [n for g in lists.GROUPS for n in by_group[g]]
+    rows = {g: _group_row(g, by_group[g], records, fingerprint) for g in lists.GROUPS}
+    tok = [n for g in lists.TOKEN_GROUPS for n in by_group[g]]
+    tok_s = summarise(tok, records, fingerprint)
+    all_s = summarise(every, records, fingerprint)
+
+    cnn = by_group["cnn"]
+    s = rows["cnn"]
+    fams = family_table(cnn, records)
+    peers = json.loads(PEERS_JSON.read_text()) if PEERS_JSON.exists() else {}
+    if peers.get("records"):
+        for n, pr in peers["records"].items():
+            pr["srd"] = srd_entry(records.get(n))
+    psum = _peer_summary([n for n in cnn if n in peers.get("records", {})], peers)
+
+    L: List[str] = []
+    w = L.append
+    w("# srd_fx model-zoo report")
+    w("")
+    w(f"Every architecture of timm {timm.__version__} ({len(every)}), in five groups; written {now} (torch "
+      f"{torch.__version__}, {os.cpu_count()} CPU cores; current code fingerprint `{fingerprint}`). How the lists "
+      "and groups are derived and what each check means: [docs/zoo.md](../docs/zoo.md). Per-model numbers: "
+      "[report.json](report.json).")
+    w("")
+    w("## Summary by group")
+    w("")
+    w("| group | what | models | checked | passed | failed | skipped | not run | pass rate of the group | "
+      "pass rate of the checked | raw exceptions |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    for g in lists.GROUPS + ("tokens", "all"):
+        r = rows.get(g) or (tok_s if g == "tokens" else all_s)
+        what = lists.GROUP_HELP.get(g, "transformer + hybrid + mlp + other" if g == "tokens" else "all of timm")
+        name = f"**{g}**" if g in ("tokens", "all") else g
+        w(f"| {name} | {what} | {r['total']} | {r['passed'] + r['failed']} | {r['passed']} | {r['failed']} | "
+          f"{r['skipped']} | {r['not_run']} | {_pct(r['passed'], r['total'])} | "
+          f"{_pct(r['passed'], r['passed'] + r['failed'])} | {r['categories'].get('exception', 0)} |")
+    w("")
+    w(f"- Checks (float64, the same for every group): compile; logits relative error <= {LOGITS_TOL:g}; "
+      f"|sum R^input + lost - sum R^L| <= {CONSERVATION_TOL:g} * sum|R^L| per sample; every map finite "
+      f"(`layers=\"all\"`) and in the input's orientation (saliency (B, H, W), layers (B, N) or (B, h, w)); "
+      f"batch of 2 equals the samples alone (relative error <= {BATCH_TOL:g}). *Pass rate of the group* counts "
+      "models not run as not passed; *pass rate of the checked* is over the models that passed or failed.")
+    checked_tok = tok_s["passed"] + tok_s["failed"]
+    w(f"- Token groups: **{checked_tok} of {tok_s['total']} architectures checked so far "
+      f"({_pct(checked_tok, tok_s['total'])})**, {tok_s['passed']} passed "
+      f"({_pct(tok_s['passed'], checked_tok)} of the checked). The checked ones are a sample (see the runs below), "
+      "not the whole groups: the pass rate of the checked is an estimate, and the smallest models of a family "
+      "need not be representative of the family. The full sweep: "
+      "`python -m model_zoo_checks --all --groups tokens --jobs N --report`.")
+    raw = [n for n in every if records.get(n, {}).get("category") == "exception"]
+    w(f"- Raw (non-srd_fx) exceptions: {len(raw)}" + (
+        f" — each a bug in srd_fx: {', '.join(raw[:12])}{' ...' if len(raw) > 12 else ''}." if raw else
+        " (every failure is a named srd_fx error, a timeout or a build error)."))
+    for model, b in sorted(M.get("compile_benchmarks", {}).items()):
+        w(_compile_line(model, b))
+    w("")
+    w("Runs that produced the records (latest per group):")
+    w("")
+    for g in lists.GROUPS:
+        gm = M["groups"].get(g)
+        if gm:
+            w(f"- {g}: `{_esc(gm.get('command'))}` ({gm.get('generated', '?')}, code fingerprint "
+              f"`{gm.get('fingerprint', '?')}`"
+              + (f"; load average {gm['load_avg']}" if gm.get("load_avg") else "") + ").")
+            if gm.get("shards"):
+                from .shards import summary_line
+                w(f"  {summary_line(gm['shards'])}")
+    stale = {g: rows[g]["stale"] for g in lists.GROUPS if rows[g]["stale"]}
+    if stale:
+        w(f"- Records from an older version of the compiler (fingerprint differs from the current one): "
+          f"{', '.join(f'{g} {k}' for g, k in stale.items())}; rerun to refresh them.")
+    w("")
+
+    w("## CNN group (the default list)")
+    w("")
+    w(f"- Models: **{s['total']}** timm CNN architectures in **{s['families']}** families.")
+    w(f"- **Passed {s['passed']} / {s['total']} = {_pct(s['passed'], s['total'])}** "
+      f"(failed {s['failed']}, skipped as too large {s['skipped']}, not run {s['not_run']}). "
+      f"Of the models actually checked: {_pct(s['passed'], s['passed'] + s['failed'])}.")
+    lost = [(n, records[n]["metrics"].get("lost_frac")) for n in every
+            if records.get(n, {}).get("status") == "pass" and (records[n].get("metrics") or {}).get("lost_frac")]
+    lost = sorted(((n, f) for n, f in lost if f and f > CONSERVATION_TOL), key=lambda t: -t[1])
+    w(f"- *lost* is the relevance SRD drops, per docs/method.md \"Lost relevance and conservation\", where a position's PFV norm "
+      "or its bias-share denominator D_j is zero (`out.lost`); the check verifies that it accounts for the "
+      f"whole imbalance. Passing models (any group) with lost > {CONSERVATION_TOL:g} * sum|R^L|: {len(lost)}"
+      + (f" (largest: {', '.join(f'{n} {100 * f:.2f}%' for n, f in lost[:5])})." if lost else "."))
+    if s["compile_s_median"] is not None:
+        w(f"- Compile time (`srd_fx.compile(model, layers=\"all\", example_input=x)`, wall clock): median "
+          f"{s['compile_s_median']:.2f} s, 90th percentile {s['compile_s_p90']:.2f} s, max {s['compile_s_max']:.2f} s.")
+    w("")
+    w("### Seed architectures")
+    w("")
+    w("| model | status | compile s | reason |")
+    w("|---|---|---|---|")
+    for n in lists.SEED_MODELS:
+        r = records.get(n)
+        if r is None:
+            w(f"| {n} | not run | | |")
+        else:
+            w(f"| {n} | {r['status']} | {_fmt_s(r.get('times', {}).get('compile_s'))} | {_esc(r.get('reason'))} |")
+    w("")
+    w("### Failures by cause")
+    w("")
+    _fail_tables(w, cnn, records, s)
+    w("### Per-family pass rates")
     w("")
     w("| family | models | passed | failed | skipped | not run | pass rate | median compile s |")
     w("|---|---|---|---|---|---|---|---|")
@@ -218,7 +332,7 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
         w(f"| {f['family']} | {f['models']} | {f['passed']} | {f['failed']} | {f['skipped']} | {f['not_run']} | "
           f"{100 * f['pass_rate']:.0f}% | {_fmt_s(f['compile_s_median'])} |")
     w("")
-    w("## SRD vs zennit vs captum")
+    w("### SRD vs zennit vs captum")
     w("")
     if psum:
         w(f"Measured by `{peers.get('command', 'python -m model_zoo_checks.peers')}` ({peers.get('generated', '')}) "
@@ -242,56 +356,91 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     else:
         w("Not measured yet: run `python -m model_zoo_checks.peers --all --jobs 2`.")
         w("")
+
+    w("## Token groups")
+    w("")
+    for g in lists.TOKEN_GROUPS:
+        names_g, r = by_group[g], rows[g]
+        w(f"### {g}: {lists.GROUP_HELP[g]}")
+        w("")
+        w(f"{r['total']} architectures in {r['families']} families (timm modules); checked {r['passed'] + r['failed']}"
+          f" ({_pct(r['passed'] + r['failed'], r['total'])}), passed {r['passed']} "
+          f"({_pct(r['passed'], r['passed'] + r['failed'])} of the checked), skipped {r['skipped']}, "
+          f"not run {r['not_run']}.")
+        w("")
+        if r["passed"] + r["failed"]:
+            _fail_tables(w, names_g, records, r)
+        _family_rows(w, names_g, records)
+    w(_token_peer_section())
+
     w("## Every failure")
     w("")
-    w("| model | family | cause | reason |")
-    w("|---|---|---|---|")
+    w("| model | group | family | cause | reason |")
+    w("|---|---|---|---|---|")
     nf = 0
-    for n in names:
+    for n in every:
         r = records.get(n)
         if r and r["status"] == "fail":
             nf += 1
-            stale = " *(stale)*" if r.get("fingerprint") != fingerprint else ""
-            w(f"| {n} | {r.get('family')} | {r['category']}{stale} | {_esc(r.get('reason'))[:400]} |")
+            st = " *(stale)*" if r.get("fingerprint") != fingerprint else ""
+            w(f"| {n} | {lists.group_of(n)} | {r.get('family')} | {r['category']}{st} | {_esc(r.get('reason'))[:400]} |")
     if not nf:
-        w("| (none) | | | |")
+        w("| (none) | | | | |")
     w("")
-    skipped = [n for n in names if records.get(n, {}).get("status") == "skipped"]
+    skipped = [n for n in every if records.get(n, {}).get("status") == "skipped"]
     if skipped:
         w("## Skipped (too large for the sweep's parameter budget)")
         w("")
         for n in skipped:
             w(f"- {n}: {_esc(records[n].get('reason'))}")
         w("")
-    not_run = [n for n in names if n not in records]
-    if not_run:
-        w(f"## Not run ({len(not_run)})")
+    not_run_cnn = [n for n in cnn if n not in records]
+    if not_run_cnn:
+        w(f"## CNN models not run ({len(not_run_cnn)})")
         w("")
-        w(", ".join(not_run))
+        w(", ".join(not_run_cnn))
         w("")
     w("## Per-model times")
     w("")
-    w("<details><summary>every model: status, input size, parameters, build/compile/explain/total seconds</summary>")
+    w("<details><summary>every checked model: status, input size, parameters, build/compile/explain/total seconds</summary>")
     w("")
-    w("| model | status | input | params (M) | build s | compile s | explain s | total s |")
-    w("|---|---|---|---|---|---|---|---|")
-    for n in names:
+    w("| model | group | status | input | params (M) | build s | compile s | explain s | total s |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for n in every:
         r = records.get(n)
         if not r:
             continue
         t = r.get("times", {})
         p = r.get("params")
         size = "x".join(str(v) for v in r["input_size"][1:]) if r.get("input_size") else ""
-        w(f"| {n} | {r['status']} | {size} | {'' if p is None else f'{p / 1e6:.1f}'} | {_fmt_s(t.get('build_s'))} | "
-          f"{_fmt_s(t.get('compile_s'))} | {_fmt_s(t.get('explain_s'))} | {_fmt_s(r.get('wall_s', t.get('total_s')))} |")
+        w(f"| {n} | {lists.group_of(n)} | {r['status']} | {size} | {'' if p is None else f'{p / 1e6:.1f}'} | "
+          f"{_fmt_s(t.get('build_s'))} | {_fmt_s(t.get('compile_s'))} | {_fmt_s(t.get('explain_s'))} | "
+          f"{_fmt_s(r.get('wall_s', t.get('total_s')))} |")
     w("")
     w("</details>")
     w("")
     md_path.write_text("\n".join(L))
-    doc = dict(meta=meta, summary=s, families=fams, peers_summary=_jsonable(psum),
-               records=[records[n] for n in names if n in records], not_run=not_run)
+    # "summary", meta "command" and "resnet50_compile" keep their CNN meaning (benchmarks/bench.py reads them)
+    M["command"] = (M["groups"].get("cnn") or {}).get("command")
+    M["resnet50_compile"] = M["compile_benchmarks"].get("resnet50")
+    doc = dict(meta=M, summary=s, summary_by_group=dict(all=all_s, tokens=tok_s, **rows), families={
+        g: family_table(by_group[g], records) for g in lists.GROUPS}, peers_summary=_jsonable(psum),
+        records=[records[n] for n in every if n in records],
+        not_run=sorted(n for n in every if n not in records))
     json_path.write_text(json.dumps(_jsonable(doc), indent=1, sort_keys=False))
     return s
+
+
+TOKEN_PEERS_JSON = HERE / "peers_tokens.json"
+
+
+def _token_peer_section() -> str:
+    """The token-model peer table (LXT, zennit, SRD vs input x gradient) from peers_tokens.json."""
+    if not TOKEN_PEERS_JSON.exists():
+        return ("## Token models: SRD vs LXT vs zennit\n\nNot measured yet: run "
+                "`python -m model_zoo_checks.peers_tokens`.\n")
+    from .peers_tokens import render_markdown
+    return render_markdown(json.loads(TOKEN_PEERS_JSON.read_text()))
 
 
 def _jsonable(o):

@@ -51,21 +51,24 @@ BATCH_TOL = 1e-10         # batch-of-two vs one-by-one, relative to the map's ma
 
 # Failure categories, in the order they are reported.
 CATEGORIES = (
-    "unsupported-op", "trace-error", "logits-mismatch", "conservation", "non-finite",
-    "batch-dependence", "degenerate", "timeout", "crashed", "exception", "build-error",
+    "unsupported-op", "trace-error", "srd-error", "logits-mismatch", "conservation", "non-finite",
+    "orientation", "batch-dependence", "degenerate", "timeout", "crashed", "exception", "build-error",
     "no-input-size",
 )
 CATEGORY_HELP = {
     "unsupported-op": "compile raised srd_fx.UnsupportedOpError (the op is named)",
     "trace-error": "compile raised srd_fx.TraceError (torch.fx could not trace the model)",
+    "srd-error": "compile or a call raised another named srd_fx error (its class is given)",
     "logits-mismatch": f"compiled logits differ from model(x) by more than {LOGITS_TOL:g} (relative)",
     "conservation": f"|sum R^input - sum R^L| > {CONSERVATION_TOL:g} * sum |R^L|",
     "non-finite": "a map or the logits contain NaN/Inf (or srd_fx raised NonFiniteError)",
+    "orientation": "a map is not in the input's orientation: the saliency is not (B, H, W) with the input's "
+                   "H and W, or a layer's map is not (B, N) or (B, h, w)",
     "batch-dependence": f"the batch of two differs from the samples explained alone by more than {BATCH_TOL:g}",
     "degenerate": "R^L is zero everywhere for a sample, so conservation was not tested",
     "timeout": "the model ran past the per-model time limit and was killed",
     "crashed": "the worker process died (usually out of memory)",
-    "exception": "another exception while compiling or explaining (type and message given)",
+    "exception": "a raw (not srd_fx) exception escaped compile or a call: a bug in srd_fx (type and message given)",
     "build-error": "timm could not build the model (not an srd_fx problem)",
     "no-input-size": "no tried input size was accepted by the model's own forward",
 }
@@ -263,6 +266,9 @@ def classify_exception(e: BaseException, stage: str, model=None) -> Dict:
         return dict(category="trace-error", op=None, reason=why[:300], detail=msg[:3000])
     if isinstance(e, srd_fx.NonFiniteError):
         return dict(category="non-finite", op=None, reason=f"{stage}: NonFiniteError: {first[:250]}", detail=msg[:3000])
+    if isinstance(e, srd_fx.SRDError):
+        return dict(category="srd-error", op=type(e).__name__, reason=f"{stage}: {type(e).__name__}: {first[:250]}",
+                    detail=msg[:3000])
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
     return dict(category="exception", op=None, reason=f"{stage}: {type(e).__name__}: {first[:250]}",
                 detail=(msg[:1500] + "\n" + tb[-1500:]))
@@ -278,6 +284,20 @@ def _rel(a, b):
 
 
 # ---------------------------------------------------------------------------------- the check
+def orientation_errors(out, x) -> List[str]:
+    """What is not in the input's orientation (docs/method.md, the read-out of token models): the saliency must be
+    (B, H, W) with the input's batch, height and width; R_L and every layer's map (B, N) for a token
+    layer or (B, h, w) for a grid.  Empty when all is well."""
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    errs = []
+    if tuple(out.saliency.shape) != (b, h, w):
+        errs.append(f"saliency is {tuple(out.saliency.shape)}, not {(b, h, w)}")
+    for k, v in [("R_L", out.R_L), *[(f"relevance[{k}]", v) for k, v in out.relevance.items()]]:
+        if v is not None and (v.dim() not in (2, 3) or v.shape[0] != b):
+            errs.append(f"{k} is {tuple(v.shape)}, not (B, N) or (B, h, w) with B = {b}")
+    return errs
+
+
 def with_threads(check: Callable[[str, "Options"], Dict], name: str, opts: "Options") -> Dict:
     """``check(name, opts)`` with ``opts.threads`` torch threads; the caller's setting is restored."""
     import torch
@@ -361,6 +381,9 @@ def _check_model(name: str, opts: Options) -> Dict:
         m["n_maps"] = len(maps)
         if bad:
             fails.append(("non-finite", f"non-finite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}"))
+        wrong = orientation_errors(out, x)
+        if wrong:
+            fails.append(("orientation", "; ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else "")))
         m["logits_rel_err"] = _rel(out.logits, ref)
         if not m["logits_rel_err"] <= LOGITS_TOL:
             fails.append(("logits-mismatch", f"logits relative error {m['logits_rel_err']:.3g} > {LOGITS_TOL:g}"))
