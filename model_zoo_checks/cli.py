@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--sample", type=int, default=0, metavar="N",
                      help="Check the N smallest models (by parameter count) of every family of the groups.")
     sel.add_argument("--sample-random", type=int, default=0, metavar="K",
-                     help="Also check K more models of every family, drawn at random with --seed "
-                          "(after the --sample smallest).")
+                     help="Also check K more models of every family, drawn at random with --seed from "
+                          "those within --max-params (after the --sample smallest).")
     sel.add_argument("--list", action="store_true",
                      help="Print the selected names with their family and timm module, and exit.")
     run = p.add_argument_group("how to run")
@@ -124,7 +124,7 @@ def select(args) -> List[str]:
     if args.filter:
         names += lists.select(default, args.filter)
     if args.sample or getattr(args, "sample_random", 0):
-        counts = param_counts(default) if args.sample else {}
+        counts = param_counts(default)
         fam: Dict[str, List[str]] = {}
         for n in default:
             fam.setdefault(lists.family_of(n, lists.module_of(n)), []).append(n)
@@ -132,7 +132,7 @@ def select(args) -> List[str]:
         for f, ms in sorted(fam.items()):
             ms.sort(key=lambda n: (counts.get(n) is None, counts.get(n) or 0, n))
             names += ms[:args.sample]
-            rest = sorted(ms[args.sample:])
+            rest = sorted(n for n in ms[args.sample:] if (counts.get(n) or 0) <= args.max_params * 1e6)
             names += rng.sample(rest, min(getattr(args, "sample_random", 0), len(rest)))
     if args.all or not names:
         names += default

@@ -336,3 +336,19 @@ def read_list(path) -> List[str]:
             if line:
                 names.append(line)
     return names
+
+
+def parse_entry(line: str):
+    """``"name key=value ..."`` (a line of a CI list) -> (name, kwargs for ``timm.create_model``);
+    values are read as Python literals (``img_size=64``, ``window_size=2``)."""
+    import ast
+    name, *rest = line.split()
+    kwargs = {}
+    for item in rest:
+        k, _, v = item.partition("=")
+        try:
+            kwargs[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            kwargs[k] = v
+    return name, kwargs
+

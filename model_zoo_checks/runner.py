@@ -44,6 +44,7 @@ SRD_CACHE = CACHE_DIR / "srd.jsonl"
 REPORT_MD = HERE / "REPORT.md"
 REPORT_JSON = HERE / "report.json"
 CI_SUBSET = HERE / "ci_subset.txt"
+CI_TOKENS = HERE / "ci_tokens.txt"
 
 LOGITS_TOL = 1e-10        # relative error of the compiled logits against model(x)
 CONSERVATION_TOL = 1e-8   # |sum R^input - sum R^L| <= tol * sum |R^L|
@@ -165,15 +166,16 @@ def _mem_available() -> Optional[float]:
     return None
 
 
-def build_model(name: str, opts: Options):
-    """The float64 eval-mode model of the sweep (see the module docstring)."""
+def build_model(name: str, opts: Options, **model_kwargs):
+    """The float64 eval-mode model of the sweep (see the module docstring); ``model_kwargs`` go to
+    ``timm.create_model`` (the CI subsets use them for small inputs, e.g. ``img_size=64``)."""
     import timm
     import torch
     torch.manual_seed(opts.seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
     finally:
         torch.set_default_dtype(old)
     model = model.double().eval()
@@ -209,11 +211,12 @@ def make_input(model, size: int, seed: int):
     return torch.randn(2, chans, size, size, generator=g, dtype=torch.float64)
 
 
-def pick_input(model, opts: Options):
-    """Return (x, reference logits) at the smallest accepted size, or raise the last error."""
+def pick_input(model, opts: Options, sizes: Optional[Sequence[int]] = None):
+    """Return (x, reference logits) at the smallest accepted size (of ``sizes`` when given), or
+    raise the last error."""
     import torch
     last = None
-    for s in candidate_sizes(model, opts):
+    for s in sizes or candidate_sizes(model, opts):
         x = make_input(model, s, opts.seed)
         try:
             with torch.no_grad():
@@ -309,17 +312,20 @@ def with_threads(check: Callable[[str, "Options"], Dict], name: str, opts: "Opti
         torch.set_num_threads(before)
 
 
-def check_model(name: str, opts: Options) -> Dict:
-    """Build, compile and check one model; never raises (failures are in the record)."""
-    return with_threads(_check_model, name, opts)
+def check_model(name: str, opts: Options, model_kwargs: Optional[Dict] = None) -> Dict:
+    """Build, compile and check one model; never raises (failures are in the record).  ``model_kwargs``
+    go to ``timm.create_model``; an ``img_size`` among them is also the input size."""
+    return with_threads(lambda n, o: _check_model(n, o, dict(model_kwargs or {})), name, opts)
 
 
-def _check_model(name: str, opts: Options) -> Dict:
+def _check_model(name: str, opts: Options, model_kwargs: Dict) -> Dict:
     import torch
     from . import lists
     rec: Dict = dict(model=name, module=lists.module_of(name), family=lists.family_of(name, lists.module_of(name)),
                      status="fail", category=None, op=None, reason=None, detail=None, params=None,
                      input_size=None, times={}, metrics={})
+    if model_kwargs:
+        rec["model_kwargs"] = model_kwargs
     t_all, c_all = time.perf_counter(), time.process_time()
     n = count_params_meta(name)
     rec["params"] = n
@@ -339,7 +345,7 @@ def _check_model(name: str, opts: Options) -> Dict:
         return rec
     try:
         t = time.perf_counter()
-        model = build_model(name, opts)
+        model = build_model(name, opts, **model_kwargs)
         rec["times"]["build_s"] = time.perf_counter() - t
         if n is None:
             rec["params"] = sum(p.numel() for p in model.parameters())
@@ -347,7 +353,8 @@ def _check_model(name: str, opts: Options) -> Dict:
         rec.update(category="build-error", reason=f"{type(e).__name__}: {str(e).strip()[:250]}")
         return rec
     try:
-        x, ref = pick_input(model, opts)
+        img = model_kwargs.get("img_size")
+        x, ref = pick_input(model, opts, sizes=[img] if isinstance(img, int) else None)
     except NoInputSize as e:
         rec.update(category="no-input-size", reason=str(e)[:300])
         return rec

@@ -1,0 +1,415 @@
+"""Token models: SRD next to LXT (AttnLRP, CP-LRP), zennit and input x gradient.
+
+    python -m model_zoo_checks.peers_tokens                  # both parts below; writes peers_tokens.json + REPORT.md
+    python -m model_zoo_checks.peers_tokens --part maps --models vit_tiny_patch16_224 mixer_s16_224
+
+Part ``maps`` (does a method give a map, and does it conserve?): every model of ``--models``
+(default: the token CI subset, model_zoo_checks/ci_tokens.txt, plus the three timing models), built
+as the zoo sweep builds it (float64, seeded weights, the zoo's input size), one sample, target =
+the argmax.  *Produced a map*: a finite attribution of the input's spatial shape, no exception.
+*Conserves*: ``|sum R^input - R^out| <= 1e-3 |R^out|`` with ``R^out`` the target logit (LXT,
+zennit) or ``sum R^L`` minus SRD's reported ``lost`` (SRD: the same balance the zoo checks).
+
+Part ``timing`` (cost next to input x gradient): ``--timing-models`` (default
+vit_small_patch16_224, deit_small_patch16_224, swin_tiny_patch4_window7_224) at batch 8, 224 x 224,
+float32, CPU, ``--threads`` torch threads (default 1), every parameter frozen, the predicted class
+as target; the methods and their timing/memory protocol are those of ``benchmarks/bench.py``
+(median of ``--repeats`` calls after ``--warmup``; peak memory = ``VmHWM - VmRSS`` over one call in a
+fresh process with glibc's mmap threshold at 4 KiB).  SRD is measured only where ``srd_fx.compile``
+accepts the model.
+
+The methods:
+
+* ``srd``: ``srd_fx.compile(model, example_input=x[:1])(x, target)``, the input map;
+* ``ixg``: input x gradient (the reference of the ratios);
+* ``lxt_attnlrp`` / ``lxt_cplrp``: LXT's efficient (gradient x input) implementation, with a patch
+  map for timm written the way LXT asks for models it does not ship one for
+  (``lxt.efficient.monkey_patch(module, patch_map)``): LXT's own patches
+  ``layer_norm_forward`` on ``nn.LayerNorm`` and timm's ``LayerNorm``, ``non_linear_forward``
+  (identity rule) on GELU/SiLU modules, and LXT's attention wrappers around
+  ``F.scaled_dot_product_attention`` (the function every timm attention block with fused
+  attention calls): ``wrap_attention_forward`` (AttnLRP: uniform rule on q, k, v) or
+  ``cp_wrap_attention_forward`` (CP-LRP: no relevance through q and k).  Linear and conv layers get
+  zennit rules through ``lxt.efficient.monkey_patch_zennit`` as in LXT's ViT example:
+  ``Gamma(0.25)`` on ``Conv2d``, ``Gamma(0.05)`` on ``Linear``.  Attention blocks that do not call
+  ``F.scaled_dot_product_attention`` and norms or activations of other classes are left as they
+  are (plain gradient there);
+* ``zennit_lrp``: zennit ``EpsilonPlusFlat`` with ``SequentialMergeBatchNorm`` (as for the CNNs),
+  no attention support of its own.
+
+Every (model, method) runs in its own process: LXT's patches change classes and functions for the
+whole process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT_JSON = HERE / "peers_tokens.json"
+TIMING_MODELS = ("vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224")
+METHODS = ("srd", "lxt_attnlrp", "lxt_cplrp", "zennit_lrp", "ixg")
+MAP_METHODS = ("srd", "lxt_attnlrp", "lxt_cplrp", "zennit_lrp")
+LABELS = {"srd": "SRD (srd_fx)", "ixg": "input×gradient", "lxt_attnlrp": "LXT AttnLRP",
+          "lxt_cplrp": "LXT CP-LRP", "zennit_lrp": "zennit EpsilonPlusFlat"}
+TOL = 1e-3
+TARGET_RATIO = 1.5
+CONV_GAMMA, LINEAR_GAMMA = 0.25, 0.05
+
+
+# ------------------------------------------------------------------------------------ LXT for timm
+def _lxt_efficient():
+    """``lxt.efficient``'s patches and its zennit patch.  LXT 2.1's ``lxt/efficient/__init__.py``
+    imports its Hugging Face model maps (llama, gemma3, ...), which fail on transformers releases
+    that dropped ``transformers.modeling_attn_mask_utils``; nothing used here needs them, so when
+    that import fails the package is registered without running its ``__init__`` and the two
+    modules used (``patches``, ``zennit_patches``) are imported directly."""
+    try:
+        import lxt.efficient  # noqa: F401
+    except ImportError:
+        import types
+        import lxt
+        pkg = types.ModuleType("lxt.efficient")
+        pkg.__path__ = [str(Path(lxt.__file__).parent / "efficient")]
+        sys.modules["lxt.efficient"] = pkg
+    from lxt.efficient import patches, zennit_patches
+    return patches, zennit_patches
+
+
+def lxt_patch_timm(variant: str) -> None:
+    """Apply LXT's efficient AttnLRP (``variant="attnlrp"``) or CP-LRP (``"cplrp"``) patches to the
+    torch/timm classes timm models use (for the whole process), and LXT's zennit patch.  The patch
+    map is applied as ``lxt.efficient.monkey_patch(module, patch_map)`` applies one: each value is
+    called with its class."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import timm.layers
+    patches, zennit_patches = _lxt_efficient()
+    patch_method, layer_norm_forward = patches.patch_method, patches.layer_norm_forward
+    non_linear_forward = patches.non_linear_forward
+    wrap_attention_forward, cp_wrap_attention_forward = patches.wrap_attention_forward, patches.cp_wrap_attention_forward
+    identity = functools.partial(patch_method, non_linear_forward, keep_original=True)
+    patch_map = {nn.LayerNorm: functools.partial(patch_method, layer_norm_forward),
+                 timm.layers.LayerNorm: functools.partial(patch_method, layer_norm_forward),
+                 nn.GELU: identity, nn.SiLU: identity}
+    for name in ("GELU", "GELUTanh", "QuickGELU"):
+        cls = getattr(timm.layers.activations, name, None)
+        if cls is not None:
+            patch_map[cls] = identity
+    for target, patch in patch_map.items():
+        if not patch(target):
+            raise RuntimeError(f"LXT could not patch {target.__name__}")
+    wrap = wrap_attention_forward if variant == "attnlrp" else cp_wrap_attention_forward
+    sdpa = F.scaled_dot_product_attention
+    wrapped = wrap(lambda module, q, k, v, *a, **kw: sdpa(q, k, v, *a, **kw))
+    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: wrapped(None, q, k, v, *a, **kw)
+    zennit_patches.monkey_patch_zennit()
+
+
+def _lxt_bench(variant: str, model, x, t):
+    """A bench.Bench for LXT on ``model`` (after :func:`lxt_patch_timm`)."""
+    import torch
+    import zennit.rules as zr
+    from zennit.composites import LayerMapComposite
+    from benchmarks.bench import Bench
+    lxt_patch_timm(variant)
+    composite = LayerMapComposite([(torch.nn.Conv2d, zr.Gamma(CONV_GAMMA)), (torch.nn.Linear, zr.Gamma(LINEAR_GAMMA))])
+    composite.register(model)
+
+    def run():
+        xr = x.detach().requires_grad_(True)
+        y = model(xr)
+        y.gather(1, t[:, None]).sum().backward()
+        return (xr * xr.grad).sum(1)
+    return Bench(run, composite.remove)
+
+
+def setup(method: str, model, x, t):
+    """A bench.Bench for ``method`` (benchmarks/bench.py's own for srd, ixg and zennit_lrp)."""
+    if method.startswith("lxt_"):
+        return _lxt_bench(method[4:], model, x, t)
+    from benchmarks.bench import setup as bench_setup
+    return bench_setup(method, model, x, t, "cpu", "float32")
+
+
+# ------------------------------------------------------------------------------------ workers
+def _error(e: BaseException) -> Dict:
+    msg = str(e).strip()
+    return dict(error=f"{type(e).__name__}: {msg.splitlines()[0][:300] if msg else ''}")
+
+
+def map_worker(name: str, method: str) -> Dict:
+    """Part ``maps`` for one (model, method), in this process."""
+    import torch
+    from .runner import Options, build_model, pick_input
+    torch.set_num_threads(1)
+    opts = Options()
+    model = build_model(name, opts)
+    x, ref = pick_input(model, opts)
+    x1 = x[:1]
+    t = ref[:1].argmax(1)
+    rec: Dict = dict(input_size=list(x.shape[1:]))
+    tic = time.perf_counter()
+    try:
+        if method == "srd":
+            import srd_fx
+            with torch.enable_grad():
+                out = srd_fx.compile(model, example_input=x1)(x1, target=t)
+            attr = out.saliency
+            r_out = float(out.R_L.sum()) - float(out.lost.sum())
+        else:
+            attr = setup(method, model, x1, t).run().detach()
+            with torch.no_grad():
+                r_out = float(model(x1)[0, t[0]])
+    except Exception as e:  # a method that fails on a model: a result
+        rec.update(produced=False, finite=False, conserved=False, **_error(e))
+        rec["time_s"] = time.perf_counter() - tic
+        return rec
+    rec["time_s"] = time.perf_counter() - tic
+    rec["finite"] = bool(torch.isfinite(attr).all())
+    rec["produced"] = tuple(attr.shape[-2:]) == tuple(x.shape[-2:]) and rec["finite"]
+    total = float(attr.sum())
+    err = abs(total - r_out) / abs(r_out) if r_out else float("inf")
+    rec.update(sum_R_input=total, R_out=r_out, conservation_rel_err=err if math.isfinite(err) else str(err),
+               conserved=bool(rec["produced"] and math.isfinite(err) and err <= TOL))
+    return rec
+
+
+def _timing_inputs(name: str, batch: int, size: int):
+    from benchmarks.bench import load_model, make_input, targets_of
+    model = load_model(f"timm:{name}")
+    x = make_input(batch, size)
+    return model, x, targets_of(model, x, "cpu", "float32")
+
+
+def time_worker(name: str, method: str, batch: int, size: int, warmup: int, repeats: int) -> Dict:
+    """Part ``timing``, seconds per call, for one (model, method), in this process."""
+    from benchmarks.bench import time_calls
+    model, x, t = _timing_inputs(name, batch, size)
+    tic = time.perf_counter()
+    bench = setup(method, model, x, t)
+    setup_s = time.perf_counter() - tic
+    first, times = time_calls(bench.run, "cpu", warmup, repeats)
+    return dict(median_s=statistics.median(times), times_s=times, warmup_s=first, setup_s=setup_s)
+
+
+def mem_worker(name: str, method: str, batch: int, size: int) -> Dict:
+    """Part ``timing``, peak extra resident memory of one call (MiB), as benchmarks/bench.py measures it."""
+    import gc
+    from benchmarks.bench import _proc_status, _reset_hwm
+    model, x, t = _timing_inputs(name, batch, size)
+    bench = setup(method, model, x, t)
+    bench.run()
+    gc.collect()
+    base = _proc_status()["VmRSS"]
+    if not _reset_hwm():
+        return dict(error="no /proc/self/clear_refs: peak memory not measurable here")
+    bench.run()
+    return dict(peak_mb=(_proc_status()["VmHWM"] - base) / 1024, mem_method="VmHWM-VmRSS (clear_refs)")
+
+
+def _in_process(kind: str, spec: Dict, timeout: float, threads: int) -> Dict:
+    """Run one worker in a fresh process (``python -m model_zoo_checks.peers_tokens --_worker``)."""
+    from benchmarks.bench import MMAP_THRESHOLD
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if kind == "mem":
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(MMAP_THRESHOLD))
+        env.pop("MALLOC_MMAP_MAX_", None)
+    cmd = [sys.executable, "-m", "model_zoo_checks.peers_tokens", "--_worker", json.dumps(dict(spec, kind=kind, threads=threads))]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timeout: still running after {timeout:.0f} s (killed)")
+    lines = [l for l in p.stdout.splitlines() if l.startswith("PEERS_WORKER ")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        return dict(error=f"worker failed (rc {p.returncode}): {tail[0][:300]}")
+    return json.loads(lines[-1][len("PEERS_WORKER "):])
+
+
+def _worker_main(spec: Dict) -> int:
+    import torch
+    torch.set_num_threads(spec.get("threads", 1))
+    import warnings
+    warnings.filterwarnings("ignore")
+    kind = spec["kind"]
+    try:
+        if kind == "map":
+            rec = map_worker(spec["model"], spec["method"])
+        elif kind == "time":
+            rec = time_worker(spec["model"], spec["method"], spec["batch"], spec["size"], spec["warmup"], spec["repeats"])
+        else:
+            rec = mem_worker(spec["model"], spec["method"], spec["batch"], spec["size"])
+    except Exception as e:  # reported as the method's failure on this model
+        rec = _error(e)
+    print("PEERS_WORKER " + json.dumps(rec, default=str), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the report
+def _pct(a, b):
+    return f"{100.0 * a / b:.0f}%" if b else "n/a"
+
+
+def render_markdown(doc: Dict) -> str:
+    """The REPORT.md section of peers_tokens.json."""
+    L: List[str] = ["## Token models: SRD vs LXT vs zennit", ""]
+    w = L.append
+    maps = doc.get("maps") or {}
+    if maps:
+        w(f"Measured by `{doc.get('maps_command', '')}` ({doc.get('maps_generated', '')}) on {len(maps)} token models "
+          f"(float64, the zoo's weights and input, one sample, target = argmax; see model_zoo_checks/peers_tokens.py "
+          f"for each method's setting). *Map*: a finite map of the input's shape, no exception; *conserves*: "
+          f"|sum R^input - R^out| <= {TOL:g} |R^out| (R^out = the target logit; SRD: sum R^L - lost).")
+        w("")
+        w("| method | models | produced a map | conserves within 1e-3 | most common error |")
+        w("|---|---|---|---|---|")
+        from collections import Counter
+        for m in MAP_METHODS:
+            got = [maps[n][m] for n in maps if m in maps[n]]
+            if not got:
+                continue
+            errs = Counter((g.get("error") or "").split(":")[0] for g in got if g.get("error"))
+            top = ", ".join(f"{k} x{c}" for k, c in errs.most_common(2))
+            w(f"| {LABELS[m]} | {len(got)} | {sum(bool(g.get('produced')) for g in got)} "
+              f"({_pct(sum(bool(g.get('produced')) for g in got), len(got))}) | "
+              f"{sum(bool(g.get('conserved')) for g in got)} ({_pct(sum(bool(g.get('conserved')) for g in got), len(got))}) | "
+              f"{top} |")
+        w("")
+        w("<details><summary>per model: conservation error |sum R^input - R^out| / |R^out| (or the error)</summary>")
+        w("")
+        w("| model | " + " | ".join(LABELS[m] for m in MAP_METHODS) + " |")
+        w("|---|" + "---|" * len(MAP_METHODS))
+        for n in sorted(maps):
+            cells = []
+            for m in MAP_METHODS:
+                g = maps[n].get(m) or {}
+                if g.get("error"):
+                    cells.append(str(g["error"]).replace("|", "\\|")[:80])
+                elif isinstance(g.get("conservation_rel_err"), (int, float)):
+                    cells.append(f"{g['conservation_rel_err']:.1e}")
+                else:
+                    cells.append(str(g.get("conservation_rel_err", "")))
+            w(f"| {n} | " + " | ".join(cells) + " |")
+        w("")
+        w("</details>")
+        w("")
+    tim = doc.get("timing") or {}
+    if tim:
+        s = doc.get("timing_settings", {})
+        w(f"Cost next to input×gradient, measured by `{doc.get('timing_command', '')}` ({doc.get('timing_generated', '')}; "
+          f"batch {s.get('batch')}, {s.get('size')}x{s.get('size')}, float32, CPU, {s.get('threads')} thread(s), "
+          f"parameters frozen; median of {s.get('repeats')} calls after {s.get('warmup')}; peak memory = extra resident "
+          f"memory of one call in a fresh process, as benchmarks/bench.py measures it; load average "
+          f"{s.get('load_avg', '?')}). Target for SRD: <= {TARGET_RATIO:g}x input×gradient in time and in memory.")
+        w("")
+        w("| model | method | time s | × ixg time | peak MiB | × ixg memory |")
+        w("|---|---|---|---|---|---|")
+        for n, rows in tim.items():
+            ref = rows.get("ixg", {})
+            for m in METHODS:
+                r = rows.get(m)
+                if r is None:
+                    continue
+                if r.get("error"):
+                    w(f"| {n} | {LABELS[m]} | {str(r['error']).replace('|', '/')[:120]} | | | |")
+                    continue
+                tr = r.get("median_s") / ref["median_s"] if ref.get("median_s") and r.get("median_s") else None
+                mr = r.get("peak_mb") / ref["peak_mb"] if ref.get("peak_mb") and r.get("peak_mb") is not None else None
+                peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+                w(f"| {n} | {LABELS[m]} | {r.get('median_s', float('nan')):.3f} | {'' if tr is None else f'{tr:.2f}'} | "
+                  f"{peak} | {'' if mr is None else f'{mr:.2f}'} |")
+        w("")
+    if not maps and not tim:
+        w("Not measured yet: run `python -m model_zoo_checks.peers_tokens`.")
+        w("")
+    return "\n".join(L)
+
+
+def default_map_models() -> List[str]:
+    from .lists import parse_entry, read_list
+    from .runner import CI_TOKENS
+    names = [parse_entry(l)[0] for l in read_list(CI_TOKENS)] if CI_TOKENS.exists() else []
+    return names + [n for n in TIMING_MODELS if n not in names]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model_zoo_checks.peers_tokens",
+                                description="SRD next to LXT (AttnLRP, CP-LRP), zennit and input x gradient on timm "
+                                            "token models: maps, conservation, time and peak memory.")
+    p.add_argument("--part", choices=("maps", "timing", "both"), default="both")
+    p.add_argument("--models", nargs="+", default=None, help="models of the maps part (default: the token CI subset "
+                                                             "and the timing models)")
+    p.add_argument("--timing-models", nargs="+", default=list(TIMING_MODELS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=600.0, help="per (model, method) worker, seconds")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not rewrite REPORT.md")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        return _worker_main(json.loads(args._worker))
+    doc = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+    cmd = "python -m model_zoo_checks.peers_tokens " + " ".join(sys.argv[1:] if argv is None else argv)
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if args.part in ("maps", "both"):
+        maps = doc.get("maps") or {}
+        for n in args.models or default_map_models():
+            maps[n] = {}
+            for m in [m for m in args.methods if m in MAP_METHODS]:
+                maps[n][m] = r = _in_process("map", dict(model=n, method=m), args.timeout, args.threads)
+                print(f"maps {n} {m}: " + (r.get("error") or f"produced={r.get('produced')} conserved={r.get('conserved')} "
+                                                            f"err={r.get('conservation_rel_err')}"), file=sys.stderr)
+        doc.update(maps=maps, maps_command=cmd.strip(), maps_generated=now)
+    if args.part in ("timing", "both"):
+        load0 = os.getloadavg()[0]
+        tim = doc.get("timing") or {}
+        for n in args.timing_models:
+            tim[n] = rows = {}
+            for m in args.methods:
+                spec = dict(model=n, method=m, batch=args.batch, size=args.size, warmup=args.warmup, repeats=args.repeats)
+                rows[m] = r = _in_process("time", spec, args.timeout, args.threads)
+                if args.memory and not r.get("error"):
+                    r.update({k: v for k, v in _in_process("mem", spec, args.timeout, args.threads).items()
+                              if k in ("peak_mb", "mem_method", "error")})
+                print(f"timing {n} {m}: " + (r.get("error") or f"{r.get('median_s', float('nan')):.3f} s, "
+                                                              f"{r.get('peak_mb', float('nan')):.0f} MiB"), file=sys.stderr)
+        doc.update(timing=tim, timing_command=cmd.strip(), timing_generated=now,
+                   timing_settings=dict(batch=args.batch, size=args.size, threads=args.threads, repeats=args.repeats,
+                                        warmup=args.warmup, load_avg=f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"))
+    import lxt
+    import timm
+    import torch
+    import zennit
+    doc["versions"] = dict(lxt=getattr(lxt, "__version__", "2.1"), zennit=getattr(zennit, "__version__", "?"),
+                           timm=timm.__version__, torch=torch.__version__)
+    OUT_JSON.write_text(json.dumps(doc, indent=1, default=str))
+    print(render_markdown(doc))
+    if args.report:
+        from .report import write_report
+        from .runner import Options, code_fingerprint
+        write_report([], {}, fingerprint=code_fingerprint(Options()), command="", meta=None)
+        print("rewrote model_zoo_checks/REPORT.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
