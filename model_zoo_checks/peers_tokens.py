@@ -316,8 +316,8 @@ def render_markdown(doc: Dict) -> str:
           f"memory of one call in a fresh process, as benchmarks/bench.py measures it; load average "
           f"{s.get('load_avg', '?')}). Target for SRD: <= {TARGET_RATIO:g}x input×gradient in time and in memory.")
         w("")
-        w("| model | method | time s | × ixg time | peak MiB | × ixg memory |")
-        w("|---|---|---|---|---|---|")
+        w("| model | method | time s | × ixg time | peak MiB | × ixg memory | measured (load average) |")
+        w("|---|---|---|---|---|---|---|")
         for n, rows in tim.items():
             ref = rows.get("ixg", {})
             for m in METHODS:
@@ -325,13 +325,13 @@ def render_markdown(doc: Dict) -> str:
                 if r is None:
                     continue
                 if r.get("error"):
-                    w(f"| {n} | {LABELS[m]} | {str(r['error']).replace('|', '/')[:120]} | | | |")
+                    w(f"| {n} | {LABELS[m]} | {str(r['error']).replace('|', '/')[:120]} | | | | {r.get('measured', '')} |")
                     continue
                 tr = r.get("median_s") / ref["median_s"] if ref.get("median_s") and r.get("median_s") else None
                 mr = r.get("peak_mb") / ref["peak_mb"] if ref.get("peak_mb") and r.get("peak_mb") is not None else None
                 peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
                 w(f"| {n} | {LABELS[m]} | {r.get('median_s', float('nan')):.3f} | {'' if tr is None else f'{tr:.2f}'} | "
-                  f"{peak} | {'' if mr is None else f'{mr:.2f}'} |")
+                  f"{peak} | {'' if mr is None else f'{mr:.2f}'} | {r.get('measured', '')} ({r.get('load_avg', '?')}) |")
         w("")
     if not maps and not tim:
         w("Not measured yet: run `python -m model_zoo_checks.peers_tokens`.")
@@ -373,7 +373,7 @@ def main(argv=None) -> int:
     if args.part in ("maps", "both"):
         maps = doc.get("maps") or {}
         for n in args.models or default_map_models():
-            maps[n] = {}
+            maps.setdefault(n, {})
             for m in [m for m in args.methods if m in MAP_METHODS]:
                 maps[n][m] = r = _in_process("map", dict(model=n, method=m), args.timeout, args.threads)
                 print(f"maps {n} {m}: " + (r.get("error") or f"produced={r.get('produced')} conserved={r.get('conserved')} "
@@ -383,10 +383,11 @@ def main(argv=None) -> int:
         load0 = os.getloadavg()[0]
         tim = doc.get("timing") or {}
         for n in args.timing_models:
-            tim[n] = rows = {}
+            rows = tim.setdefault(n, {})
             for m in args.methods:
                 spec = dict(model=n, method=m, batch=args.batch, size=args.size, warmup=args.warmup, repeats=args.repeats)
                 rows[m] = r = _in_process("time", spec, args.timeout, args.threads)
+                r.update(measured=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_avg=f"{os.getloadavg()[0]:.1f}")
                 if args.memory and not r.get("error"):
                     r.update({k: v for k, v in _in_process("mem", spec, args.timeout, args.threads).items()
                               if k in ("peak_mb", "mem_method", "error")})
