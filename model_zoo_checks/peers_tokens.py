@@ -56,16 +56,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .report import PEER_TOL as TOL
+from .report import TOKEN_MAP_METHODS as MAP_METHODS
+from .report import TOKEN_PEER_METHODS as METHODS
+from .report import TOKEN_PEERS_JSON as OUT_JSON
+from .report import token_peers_markdown as render_markdown
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-OUT_JSON = HERE / "peers_tokens.json"
 TIMING_MODELS = ("vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224")
-METHODS = ("srd", "lxt_attnlrp", "lxt_cplrp", "zennit_lrp", "ixg")
-MAP_METHODS = ("srd", "lxt_attnlrp", "lxt_cplrp", "zennit_lrp")
-LABELS = {"srd": "SRD (srd_fx)", "ixg": "input×gradient", "lxt_attnlrp": "LXT AttnLRP",
-          "lxt_cplrp": "LXT CP-LRP", "zennit_lrp": "zennit EpsilonPlusFlat"}
-TOL = 1e-3
-TARGET_RATIO = 1.5
 CONV_GAMMA, LINEAR_GAMMA = 0.25, 0.05
 
 
@@ -257,86 +256,6 @@ def _worker_main(spec: Dict) -> int:
         rec = _error(e)
     print("PEERS_WORKER " + json.dumps(rec, default=str), flush=True)
     return 0
-
-
-# ------------------------------------------------------------------------------------ the report
-def _pct(a, b):
-    return f"{100.0 * a / b:.0f}%" if b else "n/a"
-
-
-def render_markdown(doc: Dict) -> str:
-    """The REPORT.md section of peers_tokens.json."""
-    L: List[str] = ["## Token models: SRD vs LXT vs zennit", ""]
-    w = L.append
-    maps = doc.get("maps") or {}
-    if maps:
-        w(f"Measured by `{doc.get('maps_command', '')}` ({doc.get('maps_generated', '')}) on {len(maps)} token models "
-          f"(float64, the zoo's weights and input, one sample, target = argmax; see model_zoo_checks/peers_tokens.py "
-          f"for each method's setting). *Map*: a finite map of the input's shape, no exception; *conserves*: "
-          f"|sum R^input - R^out| <= {TOL:g} |R^out| (R^out = the target logit; SRD: sum R^L - lost).")
-        w("")
-        w("| method | models | produced a map | conserves within 1e-3 | most common error |")
-        w("|---|---|---|---|---|")
-        from collections import Counter
-        for m in MAP_METHODS:
-            got = [maps[n][m] for n in maps if m in maps[n]]
-            if not got:
-                continue
-            errs = Counter((g.get("error") or "").split(":")[0] for g in got if g.get("error"))
-            top = ", ".join(f"{k} x{c}" for k, c in errs.most_common(2))
-            w(f"| {LABELS[m]} | {len(got)} | {sum(bool(g.get('produced')) for g in got)} "
-              f"({_pct(sum(bool(g.get('produced')) for g in got), len(got))}) | "
-              f"{sum(bool(g.get('conserved')) for g in got)} ({_pct(sum(bool(g.get('conserved')) for g in got), len(got))}) | "
-              f"{top} |")
-        w("")
-        w("<details><summary>per model: conservation error |sum R^input - R^out| / |R^out| (or the error)</summary>")
-        w("")
-        w("| model | " + " | ".join(LABELS[m] for m in MAP_METHODS) + " |")
-        w("|---|" + "---|" * len(MAP_METHODS))
-        for n in sorted(maps):
-            cells = []
-            for m in MAP_METHODS:
-                g = maps[n].get(m) or {}
-                if g.get("error"):
-                    cells.append(str(g["error"]).replace("|", "\\|")[:80])
-                elif isinstance(g.get("conservation_rel_err"), (int, float)):
-                    cells.append(f"{g['conservation_rel_err']:.1e}")
-                else:
-                    cells.append(str(g.get("conservation_rel_err", "")))
-            w(f"| {n} | " + " | ".join(cells) + " |")
-        w("")
-        w("</details>")
-        w("")
-    tim = doc.get("timing") or {}
-    if tim:
-        s = doc.get("timing_settings", {})
-        w(f"Cost next to input×gradient, measured by `{doc.get('timing_command', '')}` ({doc.get('timing_generated', '')}; "
-          f"batch {s.get('batch')}, {s.get('size')}x{s.get('size')}, float32, CPU, {s.get('threads')} thread(s), "
-          f"parameters frozen; median of {s.get('repeats')} calls after {s.get('warmup')}; peak memory = extra resident "
-          f"memory of one call in a fresh process, as benchmarks/bench.py measures it; load average "
-          f"{s.get('load_avg', '?')}). Target for SRD: <= {TARGET_RATIO:g}x input×gradient in time and in memory.")
-        w("")
-        w("| model | method | time s | × ixg time | peak MiB | × ixg memory | measured (load average) |")
-        w("|---|---|---|---|---|---|---|")
-        for n, rows in tim.items():
-            ref = rows.get("ixg", {})
-            for m in METHODS:
-                r = rows.get(m)
-                if r is None:
-                    continue
-                if r.get("error"):
-                    w(f"| {n} | {LABELS[m]} | {str(r['error']).replace('|', '/')[:120]} | | | | {r.get('measured', '')} |")
-                    continue
-                tr = r.get("median_s") / ref["median_s"] if ref.get("median_s") and r.get("median_s") else None
-                mr = r.get("peak_mb") / ref["peak_mb"] if ref.get("peak_mb") and r.get("peak_mb") is not None else None
-                peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
-                w(f"| {n} | {LABELS[m]} | {r.get('median_s', float('nan')):.3f} | {'' if tr is None else f'{tr:.2f}'} | "
-                  f"{peak} | {'' if mr is None else f'{mr:.2f}'} | {r.get('measured', '')} ({r.get('load_avg', '?')}) |")
-        w("")
-    if not maps and not tim:
-        w("Not measured yet: run `python -m model_zoo_checks.peers_tokens`.")
-        w("")
-    return "\n".join(L)
 
 
 def default_map_models() -> List[str]:

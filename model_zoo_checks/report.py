@@ -432,6 +432,11 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
 
 
 TOKEN_PEERS_JSON = HERE / "peers_tokens.json"
+TOKEN_PEER_METHODS = ("srd", "lxt_attnlrp", "lxt_cplrp", "zennit_lrp", "ixg")
+TOKEN_MAP_METHODS = ("srd", "lxt_attnlrp", "lxt_cplrp", "zennit_lrp")
+TOKEN_PEER_LABELS = {"srd": "SRD (srd_fx)", "ixg": "input×gradient", "lxt_attnlrp": "LXT AttnLRP",
+                     "lxt_cplrp": "LXT CP-LRP", "zennit_lrp": "zennit EpsilonPlusFlat"}
+TOKEN_PEER_TARGET_RATIO = 1.5
 
 
 def _token_peer_section() -> str:
@@ -439,8 +444,82 @@ def _token_peer_section() -> str:
     if not TOKEN_PEERS_JSON.exists():
         return ("## Token models: SRD vs LXT vs zennit\n\nNot measured yet: run "
                 "`python -m model_zoo_checks.peers_tokens`.\n")
-    from .peers_tokens import render_markdown
-    return render_markdown(json.loads(TOKEN_PEERS_JSON.read_text()))
+    return token_peers_markdown(json.loads(TOKEN_PEERS_JSON.read_text()))
+
+
+def token_peers_markdown(doc: Dict) -> str:
+    """The REPORT.md section of peers_tokens.json (model_zoo_checks/peers_tokens.py)."""
+    L: List[str] = ["## Token models: SRD vs LXT vs zennit", ""]
+    w = L.append
+    maps = doc.get("maps") or {}
+    if maps:
+        w(f"Measured by `{doc.get('maps_command', '')}` ({doc.get('maps_generated', '')}) on {len(maps)} token models "
+          f"(float64, the zoo's weights and input, one sample, target = argmax; see model_zoo_checks/peers_tokens.py "
+          f"for each method's setting). *Map*: a finite map of the input's shape, no exception; *conserves*: "
+          f"|sum R^input - R^out| <= {PEER_TOL:g} |R^out| (R^out = the target logit; SRD: sum R^L - lost).")
+        w("")
+        w("| method | models | produced a map | conserves within 1e-3 | most common error |")
+        w("|---|---|---|---|---|")
+        from collections import Counter
+        for m in TOKEN_MAP_METHODS:
+            got = [maps[n][m] for n in maps if m in maps[n]]
+            if not got:
+                continue
+            errs = Counter((g.get("error") or "").split(":")[0] for g in got if g.get("error"))
+            top = ", ".join(f"{k} x{c}" for k, c in errs.most_common(2))
+            w(f"| {TOKEN_PEER_LABELS[m]} | {len(got)} | {sum(bool(g.get('produced')) for g in got)} "
+              f"({_pct(sum(bool(g.get('produced')) for g in got), len(got))}) | "
+              f"{sum(bool(g.get('conserved')) for g in got)} ({_pct(sum(bool(g.get('conserved')) for g in got), len(got))}) | "
+              f"{top} |")
+        w("")
+        w("<details><summary>per model: conservation error |sum R^input - R^out| / |R^out| (or the error)</summary>")
+        w("")
+        w("| model | " + " | ".join(TOKEN_PEER_LABELS[m] for m in TOKEN_MAP_METHODS) + " |")
+        w("|---|" + "---|" * len(TOKEN_MAP_METHODS))
+        for n in sorted(maps):
+            cells = []
+            for m in TOKEN_MAP_METHODS:
+                g = maps[n].get(m) or {}
+                if g.get("error"):
+                    cells.append(str(g["error"]).replace("|", "\\|")[:80])
+                elif isinstance(g.get("conservation_rel_err"), (int, float)):
+                    cells.append(f"{g['conservation_rel_err']:.1e}")
+                else:
+                    cells.append(str(g.get("conservation_rel_err", "")))
+            w(f"| {n} | " + " | ".join(cells) + " |")
+        w("")
+        w("</details>")
+        w("")
+    tim = doc.get("timing") or {}
+    if tim:
+        s = doc.get("timing_settings", {})
+        w(f"Cost next to input×gradient, measured by `{doc.get('timing_command', '')}` ({doc.get('timing_generated', '')}; "
+          f"batch {s.get('batch')}, {s.get('size')}x{s.get('size')}, float32, CPU, {s.get('threads')} thread(s), "
+          f"parameters frozen; median of {s.get('repeats')} calls after {s.get('warmup')}; peak memory = extra resident "
+          f"memory of one call in a fresh process, as benchmarks/bench.py measures it; load average "
+          f"{s.get('load_avg', '?')}). Target for SRD: <= {TOKEN_PEER_TARGET_RATIO:g}x input×gradient in time and in memory.")
+        w("")
+        w("| model | method | time s | × ixg time | peak MiB | × ixg memory | measured (load average) |")
+        w("|---|---|---|---|---|---|---|")
+        for n, rows in tim.items():
+            ref = rows.get("ixg", {})
+            for m in TOKEN_PEER_METHODS:
+                r = rows.get(m)
+                if r is None:
+                    continue
+                if r.get("error"):
+                    w(f"| {n} | {TOKEN_PEER_LABELS[m]} | {str(r['error']).replace('|', '/')[:120]} | | | | {r.get('measured', '')} |")
+                    continue
+                tr = r.get("median_s") / ref["median_s"] if ref.get("median_s") and r.get("median_s") else None
+                mr = r.get("peak_mb") / ref["peak_mb"] if ref.get("peak_mb") and r.get("peak_mb") is not None else None
+                peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+                w(f"| {n} | {TOKEN_PEER_LABELS[m]} | {r.get('median_s', float('nan')):.3f} | {'' if tr is None else f'{tr:.2f}'} | "
+                  f"{peak} | {'' if mr is None else f'{mr:.2f}'} | {r.get('measured', '')} ({r.get('load_avg', '?')}) |")
+        w("")
+    if not maps and not tim:
+        w("Not measured yet: run `python -m model_zoo_checks.peers_tokens`.")
+        w("")
+    return "\n".join(L)
 
 
 def _jsonable(o):
