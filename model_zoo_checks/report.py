@@ -239,10 +239,11 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     w = L.append
     w("# srd_fx model-zoo report")
     w("")
-    w(f"Every architecture of timm {timm.__version__} ({len(every)}), in five groups; written {now} (torch "
-      f"{torch.__version__}, {os.cpu_count()} CPU cores; current code fingerprint `{fingerprint}`). How the lists "
-      "and groups are derived and what each check means: [docs/zoo.md](../docs/zoo.md). Per-model numbers: "
-      "[report.json](report.json).")
+    w(f"Produced by the runs listed under the summary; written {now} (timm {timm.__version__}, torch "
+      f"{torch.__version__}, {os.cpu_count()} CPU cores; current code fingerprint `{fingerprint}`).")
+    w("")
+    w(f"Every architecture of timm {timm.__version__} ({len(every)}), in five groups. How the lists and groups are "
+      "derived and what each check means: [docs/zoo.md](../docs/zoo.md). Per-model numbers: [report.json](report.json).")
     w("")
     w("## Summary by group")
     w("")
@@ -276,17 +277,18 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     for model, b in sorted(M.get("compile_benchmarks", {}).items()):
         w(_compile_line(model, b))
     w("")
-    w("Runs that produced the records (latest per group):")
+    w("Runs that produced the records (the latest per group):")
     w("")
     for g in lists.GROUPS:
         gm = M["groups"].get(g)
         if gm:
-            w(f"- {g}: `{_esc(gm.get('command'))}` ({gm.get('generated', '?')}, code fingerprint "
-              f"`{gm.get('fingerprint', '?')}`"
+            w(f"Produced by `{_esc(gm.get('command'))}` for the {g} group ({gm.get('generated', '?')}, code "
+              f"fingerprint `{gm.get('fingerprint', '?')}`"
               + (f"; load average {gm['load_avg']}" if gm.get("load_avg") else "") + ").")
             if gm.get("shards"):
                 from .shards import summary_line
-                w(f"  {summary_line(gm['shards'])}")
+                w(f"- {summary_line(gm['shards'])}")
+            w("")
     stale = {g: rows[g]["stale"] for g in lists.GROUPS if rows[g]["stale"]}
     if stale:
         w(f"- Records from an older version of the compiler (fingerprint differs from the current one): "
@@ -394,11 +396,11 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
         for n in skipped:
             w(f"- {n}: {_esc(records[n].get('reason'))}")
         w("")
-    not_run_cnn = [n for n in cnn if n not in records]
-    if not_run_cnn:
-        w(f"## CNN models not run ({len(not_run_cnn)})")
+    not_run = [n for n in names if n not in records]
+    if not_run:
+        w(f"## Not run ({len(not_run)})")
         w("")
-        w(", ".join(not_run_cnn))
+        w(", ".join(not_run))
         w("")
     w("## Per-model times")
     w("")
