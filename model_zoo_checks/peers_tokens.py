@@ -145,7 +145,7 @@ def setup(method: str, model, x, t):
 
 # ------------------------------------------------------------------------------------ workers
 def _error(e: BaseException) -> Dict:
-    msg = str(e).strip()
+    msg = str(e).strip().replace(str(REPO), "<repo>").replace(sys.prefix, "<python>")
     return dict(error=f"{type(e).__name__}: {msg.splitlines()[0][:300] if msg else ''}")
 
 
