@@ -282,11 +282,14 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="per (model, method) worker, seconds")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-report", dest="report", action="store_false", help="do not rewrite REPORT.md")
+    p.add_argument("--out", default=str(OUT_JSON),
+                   help="the JSON file the results are merged into (default model_zoo_checks/peers_tokens.json)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
         return _worker_main(json.loads(args._worker))
-    doc = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+    out_json = Path(args.out)
+    doc = json.loads(out_json.read_text()) if out_json.exists() else {}
     cmd = "python -m model_zoo_checks.peers_tokens " + " ".join(sys.argv[1:] if argv is None else argv)
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     if args.part in ("maps", "both"):
@@ -321,7 +324,7 @@ def main(argv=None) -> int:
     import zennit
     doc["versions"] = dict(lxt=getattr(lxt, "__version__", "2.1"), zennit=getattr(zennit, "__version__", "?"),
                            timm=timm.__version__, torch=torch.__version__)
-    OUT_JSON.write_text(json.dumps(doc, indent=1, default=str))
+    out_json.write_text(json.dumps(doc, indent=1, default=str))
     print(render_markdown(doc))
     if args.report:
         from .report import write_report
