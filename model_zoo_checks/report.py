@@ -211,8 +211,10 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
         M["compile_benchmarks"].update(benches)
         run_groups = sorted({lists.group_of(n) for n in names if n in records})
         for g in run_groups:
-            M["groups"][g] = dict(meta, generated=now, command=command, fingerprint=fingerprint, selected=sum(
-                lists.group_of(n) == g for n in names))
+            # the code that produced the group's records of this run (their own fingerprint)
+            fps = Counter(records[n].get("fingerprint") for n in names if n in records and lists.group_of(n) == g)
+            M["groups"][g] = dict(meta, generated=now, command=command, selected=sum(
+                lists.group_of(n) == g for n in names), fingerprint=fps.most_common(1)[0][0] or fingerprint)
     M.update(timm=timm.__version__, torch=torch.__version__, python=platform.python_version(),
              cpus=os.cpu_count(), fingerprint=fingerprint, generated=now,
              tolerances=dict(logits=LOGITS_TOL, conservation=CONSERVATION_TOL, batch=BATCH_TOL))
