@@ -273,6 +273,8 @@ def classify_exception(e: BaseException, stage: str, model=None) -> Dict:
         return dict(category="srd-error", op=type(e).__name__, reason=f"{stage}: {type(e).__name__}: {first[:250]}",
                     detail=msg[:3000])
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
+    # no machine paths in the records (they are committed): the checkout and the Python installation
+    tb = tb.replace(str(REPO) + os.sep, "").replace(sys.prefix, "<python>").replace(sys.base_prefix, "<python>")
     return dict(category="exception", op=None, reason=f"{stage}: {type(e).__name__}: {first[:250]}",
                 detail=(msg[:1500] + "\n" + tb[-1500:]))
 
