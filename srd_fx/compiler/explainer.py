@@ -23,7 +23,7 @@ from ..errors import (InputError, NonFiniteError, SRDError, TrainingModeError, U
                       UnsupportedPrecisionError)
 from .options import Options
 from .trace import TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
-from .twin import build_twin, check_input
+from .twin import build_twin, check_input, explain_failure, refresh_constants
 
 
 @dataclass
@@ -227,6 +227,7 @@ class Explainer(nn.Module):
                              f"{'neuron values' if per_neuron else 'values'} per sample, got {tuple(R.shape)}")
         if not per_neuron:
             R = self._to_layout(node, R.reshape((x.shape[0],) + want))
+        refresh_constants(gm)
         with _half_kernels(x):
             out = gm(x, R.reshape(shape))
         return out["saliency"] if read is None else self._read(out, read)
@@ -300,6 +301,7 @@ class Explainer(nn.Module):
         for a in cax:
             shape[a] = 1
         shape[0] = B * P
+        refresh_constants(gm)
         with _half_kernels(xr):
             out = gm(xr, self._to_layout(node, seed).reshape(shape))
         if read is not None:
@@ -373,6 +375,7 @@ class Explainer(nn.Module):
             ts = target if isinstance(target, torch.Tensor) and target.dim() > 0 else None
             return SRDOutput.cat([self.forward(x[i:i + n], ts[i:i + n] if ts is not None else target)
                                   for i in range(0, x.shape[0], n)])
+        refresh_constants(self.graph_module)
         with _half_kernels(x):
             if torch.is_grad_enabled() and not x.requires_grad:
                 # nothing to differentiate: do not keep the autograd graph through the parameters
@@ -380,6 +383,8 @@ class Explainer(nn.Module):
                     out = self.graph_module(x, target)
             else:
                 out = self.graph_module(x, target)
+        if out["ok"] is not None and not bool(out["ok"]):  # the one device->host sync of a call
+            explain_failure(x, target, out)
         return SRDOutput(out["logits"], out["saliency"], out["relevance"], out["R_L"], out["lost"])
 
 

@@ -8,13 +8,18 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 
-def resolve_target(logits: torch.Tensor, target) -> torch.Tensor:
-    """None -> predicted class; int -> the same class for every sample; LongTensor (B,)."""
+def resolve_target(logits: torch.Tensor, target, check_values: bool = True) -> torch.Tensor:
+    """None -> predicted class; int -> the same class for every sample; LongTensor (B,).
+
+    ``check_values=False``: a target tensor's classes are not compared with the number of classes
+    here (that reads the device; the generated code checks them with the map, in one sync)."""
     B, K = logits.shape[0], logits.shape[-1]
     if target is None:
         return logits.argmax(dim=-1)
     if isinstance(target, int):
-        t = torch.full((B,), target, dtype=torch.long, device=logits.device)
+        if not 0 <= target < K:
+            raise InputError(f"target class out of range: got {target}, the model has {K} classes (0..{K - 1})")
+        return torch.full((B,), target, dtype=torch.long, device=logits.device)
     elif isinstance(target, torch.Tensor):
         if target.dim() == 0:
             target = target.expand(B)
@@ -22,6 +27,8 @@ def resolve_target(logits: torch.Tensor, target) -> torch.Tensor:
             raise InputError(f"target must be an int or an integer tensor of shape ({B},), got "
                              f"{target.dtype} {tuple(target.shape)}")
         t = target.to(device=logits.device, dtype=torch.long)
+        if not check_values:
+            return t
     else:
         raise InputError(f"target must be None, an int or a LongTensor of shape ({B},), got {type(target).__name__}")
     if (t < 0).any() or (t >= K).any():
@@ -105,14 +112,16 @@ def gradcam(head, A, logits, target, caxes, neuron=False):
     One vector-Jacobian product of the head with (onehot(c) - 1/K) gives both terms at once.
     unit="neuron": each neuron k of a position with Phi_i > 0 gets its term alpha_k A_ik (the
     z-rule through Phi's linear combination), so the neuron relevances of i sum to R^L_i."""
-    t = resolve_target(logits, target)
+    t = resolve_target(logits, target, check_values=False)
     K = logits.shape[-1]
-    w = F.one_hot(t, K).to(logits.dtype) - 1.0 / K
-    create = torch.is_grad_enabled() and A.requires_grad
-    with torch.enable_grad():
-        A_ = A if create else A.detach().requires_grad_()
-        y = head(A_)
-        (grad,) = torch.autograd.grad(y, A_, w, create_graph=create)
+    # one_hot(t) - 1/K, without F.one_hot (which reads t's range back from the device)
+    w = (t[:, None] == torch.arange(K, device=t.device)).to(logits.dtype) - 1.0 / K
+    if torch.is_grad_enabled() and A.requires_grad:  # the map will be differentiated (Sec. 4.3)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(head(A), A, w, create_graph=True)
+    else:  # torch.func.vjp: no autograd graph of the caller's, and torch.compile traces it whole
+        _, vjp = torch.func.vjp(head, A.detach())
+        (grad,) = vjp(w)
     sp = _spatial(A, caxes)
     if A.dtype in (torch.float16, torch.bfloat16):  # maps are float32 for half-precision models
         A, grad = A.float(), grad.float()
@@ -126,9 +135,10 @@ def gradcam(head, A, logits, target, caxes, neuron=False):
 
 def ones(A, caxes, neuron=False, logits=None, target=None):
     """R^L_i = 1 (the attack setting of Sec. 4.3); unit="neuron": 1/C per neuron.  The map does
-    not depend on the target, which is still checked against the logits."""
+    not depend on the target, which is still checked against the logits (its type and shape here,
+    a tensor's classes with the map's values in the call's one check)."""
     if logits is not None and target is not None:
-        resolve_target(logits, target)
+        resolve_target(logits, target, check_values=False)
     shape = list(A.shape)
     for a in caxes:
         shape[a] = 1
@@ -142,9 +152,10 @@ def ones(A, caxes, neuron=False, logits=None, target=None):
 def user_head(fn, A, logits, target, caxes, neuron=False):
     """A callable head ``(A, logits, target) -> R^L``: shape (B, H, W) — or, with
     unit="neuron", the shape of A (one relevance per neuron).  A (and so the map) is in the
-    layout the model computes L in; the target is checked against the logits and passed as given."""
+    layout the model computes L in; the target is checked against the logits (a tensor's classes
+    with the map's values, in the call's one check) and passed as given."""
     if target is not None:
-        resolve_target(logits, target)
+        resolve_target(logits, target, check_values=False)
     r = fn(A, logits, target)
     if not isinstance(r, torch.Tensor):
         raise InputError(f"the head must return a tensor, got {type(r).__name__}")

@@ -57,7 +57,9 @@ def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes, overwrite_g: bool = F
         return _acc(x * g)
     if caxes == (1,) and x.dim() >= 3 and x.shape[0] == 1 and all(n == 1 for n in x.shape[2:]) \
             and g.dim() == x.dim() and x.dtype not in LOW_PRECISION and g.dtype == x.dtype:
-        # a per-channel constant (a bias): one batched GEMV instead of mul + sum
+        # a per-channel constant (a bias): one convolution with one output channel, no temporary
+        if x.dim() - 2 in _CONV and not torch.is_autocast_enabled(g.device.type):
+            return _CONV[x.dim() - 2](g, x)
         B, C = g.shape[:2]
         return torch.matmul(x.reshape(1, C), g.reshape(B, C, math.prod(g.shape[2:]))).view((B, 1) + tuple(g.shape[2:]))
     if x.dtype in LOW_PRECISION or g.dtype in LOW_PRECISION:
@@ -65,48 +67,49 @@ def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes, overwrite_g: bool = F
     return (x * g).sum(dim=caxes, keepdim=True)
 
 
+def _ratio(num: torch.Tensor, den: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``num / den``, and 0 where ``bad``.  When a graph is being recorded the denominator is made
+    safe first, so that the gradient is 0 (not NaN) where ``bad``; else the quotient is zeroed in
+    place (two kernels)."""
+    if torch.is_grad_enabled() and (num.requires_grad or den.requires_grad):
+        return torch.where(bad, torch.zeros_like(num), num / torch.where(bad, torch.ones_like(den), den))
+    return (num / den).masked_fill_(bad, 0)
+
+
 def safe_div(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """a / d, and 0 where d == 0 (zero gradient there too)."""
-    zero = d == 0
-    return torch.where(zero, torch.zeros_like(a), a / torch.where(zero, torch.ones_like(d), d))
+    return _ratio(a, d, d == 0)
 
 
-def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float, nv2=None) -> torch.Tensor:
-    """s_j = R_j v_j / ||v_j||^2 (0 where ||v_j||^2 <= eps): Eq. 6 folded with Eq. 7.
-    ``nv2``: ``sq_norm(v, caxes)`` when already computed (the lost relevance uses it too)."""
-    if nv2 is None:
-        nv2 = sq_norm(v, caxes)
-    ok = nv2 > eps
-    inv = torch.where(ok, R / torch.where(ok, nv2, torch.ones_like(nv2)), torch.zeros_like(nv2))
-    return v * inv.to(v.dtype)
+def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float):
+    """The sharing ratio of a block and the relevance it cannot pass on: ``(s, lost)``.
+
+    ``s_j = R_j v_j / ||v_j||^2`` (Eq. 6 folded with Eq. 7) where ``||v_j||^2 > eps``, else 0;
+    ``lost``: the map of R on the PFVs with ``||v_j||^2 <= eps`` (SPEC §2), 0 elsewhere."""
+    nv2 = sq_norm(v, caxes)
+    bad = nv2 <= eps
+    return v * _ratio(R, nv2, bad).to(v.dtype), R * bad
 
 
-def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes,
-                 eps: float, va=None) -> torch.Tensor:
-    """Ablation value="post" (SPEC §5): s_j = R_j a_j / <v_j, a_j>, a = act(v).  ``va``:
-    ``pfv_dot(v, a, caxes)`` when already computed."""
-    if va is None:
-        va = pfv_dot(v, a, caxes)
-    ok = va.abs() > eps
-    inv = torch.where(ok, R / torch.where(ok, va, torch.ones_like(va)), torch.zeros_like(va))
-    return a * inv.to(a.dtype)
+def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes, eps: float):
+    """Ablation value="post" (SPEC §5): ``s_j = R_j a_j / <v_j, a_j>``, a = act(v), and the map
+    of R on the units with ``|<v_j, a_j>| <= eps`` (they pass nothing on): ``(s, lost)``."""
+    va = pfv_dot(v, a, caxes)
+    bad = va.abs() <= eps
+    return a * _ratio(R, va, bad).to(a.dtype), R * bad
 
 
-def lost_relevance(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float, nv2=None) -> torch.Tensor:
-    """Per sample, the relevance sitting on PFVs with ||v||^2 <= eps (it cannot be propagated:
-    SPEC §2), shape (B,).  ``nv2``: the sharing ratio's denominator when already computed —
-    ``sq_norm(v, caxes)``, or ``<v, act(v)>`` for value="post", whose units with
-    |<v, act(v)>| <= eps are dropped the same way."""
-    if nv2 is None:
-        nv2 = sq_norm(v, caxes)
-    lost = torch.where(nv2.abs() > eps, torch.zeros_like(R), R)
-    return lost.flatten(1).sum(1)
+def bias_share(beta: torch.Tensor, D: torch.Tensor, lost: torch.Tensor):
+    """``q = beta / D`` (0 where the receptive field has zero norm, D = 0) and the lost map with
+    the bias relevance of those positions added: ``(q, lost)``."""
+    zero = D == 0
+    return _ratio(beta, D, zero), lost + beta * zero
 
 
-def lost_bias(beta: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """Per sample, the bias relevance at positions whose receptive field has zero norm (D = 0)."""
-    beta = beta.expand(torch.broadcast_shapes(beta.shape, D.shape))
-    return torch.where(D == 0, beta, torch.zeros_like(beta)).flatten(1).sum(1)
+def add_lost(total, lost: torch.Tensor) -> torch.Tensor:
+    """The per-sample total of lost relevance, ``(B,)``, with one more block's lost map added."""
+    per_sample = lost.sum(dim=tuple(range(1, lost.dim()))) if lost.dim() > 1 else lost
+    return per_sample if total is None else total + per_sample
 
 
 def squeeze_map(m: torch.Tensor, caxes: Axes) -> torch.Tensor:
@@ -188,6 +191,9 @@ def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, out_like) -> 
     out_size = _spatial(out_like, nd)
     if all(v == 1 for v in k + s + d) and not any(p):
         return m  # a 1x1 window: the identity
+    if nd == 2 and all(v == 1 for v in d) and all(2 * p[i] <= k[i] for i in range(2)) \
+            and all((m.shape[2 + i] + 2 * p[i] - k[i]) // s[i] + 1 == out_size[i] for i in range(2)):
+        return F.avg_pool2d(m, k, s, p, False, True, divisor_override=1)  # one kernel, no pad/crop
     pads = []
     for i in reversed(range(nd)):
         need = (out_size[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1
@@ -209,6 +215,10 @@ def window_sum_T(m: torch.Tensor, kernel, stride, padding, dilation, in_like) ->
     in_size = _spatial(in_like, nd)
     if all(v == 1 for v in k + s + d) and not any(p):
         return m
+    if nd == 2 and all(v == 1 for v in d) and all(2 * p[i] <= k[i] for i in range(2)) \
+            and all((in_size[i] + 2 * p[i] - k[i]) // s[i] + 1 == m.shape[2 + i] for i in range(2)):
+        ref = m.new_empty((m.shape[0], m.shape[1], *in_size))  # the kernel reads only its shape
+        return torch.ops.aten.avg_pool2d_backward(m, ref, list(k), list(s), list(p), False, True, 1)
     if nd == 2 and all(v == 1 for v in d):
         # transpose of the window sum = avg-pool backward (divisor 1) over the padded input
         padded = [in_size[i] + 2 * p[i] for i in range(nd)]
@@ -307,14 +317,20 @@ def conv_T(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, paddi
     for i in range(nd):
         full = (g.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + 1
         op.append(x.shape[2 + i] - full)
-    if nd == 2 and x.dtype in (torch.float32, torch.float64) and g.dtype == x.dtype:
-        # the convolution's own input-gradient kernel: faster than conv_transpose on CPU.  Not
-        # under autocast (g in float16, x in float32): that mixed call needs oneDNN float16
-        # support (avx512_fp16/AMX); conv_transpose is autocast-aware and casts both.
+    if nd == 2 and x.dtype in (torch.float32, torch.float64):
+        # the convolution's own input-gradient kernel: faster than conv_transpose on CPU (it
+        # takes one dtype: g may be half precision under autocast)
+        g, weight = g.to(x.dtype), weight.to(x.dtype)
         return torch.ops.aten.convolution_backward(g, x, weight, None, list(s), list(p), list(d), False,
                                                    [0] * nd, groups, [True, False, False])[0]
     return _CONV_T[nd](g, weight, None, stride=s, padding=p, output_padding=tuple(op),
                        groups=groups, dilation=d)
+
+
+def scale_out_channels(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A convolution weight with output channel k multiplied by ``scale[k]`` (a batch norm that
+    follows the convolution, folded into the weight of its transpose)."""
+    return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1)).to(weight.dtype)
 
 
 def same_padding(x: torch.Tensor, kernel, stride, dilation) -> Tuple[int, ...]:

@@ -29,6 +29,7 @@ from srd_fx import rules as R
 from . import heads
 from . import runtime as ops
 from .analysis import GraphInfo, Layer
+from .codegen import SRDCodeGen
 from ..errors import UnsupportedOpError
 
 _INPLACE_FN = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -76,15 +77,20 @@ def _call(fn, args, kwargs):
 
 
 def linear_vjp(g, fn, args, kwargs, mains):
-    """Lin^T g for an op linear in ``mains`` (autograd's VJP, differentiable in g)."""
+    """Lin^T g for an op linear in ``mains`` (a VJP, differentiable in g).  Without a graph to
+    record, ``torch.func.vjp`` (which torch.compile traces whole); else autograd with create_graph."""
+    swap_in = lambda ms: (lambda t: ms.get(id(t), t) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+    if not (torch.is_grad_enabled() and g.requires_grad):
+        def f(*leaves):
+            sub = swap_in({id(m): l for m, l in zip(mains, leaves)})
+            return _call(fn, torch.utils._pytree.tree_map(sub, args), torch.utils._pytree.tree_map(sub, kwargs))
+        _, vjp = torch.func.vjp(f, *[m.detach() for m in mains])
+        return list(vjp(g))
     with torch.enable_grad():
         leaves = [m.detach().requires_grad_() for m in mains]
-        swap = {id(m): l for m, l in zip(mains, leaves)}
-        sub = lambda t: swap.get(id(t), t) if isinstance(t, torch.Tensor) else t
-        a = torch.utils._pytree.tree_map(sub, args)
-        k = torch.utils._pytree.tree_map(sub, kwargs)
-        out = _call(fn, a, k)
-        grads = torch.autograd.grad(out, leaves, g, create_graph=g.requires_grad, allow_unused=True)
+        sub = swap_in({id(m): l for m, l in zip(mains, leaves)})
+        out = _call(fn, torch.utils._pytree.tree_map(sub, args), torch.utils._pytree.tree_map(sub, kwargs))
+        grads = torch.autograd.grad(out, leaves, g, create_graph=True, allow_unused=True)
     return [torch.zeros_like(m) if gr is None else gr for m, gr in zip(mains, grads)]
 
 
@@ -115,7 +121,9 @@ def materialize(z, like):
 def check_input(x, rank, channels, ref=None, finite=True):
     """The one input validator (the explainer before building, the twin on every call): a tensor
     on ``ref``'s device and dtype, of rank ``rank`` (None: batched, at least 2), with ``channels``
-    input channels (None: any) and, with ``finite``, no NaN/Inf.  Returns ``x``."""
+    input channels (None: any) and, with ``finite``, no NaN/Inf.  Returns ``x``.  The twin passes
+    ``finite=False``: it checks the values with the map's, in one flag (:func:`checks_pass`), so that
+    a call waits for the device once."""
     from ..errors import InputError, NonFiniteError
     if not isinstance(x, torch.Tensor):
         raise InputError(f"expected a batched tensor input (B, C, ...), got {type(x).__name__}")
@@ -146,6 +154,42 @@ def check_finite(t, what):
 LOWP_CONSERVATION_TOL = 0.1
 
 
+def _lowp_gap(sal, R_L, lost):
+    """Per sample: the conservation gap |sum map + lost - sum R_L| and the scale sum |R_L|."""
+    r = R_L.detach().float().flatten(1)
+    scale = r.abs().sum(1)
+    have = sal.detach().float().flatten(1).sum(1)
+    if lost is not None:
+        have = have + lost.detach().float().reshape(-1)
+    return (have - r.sum(1)).abs(), scale
+
+
+def checks_pass(x, sal, R_L, lost, logits, target):
+    """Every value check of one call as a single boolean tensor, so that the call waits for the
+    device once (``Explainer.forward`` reads it) or never (``check=False``): the input and the map
+    are finite, a target tensor names classes of the model, and in float16/bfloat16 the map still
+    conserves the relevance (see :func:`check_map`).  False may be a false alarm (a finite input
+    whose sum overflows): :func:`explain_failure` then finds nothing and the call goes on."""
+    acc = sal.dtype
+    ok = torch.isfinite(x.sum(dtype=acc) + sal.sum())
+    if isinstance(target, torch.Tensor):
+        ok = ok & ((target >= 0) & (target < logits.shape[-1])).all()
+    if logits.dtype in ops.LOW_PRECISION:
+        gap, scale = _lowp_gap(sal, R_L, lost)
+        ok = ok & ~((gap > LOWP_CONSERVATION_TOL * scale) & (scale > 0)).any()
+    return ok
+
+
+def explain_failure(x, target, out, what="the SRD saliency map"):
+    """After :func:`checks_pass` said no: raise the error that says what was wrong."""
+    from ..errors import NonFiniteError
+    if not torch.isfinite(x).all():
+        raise NonFiniteError("the input contains NaN or Inf values; SRD maps would be meaningless. "
+                             "Clean the input (torch.nan_to_num) before explaining it.")
+    heads.resolve_target(out["logits"], target)
+    check_map(out["saliency"], out["R_L"], out["lost"], out["logits"], what)
+
+
 def check_map(sal, R_L, lost, logits, what):
     """``check_finite``, and in float16/bfloat16 (autocast or a half model: the logits tell) also
     conservation: the map plus the reported loss must still hold the seed's relevance to within
@@ -156,12 +200,7 @@ def check_map(sal, R_L, lost, logits, what):
     check_finite(sal, what)
     if logits.dtype not in ops.LOW_PRECISION:
         return sal
-    r = R_L.detach().float().flatten(1)
-    scale = r.abs().sum(1)
-    have = sal.detach().float().flatten(1).sum(1)
-    if lost is not None:
-        have = have + lost.detach().float().reshape(-1)
-    gap = (have - r.sum(1)).abs()
+    gap, scale = _lowp_gap(sal, R_L, lost)
     bad = (gap > LOWP_CONSERVATION_TOL * scale) & (scale > 0)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -207,6 +246,8 @@ class Builder:
         self.env: Dict[fx.Node, fx.Node] = {}
         self._recorded: Dict[tuple, fx.Node] = {}
         self._attrs: Dict[str, fx.Node] = {}
+        self.context: Optional[fx.Node] = None      # the op whose rule is emitting (names temporaries)
+        self.comments: Dict[str, List[str]] = {}    # node name -> comment lines of the generated code
 
     # -- facts (delegated to the analysis) ---------------------------------------------------
     def shape(self, n):
@@ -234,7 +275,19 @@ class Builder:
 
     # -- emitting ----------------------------------------------------------------------------
     def call(self, fn, *args, name: Optional[str] = None, **kwargs):
+        """Emit ``fn(*args, **kwargs)``.  Unnamed temporaries are named after the function and
+        the op being handled (``conv_T_layer4_1_conv2``), items of a tuple after the tuple."""
+        if name is None:
+            if fn is operator.getitem and isinstance(args[0], fx.Node):
+                name = f"{args[0].name}_{args[1]}"
+            else:
+                short = getattr(fn, "__name__", "op")
+                name = f"{short}_{self.context.name}" if self.context is not None else short
         return self.g.create_node("call_function", fn, tuple(args), kwargs, name=name)
+
+    def comment(self, node: fx.Node, text: str) -> None:
+        """A comment line before the line that computes ``node`` in the generated code."""
+        self.comments.setdefault(node.name, []).append(text)
 
     def attr(self, target: str):
         if target not in self._attrs:
@@ -357,7 +410,8 @@ class Builder:
                 sub[i] = self.call(zeros1, self.val(i))
             else:
                 sub[i] = z if pointwise else self.call(materialize, z, self.val(i))
-        return self.out_of_place(self.g.node_copy(node, lambda a: sub.get(a, self.env.get(a))))
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: sub.get(a, self.env.get(a)))
+        return self.out_of_place(self.g.create_node(node.op, node.target, args, kwargs, name="bias_" + node.name))
 
     @staticmethod
     def _is_plain_add(node, mains):
@@ -393,6 +447,11 @@ def _sum(b: Builder, parts: List[fx.Node], name: str) -> fx.Node:
     return parts[0] if len(parts) == 1 else b.call(add_all, *parts, name=name)
 
 
+def _label(n: fx.Node) -> str:
+    """A node as the user knows it: the module's dotted name, else the node's name."""
+    return n.target if n.op == "call_module" else n.name
+
+
 class Backward:
     """The SRD backward (SPEC §2, §7) as one reverse sweep over the graph.
 
@@ -408,9 +467,10 @@ class Backward:
     the op (its block inputs are the same activation outputs in every block that contains it):
     each is emitted once and reused."""
 
-    def __init__(self, b: Builder, lost: list):
+    def __init__(self, b: Builder):
         info = b.info
-        self.b, self.info, self.lost = b, info, lost
+        self.b, self.info = b, info
+        self.lost: Optional[fx.Node] = None  # running per-sample total of the lost relevance
         self.boundary = {a for lay in info.layers for a in lay.inputs}  # activation outputs, input
         self.interior = {n for lay in info.layers for n in lay.block}
         self.g: Dict[fx.Node, List[fx.Node]] = {}   # pending Lin^T s, summed over blocks
@@ -437,6 +497,7 @@ class Backward:
             return None
         for k in self._upstream(n):
             if k not in self._z:
+                self.b.context = k
                 zs = [None if i in self.boundary else self._z[i] for i in self.b.main_inputs(k)]
                 self._z[k] = self.info.rule[k].bias(self.b, k, zs)
         return self._z[n]
@@ -448,6 +509,7 @@ class Backward:
             return b.norm_of(n)
         for k in self._upstream(n):
             if k not in self._m:
+                b.context = k
                 rule, mains = self.info.rule[k], b.main_inputs(k)
                 m = rule.shadow(b, k, [self._m[i] if i not in self.boundary else b.norm_of(i) for i in mains])
                 if rule.pointwise and any(b._map_shape(i) != b._map_shape(k) for i in mains):
@@ -461,7 +523,7 @@ class Backward:
         b, parts = self.b, []
         gs = self.g.pop(a, None)
         if gs:
-            g_a = _sum(b, gs, "g_" + a.name)
+            g_a = _sum(b, gs, "gsum_" + a.name)
             # a new tensor; build_twin drops the flag where another op also reads it
             fresh = g_a.op == "call_function" and (
                 g_a.target in (ops.conv_T, ops.gather_T) or (g_a.target is add_all and len(g_a.args) > 1))
@@ -469,9 +531,10 @@ class Backward:
                                 **({"overwrite_g": True} if fresh else {})))
         qs = self.q.pop(a, None)
         if qs:
-            parts.append(b.call(operator.mul, b.norm_of(a), _sum(b, qs, "q_" + a.name), name="Rbias_" + a.name))
-        if len(parts) == 2:
-            return b.call(operator.add, parts[0], parts[1], name="R_" + a.name)
+            q_a = _sum(b, qs, "qsum_" + a.name)
+            if parts:  # R_lin + ||x|| * q in one pass
+                return b.call(torch.addcmul, parts[0], b.norm_of(a), q_a, name="R_" + a.name)
+            parts.append(b.call(operator.mul, b.norm_of(a), q_a, name="Rbias_" + a.name))
         return parts[0] if parts else None
 
     def seed(self, lay: Layer, R_k):
@@ -479,26 +542,29 @@ class Backward:
         b, tag = self.b, lay.name
         pre, cax = lay.pre, b.caxes(lay.pre)
         v = b.val(pre)
+        b.context = pre
         if b.value == "post" and not lay.virtual:
-            a = b.val(lay.node)
-            va = b.call(ops.pfv_dot, v, a, cax, name="va_" + tag)  # <v, act(v)>, once for both uses
-            self.lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, va, name="lost_" + tag))
-            s = b.call(ops.sharing_post, R_k, v, a, cax, b.eps, va, name="s_" + tag)
+            sl = b.call(ops.sharing_post, R_k, v, b.val(lay.node), cax, b.eps, name="share_" + tag)
         else:
-            nv2 = b.call(ops.sq_norm, v, cax, name="nv2_" + tag)  # ||v||^2, once for both uses
-            self.lost.append(b.call(ops.lost_relevance, R_k, v, cax, b.eps, nv2, name="lost_" + tag))
-            s = b.call(ops.sharing, R_k, v, cax, b.eps, nv2, name="s_" + tag)
+            sl = b.call(ops.sharing, R_k, v, cax, b.eps, name="share_" + tag)
+        b.comment(sl, f"block: {_label(lay.node)} <- {', '.join(_label(i) for i in lay.inputs)}")
+        s = b.call(operator.getitem, sl, 0, name="s_" + tag)
+        lost = b.call(operator.getitem, sl, 1, name="lost_" + tag)
         self.g.setdefault(pre, []).append(s)
         bias = self.bias(pre) if pre in self.interior else None
         if bias is not None:
             beta = b.call(ops.pfv_dot, bias, s, cax, name="beta_" + tag)
             D = self.shadow(pre)
-            self.q.setdefault(pre, []).append(b.call(ops.safe_div, beta, D, name="q_" + tag))
-            self.lost.append(b.call(ops.lost_bias, beta, D, name="lost_bias_" + tag))
+            b.context = pre
+            ql = b.call(ops.bias_share, beta, D, lost, name="bias_share_" + tag)
+            self.q.setdefault(pre, []).append(b.call(operator.getitem, ql, 0, name="q_" + tag))
+            lost = b.call(operator.getitem, ql, 1, name="lostb_" + tag)
+        self.lost = b.call(ops.add_lost, self.lost, lost, name="lost_upto_" + tag)
 
     def transpose(self, n):
         """Push the pending g and q of interior op ``n`` to its inputs."""
         b, rule = self.b, self.info.rule[n]
+        b.context = n
         gs = self.g.pop(n, None)
         if gs:
             for i, gi in zip(b.main_inputs(n), rule.transpose(b, n, _sum(b, gs, "g_" + n.name))):
@@ -524,14 +590,15 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
                              default_value=None if seed is None else inspect.Signature.empty)
     ref = next((n for n, p in root.named_parameters() if p.is_floating_point()), None)
     x_checked = b.call(check_input, x, len(b.shape(info.input)), input_channels,
-                       b.attr(ref) if ref else None, name="x_checked") if check else x
+                       b.attr(ref) if ref else None, False, name="x_checked") if check else x
     b.env[info.input] = x_checked
     logits = _record_forward(b, output_selector)                   # 1. forward, recording constants
     L, R_L = _initial_relevance(b, head, seed, target, logits)     # 2. R at the encoder output L (Eq. 4)
-    lost: List[fx.Node] = []
-    R_of = _srd_backward(b, L, R_L, x_checked, lost)               # 3. the SRD backward, one sweep
+    if seed is None:
+        b.comment(R_L, f"initial relevance R_L at the encoder output {_label(L)} (Eq. 4)")
+    R_of, lost = _srd_backward(b, L, R_L, x_checked)                # 3. the SRD backward, one sweep
     names = resolve_layers(info, layers)                            # 4. outputs
-    _emit_outputs(b, names, R_of, L, R_L, lost, logits, check)
+    _emit_outputs(b, names, R_of, L, R_L, lost, logits, check, x_checked, target)
     return _graph_module(b), names
 
 
@@ -539,11 +606,17 @@ def _record_forward(b: Builder, output_selector) -> fx.Node:
     """The model's forward in the twin, each rule recording the constants it needs; returns the
     logits node."""
     info, root = b.info, b.root
+    first = True
     for n in info.nodes:
         if n.op in ("placeholder", "output"):
             continue
+        b.context = n
         rule = info.rule.get(n)
         b.env[n] = rule.record(b, n) if rule is not None and info.is_tensor(n) else b.copy(n)
+        if first and isinstance(b.env[n], fx.Node):
+            b.comment(b.env[n], "forward pass (the model's own ops), keeping what the SRD backward reads")
+            first = False
+    b.context = None
     out_arg = info.output.args[0]
     if output_selector is not None:
         root.srd_output_selector = output_selector if callable(output_selector) else _Key(output_selector)
@@ -578,12 +651,12 @@ def _initial_relevance(b: Builder, head, seed, target, logits):
     return L, R_L
 
 
-def _srd_backward(b: Builder, L, R_L, x_checked, lost: list) -> Dict[fx.Node, fx.Node]:
+def _srd_backward(b: Builder, L, R_L, x_checked):
     """The SRD backward: one reverse sweep, last op first (see Backward).  Returns the relevance
-    node of every activation layer reached and of the input."""
+    node of every activation layer reached and of the input, and the lost-relevance total."""
     info = b.info
     R_of: Dict[fx.Node, fx.Node] = {}
-    bw = Backward(b, lost)
+    bw = Backward(b)
     layers_at: Dict[fx.Node, List[Layer]] = {}
     for lay in info.layers:
         layers_at.setdefault(lay.node, []).append(lay)
@@ -603,12 +676,14 @@ def _srd_backward(b: Builder, L, R_L, x_checked, lost: list) -> Dict[fx.Node, fx
     if R_in is None:
         R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, b.caxes(info.input)))
     R_of[info.input] = R_in
-    return R_of
+    return R_of, bw.lost
 
 
-def _emit_outputs(b: Builder, names, R_of, L, R_L, lost, logits, check) -> None:
-    """The twin's output: logits, the input map (checked), the requested layers' maps, R_L, lost."""
+def _emit_outputs(b: Builder, names, R_of, L, R_L, lost_total, logits, check, x_checked, target) -> None:
+    """The twin's output: logits, the input map, the requested layers' maps, R_L, lost, and with
+    ``check`` the flag of every value check (:func:`checks_pass`)."""
     info = b.info
+    b.context = None
     rel = {}
     for key, node in names.items():
         r = R_of.get(node)
@@ -616,11 +691,10 @@ def _emit_outputs(b: Builder, names, R_of, L, R_L, lost, logits, check) -> None:
             r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
         rel[key] = _read_out(b, r, node, "out_" + key.replace(".", "_"))
     sal = b.call(ops.position_map, R_of[info.input], (1,), name="saliency")
-    lost_total = b.call(add_all, *lost, name="lost") if lost else None
-    if check:
-        sal = b.call(check_map, sal, R_L, lost_total, logits, "the SRD saliency map", name="saliency_checked")
+    b.comment(sal, "outputs")
+    ok = b.call(checks_pass, x_checked, sal, R_L, lost_total, logits, target, name="ok") if check else None
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
-                "R_L": _read_out(b, R_L, L, "out_R_L")})
+                "R_L": _read_out(b, R_L, L, "out_R_L"), "ok": ok})
 
 
 def _graph_module(b: Builder) -> fx.GraphModule:
@@ -629,7 +703,9 @@ def _graph_module(b: Builder) -> fx.GraphModule:
     for n in b.g.nodes:
         if n.target is ops.pfv_dot and n.kwargs.get("overwrite_g") and len(n.args[1].users) != 1:
             n.kwargs = {k: v for k, v in n.kwargs.items() if k != "overwrite_g"}
+    b.g.set_codegen(SRDCodeGen(b.comments))
     gm = fx.GraphModule(b.root, b.g, "SRDExplainer")
+    fold_constants(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -641,6 +717,93 @@ def _read_out(b: Builder, r, node, name):
     m = b.call(ops.position_map, r, b.info.caxes(node), name=name)
     perm = b.info.readout_perm(node)
     return b.call(torch.permute, m, perm, name=name + "_oriented") if perm else m
+
+
+# ----------------------------------------------------------------------- constant folding ---
+def _fetch(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def fold_constants(gm: fx.GraphModule) -> None:
+    """Evaluate, once, every node of the twin that depends only on parameters and buffers (batch
+    norm scales and shifts, a convolution weight with the next batch norm's scale in it, reshaped
+    biases): the values become buffers of ``gm.srd_const`` and the call reads them.
+
+    The recipe (the folded sub-graph) is kept: :func:`refresh_constants` runs it again when a
+    parameter or buffer it reads has changed since (an optimiser step, ``load_state_dict``, a move)."""
+    g = gm.graph
+    value: Dict[fx.Node, object] = {}
+    for n in g.nodes:
+        if n.op == "get_attr":
+            v = _fetch(gm, n.target)
+            if isinstance(v, torch.Tensor):
+                value[n] = v
+        elif n.op in ("call_function", "call_method") and n.all_input_nodes \
+                and all(a in value for a in n.all_input_nodes) and n.target is not check_input:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), value.__getitem__)
+            try:
+                with torch.no_grad():
+                    value[n] = (getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method"
+                                else n.target(*args, **kwargs))
+            except Exception:  # noqa: BLE001  (not evaluable without the input: left to run time)
+                continue
+    folded = [n for n in value if n.op != "get_attr" and isinstance(value[n], torch.Tensor)
+              and any(u not in value for u in n.users)]
+    if not folded:
+        return
+    recipe = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    need = set()
+    stack = list(folded)
+    while stack:
+        k = stack.pop()
+        if k not in need:
+            need.add(k)
+            stack.extend(k.all_input_nodes)
+    for n in g.nodes:
+        if n in need:
+            env[n] = recipe.node_copy(n, env.__getitem__)
+    recipe.output(tuple(env[n] for n in folded))
+    holder = nn.Module()
+    gm.add_module("srd_const", holder)
+    reads = {}
+    for n in folded:
+        holder.register_buffer(n.name, value[n].detach(), persistent=False)
+        with g.inserting_before(n):
+            reads[n.name] = g.get_attr(f"srd_const.{n.name}")
+        n.replace_all_uses_with(reads[n.name])
+    for n in reversed(list(g.nodes)):  # the folded sub-graph, now unused
+        if n in value and not n.users:
+            g.erase_node(n)
+    for name, n in reads.items():  # the read takes the folded node's name (that node is gone)
+        n.name = name
+        g._graph_namespace._rename_object(n, name)
+    sources = sorted({n.target for n in need if n.op == "get_attr"})
+    gm._srd_const = dict(recipe=recipe, names=[n.name for n in folded], sources=sources,
+                         sig=_signature(gm, sources))
+
+
+def _signature(gm, sources):
+    ts = [_fetch(gm, t) for t in sources]
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
+
+
+def refresh_constants(gm: fx.GraphModule) -> None:
+    """Recompute the folded constants if a parameter or buffer they come from has changed."""
+    c = getattr(gm, "_srd_const", None)
+    if c is None:
+        return
+    sig = _signature(gm, c["sources"])
+    if sig == c["sig"]:
+        return
+    with torch.no_grad():
+        values = fx.Interpreter(gm, graph=c["recipe"]).run()
+    for name, v in zip(c["names"], values):
+        gm.srd_const._buffers[name] = v.detach()
+    c["sig"] = sig
 
 
 def resolve_layers(info: GraphInfo, layers) -> Dict[str, fx.Node]:

@@ -60,9 +60,10 @@ class Conv(Rule):
         if asym:  # asymmetric 'same': let autograd transpose it
             return b.vjp(node, g)
         scale = _bn_scale_of(g)
-        if scale is not None:  # conv -> batch norm: one fused step (the scale may go into the weight);
-            # the product g * scale is left to dead-code elimination (another path may still read it)
-            return [b.call(ops.conv_T, g.args[0], b.val(x), w, stride, p, dilation, groups, scale)]
+        if scale is not None:  # conv -> batch norm: the scale goes into the weight (a constant,
+            # folded at build time); g * scale is left to dead-code elimination (another path may read it)
+            w = b.call(ops.scale_out_channels, w, scale, name=f"{node.name}_weight_T")
+            return [b.call(ops.conv_T, g.args[0], b.val(x), w, stride, p, dilation, groups)]
         return [b.call(ops.conv_T, g, b.val(x), w, stride, p, dilation, groups)]
 
     @staticmethod

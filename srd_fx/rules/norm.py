@@ -54,13 +54,13 @@ class BatchNorm(Rule):
 
     def transpose(self, b, node, g):
         _, mean, var, w, _, eps = self.spec(b, node)
-        scale = b.call(bn_scale, var, w, eps, len(b.shape(node)), name="bn_scale")
+        scale = b.call(bn_scale, var, w, eps, len(b.shape(node)), name=node.name + "_scale")
         return [b.call(torch.mul, g, scale)]
 
     def bias(self, b, node, zs):
         _, mean, var, w, bias, eps = self.spec(b, node)
         if zs[0] is None:
-            return b.call(bn_shift, mean, var, w, bias, eps, len(b.shape(node)), name="bn_shift")
+            return b.call(bn_shift, mean, var, w, bias, eps, len(b.shape(node)), name=node.name + "_shift")
         return b.apply_with_inputs(node, zs)
 
 
