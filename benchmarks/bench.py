@@ -65,6 +65,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_MODELS = "torchvision:resnet50,torchvision:vgg16,timm:efficientnet_b0,timm:convnext_tiny"
+#: --quick checks that every code path runs (a torchvision and a timm model), not the big models
+QUICK_MODELS = "torchvision:resnet18,timm:efficientnet_b0"
 METHODS = ("forward", "ixg", "ixg_pgrad", "srd", "zennit_lrp", "captum_lrp", "gradcam")
 LABELS = {
     "forward": "forward (no grad)",
@@ -92,7 +94,7 @@ QUICK = dict(size=64, batches=(1, 2), repeats=2, warmup=1, scaling_batches=(1, 2
 def load_model(name: str, device="cpu") -> nn.Module:
     """A torchvision or timm model by name ("torchvision:resnet50", "timm:convnext_tiny"), random
     weights (seed 0), eval mode, every parameter frozen."""
-    from srd_fx.eval.models import load_model as _load
+    from srd_fx.eval.io import load_model as _load
     torch.manual_seed(0)
     model = _load(name).to(device).eval()
     for p in model.parameters():
@@ -1043,8 +1045,9 @@ def build_parser():
                         "the numbers are not measurements")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run: auto = cuda when available, else cpu")
-    p.add_argument("--models", default=DEFAULT_MODELS,
-                   help="comma-separated models for the comparison table (torchvision:<name>, timm:<name> or a bare name)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated models for the comparison table (torchvision:<name>, timm:<name> or a bare "
+                        f"name; default {DEFAULT_MODELS}, with --quick {QUICK_MODELS})")
     p.add_argument("--out", default=None,
                    help="output folder (default results/benchmarks/<device>[-quick])")
     p.add_argument("--sections", default="table,batch,size,profile,compile,gpu",
@@ -1115,7 +1118,8 @@ def main(argv=None) -> int:
         print("bench.py: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     cfg["threads"], cfg["verbose"] = args.threads, args.verbose
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = [m.strip() for m in (args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)).split(",")
+                   if m.strip()]
     args.dtypes = [d.strip() for d in (args.dtypes or ("float32,float16,bfloat16" if device == "cuda" else "float32")).split(",")]
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad:

@@ -178,6 +178,11 @@ def compile_benchmark(name: str = "resnet50", repeats: int = 3) -> Dict:
 COMPILE_BENCHMARKS = {"cnn": "resnet50", "transformer": "vit_small_patch16_224"}
 
 
+def selected_subset(args) -> bool:
+    return bool(args.models or args.models_file or args.ci_subset or args.filter or args.sample
+                or getattr(args, "sample_random", None))
+
+
 def run(args) -> int:
     from srd_fx.errors import SRDError
     try:
@@ -189,6 +194,13 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from pathlib import Path
+    if not (args.all or selected_subset(args) or args.list or args.report_only):
+        n = len(lists.default_models())
+        print(f"Without a selection this would check all {n} timm CNN architectures of the default list "
+              "(hours of CPU time; the latest full sweep's report is model_zoo_checks/REPORT.md). "
+              "Pass --all to run that sweep, or choose models with --models NAME..., --filter 'resnet*', "
+              "--ci-subset or --sample N; --list prints a selection without running it.", file=sys.stderr)
+        return 2
     opts = options_from(args)
     names = select(args)
     cache_dir = Path(args.cache_dir) if args.cache_dir else CACHE_DIR
@@ -210,8 +222,7 @@ def _run(args) -> int:
             print(f"{n}\t{lists.family_of(n, lists.module_of(n))}\t{lists.module_of(n)}")
         print(f"# {len(names)} models", file=sys.stderr)
         return 0
-    full = args.all or not (args.models or args.models_file or args.ci_subset or args.filter or args.sample
-                            or args.sample_random)
+    full = args.all or not selected_subset(args)
     if merged is not None:
         full = set(names) == set(lists.default_models())
     write = full if args.report is None else args.report

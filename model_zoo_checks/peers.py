@@ -16,7 +16,9 @@ sample only; target = argmax of the logits):
 "Produced a map": the call returned an attribution of the input's shape (no exception).
 "Conserves": ``|sum R^input - R^out| <= 1e-3 * |R^out|``.  Results are cached in
 ``.cache/peers.jsonl`` and summarised in the committed ``peers.json``; REPORT.md is rewritten
-with the side-by-side table (the SRD column comes from the SRD sweep's records).
+with the side-by-side table (the SRD column comes from the SRD sweep's records).  Only a run over
+the whole default list writes those two; a partial selection (``--models``, ``--filter``, ...)
+writes ``.cache/peers-partial.json`` and leaves the committed files alone.
 """
 from __future__ import annotations
 
@@ -135,14 +137,21 @@ def _check_peers(name: str, opts: Options) -> Dict:
     return rec
 
 
-def write_peers_json(names, peers: Dict[str, Dict], command: str) -> None:
+#: where a run over part of the default list writes its records (the committed peers.json holds
+#: the full sweep and is only written by a full one)
+PEERS_PARTIAL = CACHE_DIR / "peers-partial.json"
+
+
+def write_peers_json(names, peers: Dict[str, Dict], command: str, path=None) -> None:
     doc = dict(generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), command=command, tolerance=PEER_TOL,
                zennit="EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()]), Gradient attributor, "
                       "initial relevance = target logit",
                captum="captum.attr.LRP default rules",
                records={n: {k: peers[n].get(k) for k in ("family", "input_size", "zennit", "captum", "reason")}
                         for n in names if n in peers})
-    PEERS_JSON.write_text(json.dumps(doc, indent=1, default=str))
+    path = PEERS_JSON if path is None else path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str))
 
 
 def main(argv=None) -> int:
@@ -172,12 +181,14 @@ def main(argv=None) -> int:
     full = args.all or not (args.models or args.models_file or args.ci_subset or args.filter or args.sample)
     report_names = lists.default_models() if full else names
     cmd = "python -m model_zoo_checks.peers " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    write_peers_json(report_names, cache, cmd.strip())
+    write_peers_json(report_names, cache, cmd.strip(), path=None if full else PEERS_PARTIAL)
+    print(f"wrote {'model_zoo_checks/peers.json' if full else PEERS_PARTIAL} "
+          + ("" if full else "(a partial run never replaces the committed peers.json)"), file=sys.stderr)
     for m in ("zennit", "captum"):
         got = [cache[n].get(m) for n in names if n in cache and cache[n].get(m)]
         print(f"{m}: produced {sum(g['produced'] for g in got)}/{len(got)}, conserved within {PEER_TOL:g}: "
               f"{sum(g['conserved'] for g in got)}", file=sys.stderr)
-    if args.report is not False:
+    if args.report is not False and full:
         srd = load_cache(SRD_CACHE)
         prev = {}
         from .runner import REPORT_JSON

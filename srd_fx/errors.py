@@ -17,6 +17,13 @@ class TrainingModeError(SRDError):
     """The model (or one of its modules) is in training mode."""
 
 
+class LayerError(SRDError, KeyError):
+    """A layer name (``layers=``, ``encoder_output=``, ``--layer``) that names no usable layer."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class InputError(SRDError, ValueError):
     """The input or the target is not acceptable (rank, channels, range, finiteness)."""
 

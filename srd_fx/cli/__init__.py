@@ -11,7 +11,7 @@ import pkgutil
 import sys
 
 from .. import __version__
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, SRDError
 from ..extras import EVAL_LIBRARIES
 
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.description = f"{mod.HELP}\n\nUnavailable here: {_missing_message(e)}"
             sp.set_defaults(_run=_unavailable(e))
             continue
+        sp.add_argument("--debug", action="store_true",
+                        help="Show the full traceback of an error instead of its one-paragraph message.")
         sp.set_defaults(_run=mod.run)
     return p
 
@@ -87,5 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] not in EVAL_LIBRARIES:
             raise
         print(f"srd-fx {args.command}: error: {_missing_message(e)}", file=sys.stderr)
+        return 2
+    except SRDError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"srd-fx {args.command}: error: {e}\n(--debug shows the traceback)", file=sys.stderr)
         return 2
 

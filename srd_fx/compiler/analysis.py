@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from srd_fx import rules as R
 
-from ..errors import UnsupportedOpError
+from ..errors import LayerError, UnsupportedOpError
 from .trace import encoder_node
 
 # ops that only re-view a tensor: a gate stays a gate through them
@@ -253,7 +253,7 @@ class GraphInfo:
             if any(v[0] == name if isinstance(v, tuple) else False for v in stack.values()):
                 last = n
         if last is None:
-            raise KeyError(f"no node or module named {name!r}")
+            raise LayerError(f"no node or module named {name!r}")
         return last
 
     def _encoder_output(self, name) -> fx.Node:
@@ -371,6 +371,33 @@ class GraphInfo:
         raise UnsupportedOpError(
             f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)!s}): {reason}")
 
+    def _refuse_non_tensor(self, n, lay):
+        """A non-tensor (or attribute-of) node on the relevance path: name the op that produced
+        the value (``torch.sort(...).values``, ``torch.fft.fft(...).real``) and how to teach it."""
+        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if n.op == "call_function" and n.target in (getattr, operator.getitem) and src is not None \
+                and src.op != "placeholder":
+            meta = src.meta.get("tensor_meta")
+            typ = src.meta.get("type", object)
+            kind = (f"a {meta.dtype} tensor" if isinstance(meta, TensorMetadata) else
+                    f"a tuple ({typ.__module__}.{typ.__name__})" if issubclass(typ, tuple) else
+                    f"a {typ.__name__}")
+            part = f".{n.args[1]}" if n.target is getattr else f"[{n.args[1]!r}]"
+            op = src.target if isinstance(src.target, str) else \
+                f"{getattr(src.target, '__module__', '')}.{getattr(src.target, '__name__', src.target)}" \
+                .replace("torch._C._fft.fft_", "torch.fft.")
+            raise UnsupportedOpError(
+                f"srd_fx has no rule for {op} (node {src.name!r}) on the path to activation layer "
+                f"{lay.name!r}: it returns {kind}, of which node {n.name!r} takes {part}. Move the "
+                "computation into a module of its own and register a rule for that module, e.g.\n"
+                "    import srd_fx\n"
+                "    from srd_fx.rules import Affine, Activation\n"
+                "    srd_fx.register_rule(MyOp, Affine())        # linear in its input, keeps positions\n"
+                "    srd_fx.register_rule(MyOp, Activation(fn))  # an element-wise nonlinearity\n"
+                "(a registered module is a leaf of the trace; see srd_fx/rules/__init__.py for the "
+                "full Rule interface).")
+        self.unsupported(n, "a non-tensor value on the relevance path")
+
     # ------------------------------------------------------------------ layers and blocks --
     def _layers(self) -> List[Layer]:
         # main path: backward from L through main inputs
@@ -419,7 +446,7 @@ class GraphInfo:
                         f"{', type ' + type(self.modules[n.target]).__name__ if n.op == 'call_module' else ''}) "
                         f"on the path to activation layer {lay.name!r}.\n" + how_to_register(n, self.modules))
                 if rule.kind == "meta" or not self.is_tensor(n):
-                    self.unsupported(n, "a non-tensor value on the relevance path")
+                    self._refuse_non_tensor(n, lay)
                 if rule.gate_args and len(
                         [a for a in self.main_inputs(n) if any(a is n.args[i] for i in rule.gate_args
                                                                if i < len(n.args))]) > 1:

@@ -22,8 +22,8 @@ from .analysis import GraphInfo
 from ..errors import (InputError, NonFiniteError, SRDError, TrainingModeError, UnsupportedOpError,
                       UnsupportedPrecisionError)
 from .options import Options
-from .trace import TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
-from .twin import build_twin, check_input, explain_failure, refresh_constants
+from .trace import NodeFailure, TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
+from .twin import WRAP_RECIPE, build_twin, check_input, explain_failure, not_a_tensor, refresh_constants
 
 
 @dataclass
@@ -139,20 +139,22 @@ class Explainer(nn.Module):
         srd_fx.UnsupportedOpError
             For an op without a rule, or a model returning a tuple/dict without ``output_selector``.
         """
+        if not isinstance(example, torch.Tensor):
+            raise InputError(not_a_tensor(example, "the example input"))
         ex = example[:1].detach()
         if not specialised_for(self.traced, example.shape):
             self.traced = trace(self.model, example.detach())  # shape-specialised trace for this input
         if self.traced.meta.get("srd_specialised") is not None:
             ex = example.detach()
+        _check_one_input(self.traced)
         try:
             with _half_kernels(ex):
                 traced_out = shape_prop(self.traced, ex)
-        except UnsupportedPrecisionError:
-            raise
-        except Exception as e:
-            raise InputError(f"the model fails on an input of shape {tuple(example.shape)} "
-                             f"({type(e).__name__}: {str(e).splitlines()[-1][:300]}); check the input size, "
-                             "dtype and device") from e
+        except NodeFailure as f:
+            err = half_precision_failure(f.error, ex)
+            if err is not None:
+                raise err from f.error
+            raise InputError(_failure_message(f, self.traced, example)) from None
         o = self.options
         if o.check:
             check_trace_matches(self.model, ex, traced_out)
@@ -357,6 +359,8 @@ class Explainer(nn.Module):
         srd_fx.UnsupportedPrecisionError
             If this machine has no kernel for a float16/bfloat16 computation.
         """
+        if not isinstance(x, torch.Tensor):
+            raise InputError(not_a_tensor(x, "the input"))
         if self.options.check and any(m.training for m in self.model.modules()):
             raise TrainingModeError("the model was put back in training mode after compile; call "
                                     "model.eval() before explaining")
@@ -436,6 +440,39 @@ def _half_kernels(x):
         raise err from e
 
 
+def _check_one_input(gm) -> None:
+    """Refuse a forward with several required inputs before running it."""
+    required = [n.name for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+    if len(required) > 1:
+        raise InputError(f"the model's forward takes {len(required)} inputs ({', '.join(required)}); srd_fx "
+                         "explains models with one tensor input: " + WRAP_RECIPE)
+
+
+def _failure_message(f: "NodeFailure", gm, example: torch.Tensor) -> str:
+    """The root cause of a failed example run: the op, the node and the exception's own first
+    line, and what to change."""
+    n, e = f.node, f.error
+    first = next((l for l in str(e).splitlines() if l.strip()), "")[:300]
+    if n.op == "call_module":
+        where = f"module {n.target!r} ({type(gm.get_submodule(n.target)).__name__})"
+    else:
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.target)
+        where = f"node {n.name!r} ({target})"
+    shape = tuple(example.shape)
+    low = first.lower()
+    if "channels" in low or "channel" in low:
+        fix = (f"give the input the number of channels the model expects (the input has {shape[1]}"
+               + ("; for a grey image use x.expand(-1, 3, -1, -1)" if len(shape) > 1 and shape[1] == 1 else "")
+               + ")")
+    elif any(k in low for k in ("cannot be multiplied", "size", "shape", "expected input")):
+        fix = ("give the input the size the model was built for (a Linear after flatten fixes the "
+               "spatial size; an AdaptiveAvgPool2d before the flatten would lift that), or resize the images")
+    else:
+        fix = "check the input's size, channels, dtype and device against what the model expects"
+    return (f"the model fails on an input of shape {shape} at {where}: {type(e).__name__}: {first}. "
+            f"To fix: {fix}.")
+
+
 def _check_single_output(gm) -> None:
     """A model returning a tuple/dict needs ``output_selector`` (said before the analysis looks
     for the encoder output, which the other outputs could confuse)."""
@@ -472,6 +509,9 @@ def _root_of(model: nn.Module) -> nn.Module:
         root.register_parameter(name, p)
     for name, buf in model.named_buffers(recurse=False):
         root.register_buffer(name, buf)
+    for name, value in vars(model).items():  # plain tensor attributes (``self.t = tensor``): fx reads them
+        if isinstance(value, torch.Tensor) and not hasattr(root, name):
+            setattr(root, name, value)
     return root
 
 

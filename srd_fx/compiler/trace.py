@@ -395,12 +395,47 @@ def functionalise_inplace(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+class NodeFailure(Exception):
+    """A node of the traced graph raised while running the example (``node``, the exception as
+    ``__cause__``)."""
+
+    def __init__(self, node: fx.Node, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.node, self.error = node, error
+
+
 def shape_prop(gm: fx.GraphModule, example: torch.Tensor):
     """Record every node's tensor metadata (shapes drive layout and gate analysis); returns the
-    graph's output on ``example``."""
-    from torch.fx.passes.shape_prop import ShapeProp
+    graph's output on ``example``.  A node that fails raises :class:`NodeFailure` carrying the node
+    and the original exception (torch's ShapeProp would print a traceback and keep only its own
+    wrapper message)."""
+    from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+    from torch.fx.node import map_aggregate
+
+    class _ShapeProp(ShapeProp):
+        def run_node(self, n):
+            try:
+                result = fx.Interpreter.run_node(self, n)
+            except Exception as e:
+                raise NodeFailure(n, e) from e
+            found = []
+
+            def extract(o):
+                if isinstance(o, torch.Tensor):
+                    found.append(o)
+                    return _extract_tensor_metadata(o)
+                return o
+
+            meta = map_aggregate(result, extract)
+            if found:
+                n.meta["tensor_meta"] = meta
+            n.meta["type"] = type(result)
+            return result
+
+    sp = _ShapeProp(gm)
+    sp.extra_traceback = False
     with torch.no_grad():
-        return ShapeProp(gm).propagate(example)
+        return sp.propagate(example)
 
 
 def check_trace_matches(model: nn.Module, example: torch.Tensor, traced_out) -> None:

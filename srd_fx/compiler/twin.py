@@ -30,7 +30,7 @@ from . import heads
 from . import runtime as ops
 from .analysis import GraphInfo, Layer
 from .codegen import SRDCodeGen
-from ..errors import UnsupportedOpError
+from ..errors import LayerError, UnsupportedOpError
 
 _INPLACE_FN = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                operator.itruediv: operator.truediv}
@@ -118,6 +118,24 @@ def materialize(z, like):
     return z.expand((z.shape[0],) + tuple(like.shape[1:]))
 
 
+WRAP_RECIPE = ("wrap it so that forward takes one tensor, e.g.\n"
+               "    class OneInput(torch.nn.Module):\n"
+               "        def __init__(self, model, other):\n"
+               "            super().__init__(); self.model, self.other = model, other\n"
+               "        def forward(self, x):\n"
+               "            return self.model(x, self.other)\n"
+               "and compile OneInput(model, other).")
+
+
+def not_a_tensor(x, what: str) -> str:
+    """The message for a non-tensor input: a tuple/list (several inputs) or a NumPy array."""
+    if isinstance(x, (tuple, list)):
+        return (f"{what} is a {type(x).__name__} of {len(x)}: srd_fx explains models with one tensor "
+                "input (B, C, ...). Pass one tensor; for a model with several inputs, " + WRAP_RECIPE)
+    hint = " (convert it with torch.from_numpy(x))" if type(x).__module__ == "numpy" else ""
+    return f"{what} must be a torch.Tensor (B, C, ...), got {type(x).__name__}{hint}"
+
+
 def check_input(x, rank, channels, ref=None, finite=True):
     """The one input validator (the explainer before building, the twin on every call): a tensor
     on ``ref``'s device and dtype, of rank ``rank`` (None: batched, at least 2), with ``channels``
@@ -126,7 +144,7 @@ def check_input(x, rank, channels, ref=None, finite=True):
     a call waits for the device once."""
     from ..errors import InputError, NonFiniteError
     if not isinstance(x, torch.Tensor):
-        raise InputError(f"expected a batched tensor input (B, C, ...), got {type(x).__name__}")
+        raise InputError(not_a_tensor(x, "the input"))
     if ref is not None and x.device != ref.device:
         raise InputError(f"the input is on {x.device} but the model is on {ref.device}; move one of them "
                          f"(x.to('{ref.device}'))")
@@ -823,11 +841,11 @@ def resolve_layers(info: GraphInfo, layers) -> Dict[str, fx.Node]:
             try:
                 node = info.node_for(key)
             except KeyError:
-                raise KeyError(f"unknown layer {key!r}: use 'input', 'low', 'high', an activation "
+                raise LayerError(f"unknown layer {key!r}: use 'input', 'low', 'high', an activation "
                                f"module name or one of the activation nodes "
                                f"{[l.name for l in info.layers][:8]}...") from None
             if node not in acts and node is not info.input:
-                raise KeyError(f"{key!r} resolves to node {node.name!r}, which is not an activation "
+                raise LayerError(f"{key!r} resolves to node {node.name!r}, which is not an activation "
                                "layer: relevance is defined after activation layers, at L and at the input")
             out[key] = node
     return out
@@ -842,5 +860,5 @@ def high_layer(info: GraphInfo) -> fx.Node:
         if len(s) == len(sL) and all(a >= 4 * c for a, c in zip(s, sL)):
             best = lay.node
     if best is None:
-        raise KeyError("no activation layer has 4x the resolution of the encoder output: name a layer")
+        raise LayerError("no activation layer has 4x the resolution of the encoder output: name a layer")
     return best

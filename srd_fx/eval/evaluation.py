@@ -265,6 +265,17 @@ def ranks_of(results: Mapping[str, Scores], method_prefix: str = "SRD", metrics:
 
 
 # ----------------------------------------------------------------------------- figure -------------
+def _wrap_label(label: str, width: int = 11) -> str:
+    """A column title that fits its column: long names broken at word, CamelCase or hyphen
+    boundaries ("IntegratedGradients" -> "Integrated / Gradients")."""
+    import re
+    import textwrap
+    if len(label) <= width:
+        return label
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", " ", label).replace("-", "- ")
+    return "\n".join(textwrap.wrap(spaced, width=width, break_long_words=False)).replace("- ", "-")
+
+
 def plot_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
               methods: Optional[Sequence[str]] = None, mean=D.DIGITS_MEAN, std=D.DIGITS_STD,
               title: Optional[str] = None):
@@ -289,11 +300,13 @@ def plot_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mask
             ax.imshow(maps[j][i], cmap="bwr", vmin=-1, vmax=1, interpolation="nearest")
             ax.contour(masks[i].numpy().astype(float), levels=[0.5], colors="k", linewidths=0.6)
     for j, lab in enumerate(["input"] + [method_label(m.name) for m in methods]):
-        axes[0, j].set_title(lab, fontsize=7, rotation=30, ha="left")
+        axes[0, j].set_title(_wrap_label(lab), fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+        width = max(40, int(13 * fig.get_figwidth()))  # characters of 9-pt text across the figure
+        fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.splitlines()), fontsize=9)
     fig.tight_layout(pad=0.3)
     return fig

@@ -16,6 +16,7 @@ wrong and what to do; the CLI prints it without a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
 import importlib
@@ -30,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import SRDError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: scikit-image photos usable by name instead of a file
@@ -40,11 +43,11 @@ PACKAGED_PHOTOS = {"chelsea": os.path.join(os.path.dirname(os.path.dirname(os.pa
                                            "data", "chelsea.jpg")}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-__all__ = ["ModelLoadError", "load_model", "read_state_dict", "model_preprocessing", "find_images",
-           "read_image", "preprocess", "upsample", "overlay", "BUNDLED", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ModelLoadError", "load_model", "read_state_dict", "num_classes_of", "model_preprocessing", "find_images",
+           "read_image", "preprocess", "upsample", "overlay", "overlay_rgba", "BUNDLED", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SRDError, ValueError):
     """A model name, factory or weights file that cannot be used (the message says why)."""
 
 
@@ -67,20 +70,58 @@ def _timm_names() -> List[str]:
     return list(timm.list_models())
 
 
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host can be opened within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable():
+    """Without network, huggingface_hub (timm's downloader) retries for about 50 s before it
+    gives up.  When its endpoint cannot be reached, run in its offline mode instead: cached
+    weights still load, missing ones fail at once.  Yields the unreachable endpoint, or None."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on it
+        yield None
+        return
+    if constants.HF_HUB_OFFLINE or _reachable(constants.ENDPOINT):
+        yield None
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield constants.ENDPOINT
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def _from_library(lib: str, arch: str, pretrained: bool, num_classes: Optional[int]) -> nn.Module:
     kw = {} if num_classes is None else {"num_classes": int(num_classes)}
+    offline = None
     try:
         if lib == "torchvision":
             import torchvision
             return torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **kw)
         import timm
-        return timm.create_model(arch, pretrained=pretrained, **kw)
+        if not pretrained:
+            return timm.create_model(arch, pretrained=False, **kw)
+        with _hub_offline_if_unreachable() as offline:
+            return timm.create_model(arch, pretrained=True, **kw)
     except Exception as e:  # no network / no cached download / bad kwargs
         if pretrained:
+            why = (f"{offline} cannot be reached and the weights are not in the local cache" if offline
+                   else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             raise ModelLoadError(
-                f"could not get {lib}'s pretrained weights for {arch!r} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). Without network access, download the "
-                f"weights elsewhere and pass them with --weights FILE.") from None
+                f"could not get {lib}'s pretrained weights for {arch!r} ({why}). Without network access, "
+                f"download the weights elsewhere and pass them with --weights FILE.") from None
         raise ModelLoadError(f"{lib} could not build {arch!r}: {type(e).__name__}: {e}") from None
 
 
@@ -103,6 +144,10 @@ def _import_factory(spec: str):
             sys.modules.pop(unique, None)
             raise ModelLoadError(f"importing {mod_name!r} failed: {type(e).__name__}: {e}") from None
     else:
+        # as with ``python -m``, a module in the working directory is importable (the ``srd-fx``
+        # console script does not put the working directory on sys.path by itself)
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(mod_name)
         except ImportError as e:
@@ -139,6 +184,15 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def num_classes_of(path: Optional[str]) -> Optional[int]:
+    """The class count of a state-dict file: the row count of its last 2-D weight (the
+    classifier's), or None (no file, or no such weight)."""
+    if not path:
+        return None
+    last = [v for k, v in read_state_dict(path).items() if k.endswith("weight") and v.dim() == 2]
+    return int(last[-1].shape[0]) if last else None
 
 
 def _load_weights(model: nn.Module, path: str, name: str) -> None:
@@ -297,12 +351,24 @@ def upsample(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def overlay(rgb: np.ndarray, sal: np.ndarray, path: str, title: str = "", cmap: str = "jet",
-            alpha: float = 0.5) -> None:
+def overlay_rgba(m: np.ndarray, cmap="bwr", alpha: float = 0.7) -> np.ndarray:
+    """The colour layer of :func:`overlay` for a map ``m`` in [-1, 1]: ``cmap`` on [-1, 1] (zero at
+    its centre) with opacity ``alpha * |m|``, so that zero relevance leaves the photo as it is."""
+    import matplotlib
+    cm = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
+    rgba = cm(matplotlib.colors.Normalize(vmin=-1.0, vmax=1.0)(np.asarray(m, dtype=np.float64)))
+    rgba[..., 3] = alpha * np.abs(m)
+    return rgba
+
+
+def overlay(rgb: np.ndarray, sal: np.ndarray, path: str, title: str = "", cmap: str = "bwr",
+            alpha: float = 0.7) -> None:
     """Save a two-panel PNG: the image, and the image with the map on top.
 
-    The map is divided by its largest magnitude; a map with negative values is drawn on [-1, 1]
-    (use a diverging colormap such as ``bwr`` for those), a non-negative one on [0, 1]."""
+    The map is divided by its largest magnitude and drawn on [-1, 1], centred on zero (use a
+    diverging colormap: the default ``bwr`` shows positive relevance red and negative blue).  The
+    map's opacity is ``alpha * |map|``: where the relevance is zero the photo shows through
+    unchanged."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -316,15 +382,15 @@ def overlay(rgb: np.ndarray, sal: np.ndarray, path: str, title: str = "", cmap: 
     sal = np.asarray(sal, dtype=np.float64)
     if not np.isfinite(sal).all():
         raise FloatingPointError("the map has NaN or infinite values")
-    m = sal / (np.abs(sal).max() + 1e-12)
-    signed = m.min() < 0
+    rgba = overlay_rgba(sal / (np.abs(sal).max() + 1e-12), cm, alpha)
+    norm = matplotlib.colors.Normalize(vmin=-1.0, vmax=1.0)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(rgb)
     axes[0].set_title("input")
     axes[1].imshow(rgb)
-    im = axes[1].imshow(m, cmap=cm, alpha=alpha, vmin=-1 if signed else 0, vmax=1)
+    axes[1].imshow(rgba)
     axes[1].set_title(title or "SRD")
-    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cm), ax=axes[1], fraction=0.046)
     for a in axes:
         a.axis("off")
     fig.tight_layout()

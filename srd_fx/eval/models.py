@@ -5,8 +5,7 @@
   narrow channels and output stride 16, so that a 64x64 input gives a 4x4 encoder output) and
   :func:`small_vgg` (a VGG in torchvision's layout: ``features`` made by
   ``torchvision.models.vgg.make_layers``, ReLU and max-pooling, then a flatten + MLP classifier).
-* :func:`load_model` for the real thing: a torchvision or timm model by name, with weights from a file
-  (``weights=``) or the library's pretrained weights (``pretrained=True``).
+* (torchvision/timm models by name, with weights from a file or the library's: :func:`srd_fx.eval.io.load_model`.)
 * :func:`cam_layers`: the modules whose outputs are the low (encoder output) and high resolution
   layers, for the CAM baselines.
 """
@@ -110,20 +109,6 @@ def build(arch: str, act: str = "relu", num_classes: int = 10, size: int = 64) -
 
 
 # ----------------------------------------------------------------------------- real models --------
-def load_model(name: str, *, weights: Optional[str] = None, pretrained: bool = False,
-               num_classes: Optional[int] = None) -> nn.Module:
-    """:func:`srd_fx.eval.io.load_model` (torchvision/timm names, factories, ``weights``/``pretrained``),
-    with ``num_classes`` defaulting to the row count of the last 2-D weight of the ``weights`` file,
-    so that a checkpoint of a model fine-tuned on another label set loads without saying so."""
-    from .io import load_model as _load, read_state_dict
-    if weights and num_classes is None:
-        last = [v for k, v in read_state_dict(weights).items()
-                if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
-        if last:
-            num_classes = int(last[-1].shape[0])
-    return _load(name, weights=weights, pretrained=pretrained, num_classes=num_classes)
-
-
 def num_outputs(model: nn.Module, size: int = 64) -> int:
     p = next(model.parameters())
     with torch.no_grad():

@@ -41,7 +41,7 @@ from srd_fx import rules as R
 from srd_fx.rules.elementwise import Div, Mul
 from srd_fx.rules.pool import AdaptivePool, MaxPool
 
-from ..errors import InputError, NonFiniteError, UnsupportedOpError
+from ..errors import InputError, LayerError, NonFiniteError, UnsupportedOpError
 from ..compiler.trace import trace
 
 MODES = ("apop", "apop_relu")
@@ -294,7 +294,7 @@ class APOP:
         calls = [n for n in self.layers if self.module_of[n] == layer]
         if calls:
             return calls[-1]
-        raise KeyError(f"no activation layer named {layer!r}; activation layers are "
+        raise LayerError(f"no activation layer named {layer!r}; activation layers are "
                        f"{self.layers} (fx names) or the modules {sorted({m for m in self.module_of.values() if m})}")
 
     # ------------------------------------------------------------------ API ---------------

@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="Cache directory of the trained models (default: "
                                                      "$SRD_FX_CACHE or ~/.cache/srd_fx).")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
-    p.add_argument("--out", default="results/ablation", help="folder the tables, figures and JSON are written to")
+    p.add_argument("--out", default="srd_fx_results/ablation",
+                   help="folder the tables, figures and JSON are written to "
+                        "(default: srd_fx_results/ablation)")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
 
 

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--seed", type=int, default=0, help="Seed of the N(0,1) replacement input.")
     e.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     e.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...).")
-    e.add_argument("--out", default="results/apop", help="Output directory for the table, JSON and plot.")
+    e.add_argument("--out", default="srd_fx_results/apop",
+                   help="Output directory for the table, JSON and plot (default: srd_fx_results/apop).")
     e.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
 
 
@@ -96,14 +97,14 @@ def _user_source(args):
     from torchvision.datasets import ImageFolder
 
     from srd_fx.eval import data as D
-    from srd_fx.eval.models import load_model
+    from srd_fx.eval.io import load_model, num_classes_of
     if not args.weights or not args.imagefolder:
         raise SystemExit("srd-fx apop: --model needs --weights FILE (a state dict) and --imagefolder DIR "
                          "(no pretrained weights or data sets are downloaded)")
     if not os.path.isdir(args.imagefolder):
         raise SystemExit(f"srd-fx apop: --imagefolder {args.imagefolder!r} is not a directory")
     ds = ImageFolder(args.imagefolder)
-    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes)
+    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes or num_classes_of(args.weights))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(args.mean or cfg.get("mean") or D.IMAGENET_MEAN)
     std = tuple(args.std or cfg.get("std") or D.IMAGENET_STD)

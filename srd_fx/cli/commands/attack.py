@@ -75,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                               "one batch.")
     a.add_argument("--seed", type=int, default=0, help="Seed of the random pairs.")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="results/attack", help="folder the tables, figures and JSON are written to")
+    o.add_argument("--out", default="srd_fx_results/attack",
+                   help="folder the tables, figures and JSON are written to (default: srd_fx_results/attack)")
     o.add_argument("--examples", type=int, default=1, help="Pairs shown in examples_<model>.png.")
     o.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     o.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...).")

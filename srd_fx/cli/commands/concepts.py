@@ -61,7 +61,7 @@ def add_arguments(p):
                    help="test scenes for the recorded accuracy if the model is trained now (default: the recipe's)")
     p.add_argument("--lr", type=float, default=None,
                    help="training learning rate if the model is not cached yet (default: the recipe's)")
-    p.add_argument("--out", default=None, help="output PNG (default: results/concepts_<arch>.png)")
+    p.add_argument("--out", default=None, help="output PNG (default: srd_fx_results/concepts_<arch>.png)")
     p.add_argument("--json", default=None, help="also write the numbers of the figure to this JSON file")
 
 
@@ -87,7 +87,7 @@ def run(args) -> int:
     if not 0 <= args.image < args.n_index:
         raise SystemExit(f"--image must be in [0, --n-index={args.n_index}), got {args.image}")
     layer = args.layer or DEFAULT_LAYER[args.arch]
-    out_png = args.out or os.path.join("results", f"concepts_{args.arch}.png")
+    out_png = args.out or os.path.join("srd_fx_results", f"concepts_{args.arch}.png")
     train_kw = {k: v for k, v in (("epochs", args.epochs), ("n_train", args.n_train), ("n_test", args.n_test),
                                   ("lr", args.lr)) if v is not None}
 

@@ -23,9 +23,10 @@ DEFAULT_METRICS = ("Pointing", "Attribution", "Sparseness", "Fidelity")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=os.path.join("results", "demo.png"),
-                   help="Where to write the PNG grid; a markdown file with the table is written next to it "
-                        "(default: results/demo.png).")
+    p.add_argument("--out", default="srd_fx_demo",
+                   help="Folder to write demo.png (the grid) and demo.md (the table and the command) into, "
+                        "created if needed; or a path ending in .png for the grid, with the .md next to it "
+                        "(default: srd_fx_demo).")
     p.add_argument("--n-images", type=int, default=6,
                    help="Held-out scenes shown in the grid, one row each (default: 6).")
     p.add_argument("--metric-images", type=int, default=50,
@@ -44,8 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Override a training setting (epochs, n_train, n_test, batch_size, lr, weight_decay, "
                         "seed), e.g. epochs=1 for a smoke test; repeatable. Changes the cache entry.")
     p.add_argument("--threads", type=int, default=None,
-                   help="Number of CPU threads for torch (default: torch's choice, but 1 when the machine is "
-                        "already busy, i.e. its load average is at least its number of cores).")
+                   help="Number of CPU threads for torch when explaining and scoring (default: torch's choice, "
+                        "but 1 when the machine is already busy, i.e. its load average is at least its number "
+                        "of cores). Training always uses one thread, so that its weights are the same on "
+                        "every machine.")
     p.add_argument("--no-progress", action="store_true",
                    help="Hide the progress bars.")
 
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from srd_fx.eval import data as D
     from srd_fx.eval import evaluation as E
     from srd_fx.eval import metrics as M
-    from srd_fx.eval.train import cached_record, get_trained, resolve_cache_dir
+    from srd_fx.eval.train import TRAIN_THREADS, cached_record, get_trained, resolve_cache_dir
 
     missing = [pkg for mod, pkg in (("captum", "captum"), ("zennit", "zennit"), ("pytorch_grad_cam", "grad-cam"),
                                     ("quantus", "quantus"), ("scipy", "scipy"))
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         return _fail(f"the demo's baselines and metrics need {', '.join(missing)}: pip install "
                      f"'srd_fx[baselines]' (or pip install {' '.join(missing)})")
+    png = args.out if args.out.lower().endswith(".png") else os.path.join(args.out, "demo.png")
     if args.n_images < 1:
         return _fail("--n-images must be at least 1")
     if args.metric_images < 0:
@@ -137,9 +141,6 @@ def run(args: argparse.Namespace) -> int:
     # 2. the grid
     n_total = max(args.n_images, args.metric_images)
     images, labels, masks = D.DigitScenes("test", size=size, n=n_total, seed=args.seed).tensors(progress=False)
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
     print(f"[2/3] explaining {args.n_images} held-out scenes with {', '.join(methods)}", flush=True)
     t0 = time.perf_counter()
     import matplotlib
@@ -147,12 +148,14 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     k = args.n_images
     fig = E.plot_maps(model, images[:k], labels[:k], masks[:k], methods=methods,
-                      title=f"Held-out digit scenes, digit-scenes ResNet (test accuracy {acc:.2f}); "
-                            "red: positive relevance, outline: the digit (ground truth)")
-    fig.savefig(args.out, dpi=150)
+                      title=f"Held-out digit scenes, digit-scenes ResNet (test accuracy {acc:.3f})\n"
+                            "red: positive relevance, blue: negative, outline: the digit (ground truth)")
+    if os.path.dirname(png):
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+    fig.savefig(png, dpi=150)
     plt.close(fig)
     times["grid"] = time.perf_counter() - t0
-    print(f"      wrote {args.out} ({times['grid']:.0f} s)", flush=True)
+    print(f"      wrote {png} ({times['grid']:.0f} s)", flush=True)
 
     # 3. the table
     table = ""
@@ -168,14 +171,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"      ({times['table']:.0f} s)\n")
         print(table)
     total = time.perf_counter() - t_start
-    md = os.path.splitext(args.out)[0] + ".md"
+    md = os.path.splitext(png)[0] + ".md"
     cmd = "srd-fx demo " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and \
         sys.argv[1] == NAME else "srd-fx demo"
     with open(md, "w") as f:
-        f.write(f"![SRD demo]({os.path.basename(args.out)})\n\n"
+        f.write(f"![SRD demo]({os.path.basename(png)})\n\n"
                 f"Made by `{cmd.strip()}` in {total:.0f} s ({'model loaded from the cache' if cached else 'training'} "
                 f"{times['model']:.0f} s, grid {times['grid']:.0f} s, table {times.get('table', 0):.0f} s; "
-                f"torch threads: {torch.get_num_threads()}); digit-scenes ResNet, test accuracy {acc:.3f}.\n\n"
+                f"torch threads: {torch.get_num_threads()}, training: {TRAIN_THREADS}); digit-scenes ResNet, test accuracy "
+                f"{acc:.3f}.\n\n"
                 + table)
-    print(f"done in {total:.0f} s: {args.out}, {md}")
+    print(f"done in {total:.0f} s: {png}, {md}")
     return 0

@@ -59,7 +59,8 @@ def add_arguments(p):
                    help="Pointing Game tolerance in pixels (default: 15 px at 224 px, scaled to --size).")
     p.add_argument("--figure-images", type=int, default=4,
                    help="Images in the figure of maps (default 4; 0 for no figure).")
-    p.add_argument("--out", default="results", help="Output folder (default: results).")
+    p.add_argument("--out", default="srd_fx_results",
+                   help="Output folder (default: srd_fx_results; the committed results/ are written only when you name them).")
     p.add_argument("--cache-dir", default=None,
                    help="Cache of trained digit models (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
     p.add_argument("--train-setting", action="append", default=[], metavar="KEY=VALUE",
@@ -198,12 +199,12 @@ def _run(args, world) -> int:
             from srd_fx.eval.train import get_trained
             model, acc = get_trained(arch, act, size=size, cache_dir=args.cache_dir, progress=progress, **train_kw)
         else:
-            from srd_fx.eval.models import load_model
+            from srd_fx.eval.io import load_model, num_classes_of
             if args.weights and len(t2_specs) + len(t4_specs) > 1:
                 raise SystemExit("error: --weights applies to a single model; give one model with --models")
             try:
                 model = load_model(spec, weights=args.weights, pretrained=args.pretrained,
-                                   num_classes=args.num_classes)
+                                   num_classes=args.num_classes or num_classes_of(args.weights))
             except (ValueError, FileNotFoundError, RuntimeError) as e:
                 raise SystemExit(f"error: {e}")
             from srd_fx.eval.train import accuracy

@@ -45,10 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="srd.png",
                    help="Output PNG for one image, or a folder for several (then NAME_srd.png per image); "
                         "default: srd.png.")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="Opacity of the heatmap over the image, in [0, 1] (default: 0.5).")
-    p.add_argument("--cmap", default="jet",
-                   help="Matplotlib colormap of the heatmap, e.g. jet, inferno, bwr (default: jet).")
+    p.add_argument("--alpha", type=float, default=0.7,
+                   help="Opacity of the heatmap where the relevance is largest, in [0, 1]; it falls to 0 "
+                        "(the photo unchanged) where the relevance is zero (default: 0.7).")
+    p.add_argument("--cmap", default="bwr",
+                   help="Matplotlib colormap of the heatmap, drawn on [-1, 1] centred on zero: a diverging map "
+                        "such as bwr, RdBu_r, coolwarm (default: bwr, positive red, negative blue).")
     p.add_argument("--no-npy", action="store_true",
                    help="Do not write the raw map (.npy, float32 at the layer's own resolution, not normalised) "
                         "next to each PNG.")
@@ -155,7 +157,7 @@ def _run(args: argparse.Namespace, world) -> int:
         explainer = srd_fx.compile(model, layers=(args.layer,))
     except srd_fx.SRDError as e:
         return _fail(f"{args.model} cannot be compiled: {e}")
-    skipped = 0
+    skipped, unreadable = 0, []
     mine = [files[i] for i in world.share(len(files))]
     for f in mine:
         outs = outputs(f)
@@ -167,7 +169,11 @@ def _run(args: argparse.Namespace, world) -> int:
         try:
             x, rgb = preprocess(read_image(f), size, mean, std)
         except ValueError as e:
-            return _fail(f"{who}{e}{resume}")
+            if len(files) == 1:
+                return _fail(f"{who}{e}")
+            print(f"srd-fx explain: warning: {who}{e}; skipped", file=sys.stderr)  # a batch goes on
+            unreadable.append(f)
+            continue
         x = x.to(device)
         try:
             with torch.no_grad():
@@ -176,8 +182,6 @@ def _run(args: argparse.Namespace, world) -> int:
                     if not 0 <= args.target < k:
                         return _fail(f"--target {args.target} is outside the model's {k} classes (0..{k - 1})")
                 out = explainer(x, args.target)
-        except KeyError as e:  # unknown --layer
-            return _fail(e.args[0] if e.args else str(e))
         except srd_fx.SRDError as e:
             return _fail(f"{where}{e}{resume}")
         raw = out.relevance[args.layer][0].detach().float().cpu()
@@ -202,4 +206,7 @@ def _run(args: argparse.Namespace, world) -> int:
             state.finish()
             if world.distributed:
                 print(f"{len(files)} image(s) explained by {world.size} processes into {args.out}")
+    if unreadable:
+        return _fail(f"{who}{len(unreadable)} of {len(mine)} images could not be read and were skipped: "
+                     + ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""))
     return 0
