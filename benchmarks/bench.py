@@ -1049,7 +1049,7 @@ def build_parser():
                    help="comma-separated models for the comparison table (torchvision:<name>, timm:<name> or a bare "
                         f"name; default {DEFAULT_MODELS}, with --quick {QUICK_MODELS})")
     p.add_argument("--out", default=None,
-                   help="output folder (default results/benchmarks/<device>[-quick])")
+                   help="output folder (default srd_fx_results/benchmarks/<device>[-quick] in the working directory)")
     p.add_argument("--sections", default="table,batch,size,profile,compile,gpu",
                    help="comma-separated sections to run: table, batch, size, profile, compile, gpu")
     p.add_argument("--dtypes", default=None,
@@ -1142,7 +1142,9 @@ def main(argv=None) -> int:
         return 2
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({_cpu_name()})"
     slug = device if device == "cpu" else "cuda-" + "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
-    out_dir = Path(args.out) if args.out else REPO / "results" / "benchmarks" / (slug + ("-quick" if args.quick else ""))
+    # the committed results/benchmarks/ are written only when --out names them: a quick or partial
+    # run never replaces a committed full one
+    out_dir = Path(args.out) if args.out else Path("srd_fx_results") / "benchmarks" / (slug + ("-quick" if args.quick else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if device == "cuda":

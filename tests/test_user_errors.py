@@ -293,3 +293,15 @@ def test_training_does_not_depend_on_the_callers_thread_count():
         torch.set_num_threads(before)
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_torchvision_pretrained_without_network_names_the_unreachable_file():
+    import torchvision
+    from srd_fx.eval.io import ModelLoadError, _reachable, load_model
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    if os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))):
+        pytest.skip("resnet18's weights are in torch's cache")
+    if _reachable(url):
+        pytest.skip(f"{url} is reachable from this machine")
+    with pytest.raises(ModelLoadError, match=f"{url} cannot be reached.*--weights FILE"):
+        load_model("torchvision:resnet18", pretrained=True)

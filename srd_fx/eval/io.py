@@ -109,6 +109,12 @@ def _from_library(lib: str, arch: str, pretrained: bool, num_classes: Optional[i
     try:
         if lib == "torchvision":
             import torchvision
+            if pretrained:  # fail at once when the file is neither cached nor reachable
+                url = torchvision.models.get_model_weights(arch).DEFAULT.url
+                cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+                if not os.path.exists(cached) and not _reachable(url):
+                    offline = url
+                    raise ConnectionError(url)
             return torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **kw)
         import timm
         if not pretrained:

@@ -14,7 +14,9 @@ def add_arguments(p):
                    help="Cache directory (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
     p.add_argument("--train-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a training setting (epochs, n_train, n_test, batch_size, lr, weight_decay, seed); repeatable.")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for data generation and scoring (default: torch's choice); training "
+                        "itself always runs on one thread, so that the weights do not depend on the machine.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
 
 
