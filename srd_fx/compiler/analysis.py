@@ -394,8 +394,8 @@ class GraphInfo:
                 "    from srd_fx.rules import Affine, Activation\n"
                 "    srd_fx.register_rule(MyOp, Affine())        # linear in its input, keeps positions\n"
                 "    srd_fx.register_rule(MyOp, Activation(fn))  # an element-wise nonlinearity\n"
-                "(a registered module is a leaf of the trace; see srd_fx/rules/__init__.py for the "
-                "full Rule interface).")
+                "(a registered module is a leaf of the trace; docs/rules.md: the Rule contract and one "
+                "worked example of each kind of op).")
         self.unsupported(n, "a non-tensor value on the relevance path")
 
     # ------------------------------------------------------------------ layers and blocks --
