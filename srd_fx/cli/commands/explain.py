@@ -201,8 +201,10 @@ def _run(args: argparse.Namespace, world) -> int:
     if skipped:
         print(f"{who}skipped {skipped} image(s) an earlier run finished (--fresh redoes them)")
     if state is not None:
-        world.barrier()
-        if world.is_main:
+        # (all_gather is also the barrier) a run that skipped unreadable images stays unfinished:
+        # its rerun retries them, with the same settings and number of processes
+        skipped_any = any(world.all_gather(len(unreadable)))
+        if world.is_main and not skipped_any:
             state.finish()
             if world.distributed:
                 print(f"{len(files)} image(s) explained by {world.size} processes into {args.out}")
