@@ -16,7 +16,7 @@ from PIL import Image
 import srd_fx
 from srd_fx import cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class FixedSizeNet(nn.Module):
@@ -257,7 +257,8 @@ def _digest(path):
 
 def test_bare_zoo_runs_nothing_and_says_what_all_would_do(capsys):
     from model_zoo_checks import lists
-    before = {p: _digest(p) for p in ("model_zoo_checks/REPORT.md", "model_zoo_checks/report.json")}
+    before = {p: _digest(p) for p in (os.path.join(REPO, "model_zoo_checks", "REPORT.md"),
+                                      os.path.join(REPO, "model_zoo_checks", "report.json"))}
     assert cli.main(["zoo"]) == 2
     err = capsys.readouterr().err
     assert f"all {len(lists.default_models())} timm CNN architectures" in err and "--all" in err
