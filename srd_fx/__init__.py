@@ -11,12 +11,13 @@ from srd_fx.rules import Activation, Affine, Rule, register_rule  # noqa: F401
 
 from .compiler.explainer import Explainer, SRDOutput, compile  # noqa: F401
 from .compiler.options import Options  # noqa: F401
+from .compiler.tokens import token_grid  # noqa: F401
 from .methods.apop import apop  # noqa: F401,E402  (srd_fx.apop(model); the module is srd_fx.methods.apop)
 from .errors import (DistributedError, InputError, LayerError, MissingDependencyError,  # noqa: F401
                      NonFiniteError, OptionError, OutputCollisionError, PrecisionLossError, ResumeError,
                      SRDError, TraceError, TrainingModeError, UnsupportedOpError, UnsupportedPrecisionError)
 
-__all__ = ["compile", "apop", "Explainer", "Options", "SRDOutput", "register_rule", "Rule", "Affine",
+__all__ = ["compile", "apop", "token_grid", "Explainer", "Options", "SRDOutput", "register_rule", "Rule", "Affine",
            "Activation", "SRDError", "OptionError", "TraceError", "UnsupportedOpError", "TrainingModeError",
            "InputError", "LayerError", "NonFiniteError", "PrecisionLossError", "UnsupportedPrecisionError",
            "DistributedError", "ResumeError", "OutputCollisionError", "MissingDependencyError", "__version__"]

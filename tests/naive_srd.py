@@ -131,11 +131,13 @@ def window(kernel, stride=1, padding=0, dilation=1) -> Conn:
 def identity() -> Conn:
     """Element-wise ops, batch-norm, add, channel cat: position i connects to position i."""
     def conn(hw):
-        H, W = hw
-        P = torch.zeros(H * W, H * W, dtype=torch.float64)
-        for i in range(H * W):
+        n = 1
+        for s_ in hw:
+            n *= s_
+        P = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
             P[i, i] = 1.0
-        return P, (H, W)
+        return P, tuple(hw)
     return conn
 
 
@@ -166,6 +168,92 @@ def chain(*ops: Conn) -> Conn:
     return conn
 
 
+# Token models (SPEC §8): position grids are tuples — (H, W) for images and channels-last
+# maps, (N,) for token sequences.
+
+def flat() -> Conn:
+    """Flatten a grid into a token sequence, row-major (``x.flatten(2).transpose(1, 2)``)."""
+    def conn(hw):
+        n = 1
+        for s in hw:
+            n *= s
+        return identity()((n, 1))[0], (n,)
+    return conn
+
+
+def prefix(k: int) -> Conn:
+    """``cat([constant tokens (k of them), x], dim=tokens)``: token i becomes token k + i; the k
+    prefix tokens are constants (no input PFV reaches them)."""
+    def conn(hw):
+        (N,) = hw
+        P = torch.zeros(N + k, N, dtype=torch.float64)
+        for i in range(N):
+            P[k + i, i] = 1.0
+        return P, (N + k,)
+    return conn
+
+
+def full(n_out: int) -> Conn:
+    """Every input position reaches every one of ``n_out`` output positions once (attention with
+    no zero weight, a token-mixing linear layer, a contraction over tokens broadcast back)."""
+    def conn(hw):
+        n = 1
+        for s in hw:
+            n *= s
+        return torch.ones(n_out, n, dtype=torch.float64), (n_out,)
+    return conn
+
+
+def grid_to_tokens() -> Conn:
+    """Alias of :func:`flat` for readability in channels-last grids."""
+    return flat()
+
+
+def tokens_to_grid(h: int, w: int) -> Conn:
+    def conn(hw):
+        return identity()((h, w))[0], (h, w)
+    return conn
+
+
+def shifted_windows(ws: int, shift: int) -> Conn:
+    """Swin's (shifted) window attention on an (H, W) grid: the grid is rolled by -shift, cut in
+    ws x ws windows, every token attends to every token of its window (the shift mask only adds a
+    finite -100 to the scores: no weight is zero), and the result is rolled back."""
+    def conn(hw):
+        H, W = hw
+        P = torch.zeros(H * W, H * W, dtype=torch.float64)
+        rolled = lambda h, w: ((h - shift) % H, (w - shift) % W)   # where (h, w) lands after roll
+        for h in range(H):
+            for w in range(W):
+                for h2 in range(H):
+                    for w2 in range(W):
+                        a, b = rolled(h, w), rolled(h2, w2)
+                        if a[0] // ws == b[0] // ws and a[1] // ws == b[1] // ws:
+                            P[h * W + w, h2 * W + w2] = 1.0
+        return P, (H, W)
+    return conn
+
+
+def ln_fixed(c: Consts, key: str, x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the last (channel) axis with the forward pass's statistics recorded."""
+    mean = recorded(c, key + ".mean", lambda: x.mean(-1, keepdim=True))
+    var = recorded(c, key + ".var", lambda: ((x - x.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True))
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def uniform(c: Consts, key: str, a: torch.Tensor, b: torch.Tensor, op=torch.mul) -> torch.Tensor:
+    """A product of two input-dependent factors with no gate (SPEC §8): the linear function
+    ``½ (op(a, b̄) + op(ā, b))`` with ``ā, b̄`` recorded on the real forward."""
+    a0 = recorded(c, key + ".a", lambda: a)
+    b0 = recorded(c, key + ".b", lambda: b)
+    return 0.5 * (op(a, b0) + op(a0, b))
+
+
 # --------------------------------------------------------------------------------------------
 # Network description
 # --------------------------------------------------------------------------------------------
@@ -189,6 +277,7 @@ class Block:
     fn: Callable
     shadow: Sequence[Sequence[Conn]]
     act: Optional[Callable] = None
+    layout: Optional[str] = None   # the output's layout (default: "nchw" for rank 4, else "tokens")
 
 
 @dataclass
@@ -199,6 +288,12 @@ class Net:
     @property
     def L(self) -> str:
         return self.blocks[-1].name
+
+    def layout(self, name: str, t: torch.Tensor) -> str:
+        for blk in self.blocks:
+            if blk.name == name and blk.layout is not None:
+                return blk.layout
+        return default_layout(t)
 
 
 def _forward_sample(net: Net, x: torch.Tensor):
@@ -216,53 +311,85 @@ def _forward_sample(net: Net, x: torch.Tensor):
     return env, records
 
 
+# --------------------------------------------------------------------------------------------
+# Layouts (SPEC §8): where the channels of a tensor are.  "nchw": (1, C, H, W); "nhwc":
+# (1, H, W, C); "tokens": (1, N, C); "ncl": (1, C, N) (a token axis last, e.g. MLP-Mixer's
+# token-mixing hidden layer).  A PFV is the channel vector at one position.
+# --------------------------------------------------------------------------------------------
+
+
+def default_layout(t: torch.Tensor) -> str:
+    return "nchw" if t.dim() == 4 else "tokens"
+
+
+def to_cp(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """One sample (batch axis of size 1) as a (channels, positions) matrix."""
+    t = t[0]
+    if layout in ("nchw", "ncl"):
+        return t.reshape(t.shape[0], -1)
+    return t.reshape(-1, t.shape[-1]).T          # nhwc, tokens: channels last
+
+
+def from_cp(m: torch.Tensor, layout: str, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_cp` (shape of ``like``)."""
+    if layout in ("nchw", "ncl"):
+        return m.reshape(like.shape)
+    return m.T.reshape(like.shape)
+
+
+def positions(t: torch.Tensor, layout: str) -> Tuple[int, ...]:
+    """The position grid of a tensor: (H, W), (N,), ..."""
+    if layout in ("nchw", "ncl"):
+        return tuple(t.shape[2:])
+    return tuple(t.shape[1:-1])
+
+
 def block_mu(blk: Block, c: Consts, xs: Sequence[torch.Tensor], v: torch.Tensor,
-             eps: float = 1e-12):
+             eps: float = 1e-12, layouts: Optional[Sequence[str]] = None, out_layout: Optional[str] = None):
     """The sharing ratios of one block for one sample.
 
     Returns (mus, info): mus[a] is a (HWo, HW_a) matrix with mus[a][j, i] = mu(i -> j) for the
-    a-th input; info holds the intermediate quantities (v_hat, D, degenerate positions)."""
-    v = v[0]  # (Cv, Ho, Wo)
-    Cv, Ho, Wo = v.shape
-    HWo = Ho * Wo
-    vf = v.reshape(Cv, HWo)
+    a-th input; info holds the intermediate quantities (v_hat, D, degenerate positions).
+    ``layouts`` / ``out_layout``: the inputs' and the output's layouts (default: by rank)."""
+    layouts = list(layouts) if layouts is not None else [default_layout(x) for x in xs]
+    out_layout = out_layout or default_layout(v)
+    out_pos = positions(v, out_layout)
+    vf = to_cp(v, out_layout)  # (Cv, HWo)
+    Cv, HWo = vf.shape
     inputs = tuple(x.detach() for x in xs)
+    xcp = tuple(to_cp(x, lay) for x, lay in zip(inputs, layouts))
 
-    # Linear part: the Jacobian of the block (affine with recorded constants).
+    # Linear part: the Jacobian of the block (affine with recorded constants), in (C, P) form.
     def f(*z):
-        return blk.fn(c, *z)
-    jac = torch.autograd.functional.jacobian(f, inputs, vectorize=True)
+        native = [from_cp(zi, lay, x) for zi, lay, x in zip(z, layouts, inputs)]
+        return to_cp(blk.fn(c, *native), out_layout)
+    jac = torch.autograd.functional.jacobian(f, xcp, vectorize=True)
     if not isinstance(jac, tuple):
         jac = (jac,)
     # Bias: the block evaluated on zero inputs, same constants.
     with torch.no_grad():
-        b = blk.fn(c, *[torch.zeros_like(x) for x in inputs])[0].reshape(Cv, HWo)
+        b = to_cp(blk.fn(c, *[torch.zeros_like(x) for x in inputs]), out_layout)
         # Sanity: the block really is affine: v == Lin x + b.
-        lin_total = sum(torch.einsum("cjai,ai->cj", J.reshape(Cv, HWo, x.shape[1], -1),
-                                     x[0].reshape(x.shape[1], -1)) for J, x in zip(jac, inputs))
+        lin_total = sum(torch.einsum("cjai,ai->cj", J, xa) for J, xa in zip(jac, xcp))
         assert torch.allclose(lin_total + b, vf, rtol=1e-9, atol=1e-9 * (1 + vf.abs().max().item())), \
             f"block {blk.name} is not affine in its inputs with the recorded constants"
 
     # Structural path counts and norms.
     P, n = [], []
-    for x, branches in zip(inputs, blk.shadow):
-        H, W = x.shape[-2:]
-        Pa = torch.zeros(HWo, H * W, dtype=torch.float64)
+    for x, lay, xa, branches in zip(inputs, layouts, xcp, blk.shadow):
+        Pa = torch.zeros(HWo, xa.shape[1], dtype=torch.float64)
         for br in branches:
-            Q, hw = br((H, W))
-            assert hw == (Ho, Wo), f"shadow of {blk.name} has output size {hw}, block {Ho, Wo}"
+            Q, hw = br(positions(x, lay))
+            assert tuple(hw) == out_pos, f"shadow of {blk.name} has output size {hw}, block {out_pos}"
             Pa = Pa + Q
         P.append(Pa.to(v.dtype))
-        n.append(x[0].reshape(x.shape[1], -1).norm(dim=0))  # (HW_a,)
+        n.append(xa.norm(dim=0))  # (HW_a,)
     D = sum(Pa @ na for Pa, na in zip(P, n))  # (HWo,)
 
     vnorm2 = (vf * vf).sum(0)  # (HWo,)
     live = vnorm2 > eps
     mus, vhats = [], []
-    for J, x, Pa, na in zip(jac, inputs, P, n):
-        Ca = x.shape[1]
-        Ja = J.reshape(Cv, HWo, Ca, -1)
-        xa = x[0].reshape(Ca, -1)
+    for Ja, xa, Pa, na in zip(jac, xcp, P, n):
         # v_hat(i->j) for every pair (c, j, i): linear part + bias share.
         vhat_lin = torch.einsum("cjai,ai->cji", Ja, xa)
         share = torch.where(D[:, None] > 0, Pa * na[None, :] / torch.where(D > 0, D, torch.ones_like(D))[:, None],
@@ -286,7 +413,9 @@ def block_mu(blk: Block, c: Consts, xs: Sequence[torch.Tensor], v: torch.Tensor,
 def sample_mus(net: Net, x: torch.Tensor, eps: float = 1e-12):
     """For one sample: the forward tensors, and for every block its mu matrices and info."""
     env, records = _forward_sample(net, x)
-    per_block = [block_mu(blk, c, xs, v, eps) for blk, (c, xs, v) in zip(net.blocks, records)]
+    per_block = [block_mu(blk, c, xs, v, eps, [net.layout(n, t) for n, t in zip(blk.inputs, xs)],
+                          net.layout(blk.name, v))
+                 for blk, (c, xs, v) in zip(net.blocks, records)]
     return env, per_block
 
 
@@ -302,8 +431,7 @@ def propagate(net: Net, x: torch.Tensor, R_L: torch.Tensor, eps: float = 1e-12) 
             for name, mu in zip(blk.inputs, mus):
                 R[name] = R.get(name, 0) + mu.T @ Rk  # R_i = sum_j mu(i->j) R_j
         for name, r in R.items():
-            hw = env[name].shape[-2:]
-            outs.setdefault(name, []).append(r.reshape(hw))
+            outs.setdefault(name, []).append(r.reshape(positions(env[name], net.layout(name, env[name]))))
     return {k: torch.stack(v) for k, v in outs.items()}
 
 
@@ -576,4 +704,310 @@ TINY_NETS = {
     "pools": pool_net,
     "resnet": resnet_tiny,
     "cat": cat_net,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny token models (SPEC §8), each with its hand-written block description
+# --------------------------------------------------------------------------------------------
+
+def _vit_attention(c: Consts, key: str, attn, x: torch.Tensor) -> torch.Tensor:
+    """Multi-head self-attention written from its definition: the weights
+    softmax(q k^T / sqrt(d)) are a recorded gate, the output is linear in the values."""
+    B, N, C = x.shape
+    h = attn.num_heads
+    d = C // h
+    Wq, Wk, Wv = attn.qkv.weight.split(C)
+    bq, bk, bv = attn.qkv.bias.split(C)
+
+    def weights():
+        q = F.linear(x, Wq, bq).reshape(B, N, h, d).transpose(1, 2)
+        k = F.linear(x, Wk, bk).reshape(B, N, h, d).transpose(1, 2)
+        return torch.softmax(q @ k.transpose(-2, -1) / d ** 0.5, dim=-1)
+    w = recorded(c, key, weights)
+    v = F.linear(x, Wv, bv).reshape(B, N, h, d).transpose(1, 2)
+    return F.linear((w @ v).transpose(1, 2).reshape(B, N, C), attn.proj.weight, attn.proj.bias)
+
+
+def tiny_vit(fused: bool):
+    """A timm VisionTransformer: 8x8 input, 4x4 patches (4 tokens + a class token), a position
+    embedding, one pre-norm block (attention + GELU MLP), final LayerNorm (L = forward_features),
+    class-token head.  ``fused``: F.scaled_dot_product_attention, else the manual softmax."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=8, depth=1, num_heads=2,
+        mlp_ratio=2.0, global_pool="token").double().eval()
+    with torch.no_grad():
+        m.cls_token.normal_()
+        m.pos_embed.normal_(std=0.5)
+        for p_ in m.parameters():
+            p_.add_(0.05 * torch.randn_like(p_))
+    blk = m.blocks[0]
+    blk.attn.fused_attn = fused
+
+    def tokens(x):
+        t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        return torch.cat([m.cls_token.expand(x.shape[0], -1, -1), t], 1) + m.pos_embed
+
+    def x1(c, x):
+        t = tokens(x)
+        n1 = blk.norm1
+        return t + _vit_attention(c, "attn", blk.attn, ln_fixed(c, "ln1", t, n1.weight, n1.bias, n1.eps))
+
+    def pre_act(c, x):
+        n2 = blk.norm2
+        return blk.mlp.fc1(ln_fixed(c, "ln2", x1(c, x), n2.weight, n2.bias, n2.eps))
+
+    def L(c, a, x):
+        y = x1(c, x) + blk.mlp.fc2(a)
+        return ln_fixed(c, "ln", y, m.norm.weight, m.norm.bias, m.norm.eps)
+
+    emb = chain(window(4, 4), flat(), prefix(1))
+    mix = chain(emb, full(5))
+    blocks = [
+        Block("blocks_0_mlp_act", ["input"], pre_act, [[emb, mix]], F.gelu),
+        Block("layer_norm_2", ["blocks_0_mlp_act", "input"], L, [[identity()], [emb, mix]]),
+    ]
+    return m, Net(blocks, head=lambda A: m.head(A[:, 0]))
+
+
+def tiny_mixer():
+    """A timm MlpMixer: 8x8 input, 4x4 patches (4 tokens), one block: token-mixing MLP (4 -> 4
+    -> 4 tokens, GELU on the hidden token axis) and channel MLP, final LayerNorm, mean head."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.models.mlp_mixer.MlpMixer(num_classes=5, img_size=8, in_chans=3, patch_size=4, num_blocks=1,
+                                       embed_dim=8, mlp_ratio=(0.5, 2.0)).double().eval()
+    with torch.no_grad():
+        for p_ in m.parameters():
+            p_.add_(0.05 * torch.randn_like(p_))
+    blk = m.blocks[0]
+
+    def tokens(x):
+        return m.stem.proj(x).flatten(2).transpose(1, 2)
+
+    def ln(c, key, mod, t):
+        return ln_fixed(c, key, t, mod.weight, mod.bias, mod.eps)
+
+    def tok_pre(c, x):
+        return blk.mlp_tokens.fc1(ln(c, "ln1", blk.norm1, tokens(x)).transpose(1, 2))
+
+    def x1(c, a, x):
+        return tokens(x) + blk.mlp_tokens.fc2(a).transpose(1, 2)
+
+    def ch_pre(c, a, x):
+        return blk.mlp_channels.fc1(ln(c, "ln2", blk.norm2, x1(c, a, x)))
+
+    def L(c, b, a, x):
+        return ln(c, "ln", m.norm, x1(c, a, x) + blk.mlp_channels.fc2(b))
+
+    emb = chain(window(4, 4), flat())
+    blocks = [
+        Block("blocks_0_mlp_tokens_act", ["input"], tok_pre,
+              [[chain(emb, full(blk.mlp_tokens.fc1.out_features))]], F.gelu, layout="ncl"),
+        Block("blocks_0_mlp_channels_act", ["blocks_0_mlp_tokens_act", "input"], ch_pre,
+              [[full(4)], [emb]], F.gelu),
+        Block("norm", ["blocks_0_mlp_channels_act", "blocks_0_mlp_tokens_act", "input"], L,
+              [[identity()], [full(4)], [emb]]),
+    ]
+    return m, Net(blocks, head=lambda A: m.head(A.mean(1)))
+
+
+class SwiGLUNet(nn.Module):
+    """Patch tokens, a pre-norm SwiGLU MLP (``silu(fc_g(x)) * fc_x(x)``, a product of two
+    input-dependent tensors with no gate) with a residual, mean over tokens, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, 4)
+        self.norm = nn.LayerNorm(8)
+        self.fc_g = nn.Linear(8, 12)
+        self.fc_x = nn.Linear(8, 12)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(12, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        y = self.norm(t)
+        t = t + self.fc2(self.act(self.fc_g(y)) * self.fc_x(y))
+        return self.head(t.mean(1))
+
+
+def swiglu_net():
+    torch.manual_seed(0)
+    m = SwiGLUNet().double().eval()
+
+    def tokens(x):
+        return m.patch(x).flatten(2).transpose(1, 2)
+
+    def y(c, x):
+        return ln_fixed(c, "ln", tokens(x), m.norm.weight, m.norm.bias, m.norm.eps)
+
+    def L(c, a, x):
+        return tokens(x) + m.fc2(uniform(c, "glu", a, m.fc_x(y(c, x))))
+
+    emb = chain(window(4, 4), flat())
+    blocks = [
+        Block("act", ["input"], lambda c, x: m.fc_g(y(c, x)), [[emb]], F.silu),
+        Block("add", ["act", "input"], L, [[identity()], [emb, emb]]),
+    ]
+    return m, Net(blocks, head=lambda A: m.head(A.mean(1)))
+
+
+class StarNet(nn.Module):
+    """A StarNet-style star block on a conv stem: depthwise conv, two 1x1 branches,
+    ``relu6(f1(x)) * f2(x)`` (no gate), 1x1 + depthwise conv, residual; global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.f1 = nn.Conv2d(6, 12, 1)
+        self.f2 = nn.Conv2d(6, 12, 1)
+        self.act = nn.ReLU6()
+        self.g = nn.Conv2d(12, 6, 1)
+        self.dw2 = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        y = self.dw(s)
+        y = self.act(self.f1(y)) * self.f2(y)
+        s = s + self.dw2(self.g(y))
+        return self.fc(F.adaptive_avg_pool2d(s, 1).flatten(1))
+
+
+def star_net():
+    torch.manual_seed(0)
+    m = StarNet().double().eval()
+
+    def L(c, a, s):
+        return s + m.dw2(m.g(uniform(c, "star", a, m.f2(m.dw(s)))))
+
+    blocks = [
+        Block("relu", ["input"], lambda c, x: m.stem(x), [[window(3, 1, 1)]], _relu),
+        Block("act", ["relu"], lambda c, s: m.f1(m.dw(s)), [[window(3, 1, 1)]], lambda v: F.relu6(v)),
+        Block("add", ["act", "relu"], L,
+              [[window(3, 1, 1)], [identity(), chain(window(3, 1, 1), window(3, 1, 1))]]),
+    ]
+    return m, Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
+
+
+class LinearAttentionNet(nn.Module):
+    """Patch tokens + GELU, a linear-attention block ``x + proj(q @ (k^T @ v)) / N`` (two
+    products of input-dependent tensors, one contracting the token axis), mean head."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, 4)
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.v = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = F.gelu(self.patch(x).flatten(2).transpose(1, 2))
+        kv = self.k(t).transpose(1, 2) @ self.v(t)
+        t = t + self.proj(self.q(t) @ kv) / t.shape[1]
+        return self.head(t.mean(1))
+
+
+def linear_attention_net():
+    torch.manual_seed(0)
+    m = LinearAttentionNet().double().eval()
+
+    def L(c, t):
+        kv = uniform(c, "kv", m.k(t).transpose(1, 2), m.v(t), torch.matmul)
+        return t + m.proj(uniform(c, "qkv", m.q(t), kv, torch.matmul)) / t.shape[1]
+
+    blocks = [
+        Block("gelu", ["input"], lambda c, x: m.patch(x).flatten(2).transpose(1, 2),
+              [[chain(window(4, 4), flat())]], F.gelu),
+        Block("add", ["gelu"], L, [[identity(), identity(), full(4), full(4)]]),
+    ]
+    return m, Net(blocks, head=lambda A: m.head(A.mean(1)))
+
+
+class SwinNet(nn.Module):
+    """2x2 patches on an 8x8 input (a 4x4 channels-last grid), one timm SwinTransformerBlock with
+    2x2 windows shifted by 1 (relative-position bias and shift mask in the gate branch), mean head."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.swin_transformer import SwinTransformerBlock
+        self.patch = nn.Conv2d(3, 8, 2, 2)
+        self.block = SwinTransformerBlock(dim=8, input_resolution=(4, 4), num_heads=2, window_size=2,
+                                          shift_size=1, mlp_ratio=2.0)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.patch(x).permute(0, 2, 3, 1)
+        return self.head(self.block(t).mean((1, 2)))
+
+
+def swin_net():
+    torch.manual_seed(0)
+    m = SwinNet().double().eval()
+    with torch.no_grad():
+        for p_ in m.parameters():
+            p_.add_(0.05 * torch.randn_like(p_))
+        m.block.attn.relative_position_bias_table.normal_()
+    blk = m.block
+    ws, sh, heads = 2, 1, 2
+
+    def window_attention(c, t):
+        B, H, W, C = t.shape
+        d = C // heads
+        y = torch.roll(t, (-sh, -sh), (1, 2))
+        y = y.reshape(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        Wq, Wk, Wv = blk.attn.qkv.weight.split(C)
+        bq, bk, bv = blk.attn.qkv.bias.split(C)
+        nW = (H // ws) * (W // ws)
+
+        def weights():
+            q = F.linear(y, Wq, bq).reshape(-1, ws * ws, heads, d).transpose(1, 2)
+            k = F.linear(y, Wk, bk).reshape(-1, ws * ws, heads, d).transpose(1, 2)
+            s = q @ k.transpose(-2, -1) / d ** 0.5 + blk.attn._get_rel_pos_bias()
+            s = s.view(-1, nW, heads, ws * ws, ws * ws) + blk.attn_mask.unsqueeze(1).unsqueeze(0)
+            return torch.softmax(s.view(-1, heads, ws * ws, ws * ws), dim=-1)
+        w = recorded(c, "attn", weights)
+        v = F.linear(y, Wv, bv).reshape(-1, ws * ws, heads, d).transpose(1, 2)
+        o = blk.attn.proj((w @ v).transpose(1, 2).reshape(-1, ws * ws, C))
+        o = o.reshape(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        return torch.roll(o, (sh, sh), (1, 2))
+
+    def x1(c, x):
+        t = m.patch(x).permute(0, 2, 3, 1)
+        n1 = blk.norm1
+        return t + window_attention(c, ln_fixed(c, "ln1", t, n1.weight, n1.bias, n1.eps))
+
+    def pre(c, x):   # the MLP runs on the (B, H*W, C) token sequence
+        n2 = blk.norm2
+        t = x1(c, x)
+        return blk.mlp.fc1(ln_fixed(c, "ln2", t.reshape(t.shape[0], -1, t.shape[-1]), n2.weight, n2.bias, n2.eps))
+
+    def L(c, a, x):
+        t = x1(c, x)
+        return t + blk.mlp.fc2(a).reshape(t.shape)
+
+    emb = window(2, 2)
+    att = chain(emb, shifted_windows(ws, sh))
+    blocks = [
+        Block("block_mlp_act", ["input"], pre, [[chain(emb, flat()), chain(att, flat())]], F.gelu),
+        Block("reshape_3", ["block_mlp_act", "input"], L, [[tokens_to_grid(4, 4)], [emb, att]], layout="nhwc"),
+    ]
+    return m, Net(blocks, head=lambda A: m.head(A.mean((1, 2))))
+
+
+TOKEN_NETS = {
+    "vit_fused": lambda: tiny_vit(True),
+    "vit_manual": lambda: tiny_vit(False),
+    "mixer": tiny_mixer,
+    "swiglu": swiglu_net,
+    "star": star_net,
+    "linear_attention": linear_attention_net,
+    "swin": swin_net,
 }

@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from srd_fx import rules as R
 
 from ..errors import LayerError, UnsupportedOpError
+from srd_fx.rules.products import uniform_rule
 from .trace import encoder_node
 
 # ops that only re-view a tensor: a gate stays a gate through them
@@ -41,6 +42,16 @@ def how_to_register(node: fx.Node, modules) -> str:
             f"    srd_fx.register_rule({tgt}, Affine())        # linear in its input, keeps positions\n"
             f"    srd_fx.register_rule({tgt}, Activation(fn))  # an element-wise nonlinearity\n"
             f"(docs/rules.md: the Rule contract and one worked example of each kind of op).")
+
+
+def single_input(gm: fx.GraphModule) -> fx.Node:
+    """The model's one tensor input (defaulted arguments were traced at their defaults)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedOpError(
+            f"srd_fx explains models with exactly one tensor input; this forward takes "
+            f"{[p.name for p in placeholders]}. Wrap the model so that forward(x) takes one tensor.")
+    return placeholders[0]
 
 
 @dataclass
@@ -77,12 +88,7 @@ class GraphInfo:
         self.modules = dict(gm.named_modules())
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UnsupportedOpError(
-                f"srd_fx explains models with exactly one tensor input; this forward takes "
-                f"{[p.name for p in placeholders]}. Wrap the model so that forward(x) takes one tensor.")
-        self.input = placeholders[0]
+        self.input = single_input(gm)
         self.output = next(n for n in self.nodes if n.op == "output")
         self.logits_node = self.output
         out = self.output.args[0]
@@ -100,11 +106,23 @@ class GraphInfo:
                 self.nx.add_edge(i, n)
         self.rule: Dict[fx.Node, Optional[R.Rule]] = {n: R.lookup(n, self.modules) for n in self.nodes}
         self.dep = self._depends_on_input()
+        self._refuse_recurrent()
         self.gates: Dict[fx.Node, fx.Node] = {}
         self._find_gates()
         self.caxes_: Dict[fx.Node, Tuple[int, ...]] = {self.input: (1,)}
         self.L = self._encoder_output(encoder_output)
         self.layers = self._layers()
+
+    def _refuse_recurrent(self):
+        for n in self.nodes:
+            if n.op == "call_module" and self.rule.get(n) is None and self.dep.get(n) \
+                    and isinstance(self.modules[n.target], torch.nn.RNNBase):
+                raise UnsupportedOpError(
+                    f"node {n.name!r} is a recurrent layer ({type(self.modules[n.target]).__name__} "
+                    f"{n.target!r}): its state carries information between positions through nonlinear "
+                    "gates, which SRD's affine blocks cannot represent (recurrent layers are refused). "
+                    "Explain the part of the model before it with encoder_output='<a module before it>' "
+                    "and a head that runs the rest.")
 
     # ------------------------------------------------------------------ basic facts --------
     def is_tensor(self, n) -> bool:
@@ -134,7 +152,7 @@ class GraphInfo:
             src = node.args[0]
             if isinstance(src, fx.Node) and src.op in ("call_method", "call_function"):
                 t = src.target if isinstance(src.target, str) else getattr(src.target, "__name__", "")
-                if t in ("split", "chunk"):
+                if t in ("split", "chunk", "unbind"):
                     return src.args[0]
         return None
 
@@ -161,9 +179,11 @@ class GraphInfo:
 
     # ------------------------------------------------------------------ gates --------------
     def _producer(self, n):
-        while isinstance(n, fx.Node) and (
+        from srd_fx.rules.elementwise import Identity
+        while isinstance(n, fx.Node) and n.args and (
                 (n.op == "call_method" and n.target in _VIEWS) or
-                (n.op == "call_function" and getattr(n.target, "__name__", "") in _VIEWS)):
+                (n.op == "call_function" and getattr(n.target, "__name__", "") in _VIEWS) or
+                isinstance(self.rule.get(n), Identity)):   # eval-mode dropout of attention weights
             n = n.args[0]
         return n
 
@@ -173,7 +193,21 @@ class GraphInfo:
                 getattr(p.target, "__name__", "") in _RESAMPLES and p.args:
             p = self._producer(p.args[0])   # an upsampled gate (GhostNetV2's attention) is a gate
         r = self.rule.get(p)
-        return isinstance(r, R.Activation) and r.gate_capable
+        if isinstance(r, R.Activation):
+            return r.gate_capable
+        # attention weights re-mixed after the softmax by ops linear in them (CaiT's talking
+        # heads: a linear layer across heads, permutes) are still the gate branch
+        for _ in range(8):
+            if not isinstance(p, fx.Node) or r is None or r.kind != "affine":
+                return False
+            deps = [a for a in p.all_input_nodes if self.dep.get(a) and self.is_tensor(a)]
+            if len(deps) != 1:
+                return False
+            p = self._producer(deps[0])
+            r = self.rule.get(p)
+            if isinstance(r, R.Activation):
+                return r.gate_capable and "softmax" in (r.name or "").lower()
+        return False
 
     def _statistic(self, n) -> bool:
         """``n`` is a normalisation statistic broadcast back to full shape (EvoNorm's
@@ -237,7 +271,12 @@ class GraphInfo:
                 a_to_c, c_to_a = nx.has_path(self.nx, a, c), nx.has_path(self.nx, c, a)
                 if a_to_c != c_to_a:
                     self.gates[n] = c if a_to_c else a
-            # otherwise: no identifiable gate; refused if the node is on the main path
+            # otherwise: no identifiable gate: a product of two input-dependent tensors follows
+            # the uniform rule (SPEC §8) where it is one
+            if n not in self.gates and not getattr(r, "divisor_only", False):
+                u = uniform_rule(r)
+                if u is not None:
+                    self.rule[n] = u
 
     # ------------------------------------------------------------------ L ------------------
     def node_for(self, name: str) -> fx.Node:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .analysis import GraphInfo
+from .analysis import GraphInfo, single_input
 from ..errors import (InputError, NonFiniteError, SRDError, TrainingModeError, UnsupportedOpError,
                       UnsupportedPrecisionError)
 from .options import Options
@@ -160,12 +160,13 @@ class Explainer(nn.Module):
             check_trace_matches(self.model, ex, traced_out)
         if o.output_selector is None:
             _check_single_output(self.traced)
-        self.info = GraphInfo(self.traced, o.encoder_output, o.output_selector)
-        self.__dict__.pop("_seeded_cache", None)
-        self.graph_module, self.layer_nodes = build_twin(
-            self.info, _root_of(self.model), head=o.head, layers=o.layers, eps=o.eps, value=o.value,
-            unit=o.unit, check=o.check, output_selector=o.output_selector,
-            input_channels=ex.shape[1] if ex.dim() > 1 else None)
+        with _named_errors(f"building the explainer of {type(self.model).__name__}"):
+            self.info = GraphInfo(self.traced, o.encoder_output, o.output_selector)
+            self.__dict__.pop("_seeded_cache", None)
+            self.graph_module, self.layer_nodes = build_twin(
+                self.info, _root_of(self.model), head=o.head, layers=o.layers, eps=o.eps, value=o.value,
+                unit=o.unit, check=o.check, output_selector=o.output_selector,
+                input_channels=ex.shape[1] if ex.dim() > 1 else None)
         return self
 
     def _seeded(self, layer: str):
@@ -311,6 +312,12 @@ class Explainer(nn.Module):
         sal = out["saliency"]
         return sal.reshape(B, P, *sal.shape[1:])
 
+    def token_grid(self, relevance: torch.Tensor, **kw):
+        """A token layer's relevance ``(B, N)`` as the patch grid ``(B, h, w)`` and the prefix
+        tokens ``(B, n_prefix)`` (see :func:`srd_fx.token_grid`)."""
+        from .tokens import token_grid
+        return token_grid(relevance, self, **kw)
+
     @property
     def code(self) -> str:
         """The generated forward + SRD backward, as Python source."""
@@ -380,7 +387,7 @@ class Explainer(nn.Module):
             return SRDOutput.cat([self.forward(x[i:i + n], ts[i:i + n] if ts is not None else target)
                                   for i in range(0, x.shape[0], n)])
         refresh_constants(self.graph_module)
-        with _half_kernels(x):
+        with _half_kernels(x), _named_errors("explaining", self.graph_module):
             if torch.is_grad_enabled() and not x.requires_grad:
                 # nothing to differentiate: do not keep the autograd graph through the parameters
                 with torch.no_grad():
@@ -471,6 +478,36 @@ def _failure_message(f: "NodeFailure", gm, example: torch.Tensor) -> str:
         fix = "check the input's size, channels, dtype and device against what the model expects"
     return (f"the model fails on an input of shape {shape} at {where}: {type(e).__name__}: {first}. "
             f"To fix: {fix}.")
+
+
+_LIBRARY_ERRORS = (RuntimeError, ValueError, AttributeError, TypeError, IndexError, AssertionError,
+                   NotImplementedError, ZeroDivisionError)
+
+
+@contextlib.contextmanager
+def _named_errors(what: str, gm=None):
+    """No raw library exception escapes compile or a call: an op srd_fx handles wrongly or not at
+    all becomes an UnsupportedOpError naming the line of the generated code (``explainer.code``)
+    where it failed.  srd_fx's own errors pass through."""
+    try:
+        yield
+    except SRDError:
+        raise
+    except _LIBRARY_ERRORS as e:
+        where = ""
+        tb = e.__traceback__
+        code = getattr(gm, "code", None)
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith("<eval_with_key>") and code:
+                lines = code.splitlines()
+                if 0 < tb.tb_lineno <= len(lines):
+                    where = f" at `{lines[tb.tb_lineno - 1].strip()[:200]}`"
+            tb = tb.tb_next
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise UnsupportedOpError(
+            f"srd_fx failed while {what}{where} ({type(e).__name__}: {msg}). An op of this model is "
+            "not handled correctly yet: register a rule for it (srd_fx.register_rule), or pass "
+            "encoder_output= to explain a part of the model that srd_fx supports.") from e
 
 
 def _check_single_output(gm) -> None:

@@ -399,3 +399,43 @@ def torch_same_pads(x, kernel, dilation):
 def padded_window_sum(m, pads, kernel, stride, dilation, out_like):
     """Window sum after explicit (possibly asymmetric) zero padding."""
     return window_sum(F.pad(m, list(pads)), kernel, stride, 0, dilation, out_like)
+
+
+# ------------------------------------------------------------ functions by name ------------
+_RESOLVED = {}
+
+
+def resolve(qualname: str):
+    """A function from its qualified name (generated code passes functions by name: fx cannot
+    print function objects as arguments)."""
+    fn = _RESOLVED.get(qualname)
+    if fn is None:
+        import importlib
+        parts = qualname.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:k]))
+            except ImportError:
+                continue
+            for p in parts[k:]:
+                obj = getattr(obj, p)
+            fn = _RESOLVED[qualname] = obj
+            break
+        else:
+            raise ValueError(f"cannot resolve {qualname!r}")
+    return fn
+
+
+def fn_name(fn) -> str:
+    from torch.fx.node import _get_qualified_name
+    name = _get_qualified_name(fn)
+    resolve(name)  # fail at build time, not at run time
+    return name
+
+
+def _call(fn, args, kwargs):
+    if isinstance(fn, str):
+        if fn.startswith("method:"):  # a tensor method
+            return getattr(args[0], fn[7:])(*args[1:], **kwargs)
+        return resolve(fn)(*args, **kwargs)
+    return fn(*args, **kwargs)

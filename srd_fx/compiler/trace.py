@@ -83,6 +83,40 @@ def _wrap_ruled_attributes(root, ruled):
             d[name] = value
 
 
+def optional_args(model: nn.Module) -> dict:
+    """``forward``'s parameters after the first that have a default (``attn_mask=None``,
+    ``is_causal=False``): traced at their defaults, so only the required tensor argument is an
+    input of the explained function."""
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params[1:]
+            if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def drop_specialised_inputs(graph: fx.Graph) -> fx.Graph:
+    """Remove the placeholders fx makes for concrete (defaulted) arguments, with the assertions
+    that check their value: what is left takes the required inputs only."""
+    asserts = (torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for p in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if not p.args:            # no default value: a required input, kept (refused later)
+            continue
+        dead, todo = set(), [p]
+        while todo:
+            n = todo.pop()
+            if n not in dead:
+                dead.add(n)
+                todo.extend(n.users)
+        if all(n.target in asserts for n in dead if not n.users):   # only checks of the value
+            for n in sorted(dead, key=order.get, reverse=True):
+                graph.erase_node(n)
+    return graph
+
+
 def rules_exact():
     from srd_fx import rules
     return rules._MODULE_RULES
@@ -140,7 +174,9 @@ def _meta_trace(model: nn.Module, shape, dtype) -> fx.GraphModule:
     meta_model = copy.deepcopy(model).to("meta")
     with _tag_forward_features(meta_model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = mt.trace(meta_model, meta_args={name: torch.empty(shape, dtype=dtype, device="meta")})
+        graph = mt.trace(meta_model, meta_args={name: torch.empty(shape, dtype=dtype, device="meta")},
+                         concrete_args=optional_args(model) or None)
+        drop_specialised_inputs(graph)
     gm = fx.GraphModule(model, graph, type(model).__name__)
     for n in gm.graph.nodes:  # meta values are not wanted downstream
         n.meta.pop("tensor_meta", None)
@@ -199,7 +235,7 @@ def trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphM
     tracer = SRDTracer()
     try:
         with _tag_forward_features(model):
-            graph = tracer.trace(model)
+            graph = drop_specialised_inputs(tracer.trace(model, concrete_args=optional_args(model) or None))
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ...
         if example is not None:
             gm = _specialised_trace(model, example)

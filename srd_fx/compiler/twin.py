@@ -37,43 +37,7 @@ _INPLACE_FN = {operator.iadd: operator.add, operator.isub: operator.sub, operato
 
 
 # ----------------------------------------------------------------------- runtime helpers ----
-_RESOLVED = {}
-
-
-def resolve(qualname: str):
-    """A function from its qualified name (generated code passes functions by name: fx cannot
-    print function objects as arguments)."""
-    fn = _RESOLVED.get(qualname)
-    if fn is None:
-        import importlib
-        parts = qualname.split(".")
-        for k in range(len(parts) - 1, 0, -1):
-            try:
-                obj = importlib.import_module(".".join(parts[:k]))
-            except ImportError:
-                continue
-            for p in parts[k:]:
-                obj = getattr(obj, p)
-            fn = _RESOLVED[qualname] = obj
-            break
-        else:
-            raise ValueError(f"cannot resolve {qualname!r}")
-    return fn
-
-
-def fn_name(fn) -> str:
-    from torch.fx.node import _get_qualified_name
-    name = _get_qualified_name(fn)
-    resolve(name)  # fail at build time, not at run time
-    return name
-
-
-def _call(fn, args, kwargs):
-    if isinstance(fn, str):
-        if fn.startswith("method:"):  # a tensor method
-            return getattr(args[0], fn[7:])(*args[1:], **kwargs)
-        return resolve(fn)(*args, **kwargs)
-    return fn(*args, **kwargs)
+from .runtime import _call, fn_name, resolve  # noqa: E402,F401  (rules resolve functions without importing the twin)
 
 
 def linear_vjp(g, fn, args, kwargs, mains):
@@ -270,6 +234,9 @@ class Builder:
     # -- facts (delegated to the analysis) ---------------------------------------------------
     def shape(self, n):
         return self.info.shape(n)
+
+    def is_tensor(self, n):
+        return self.info.is_tensor(n)
 
     def caxes(self, n):
         """Channel axes of a tensor: reduced by PFV norms.  unit="neuron": none (every scalar
@@ -602,6 +569,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
 
     ``seed``: a layer node; the twin then takes ``forward(x, R_seed)`` and propagates the given
     relevance map from that layer down (ERFs, SPEC §3) instead of starting from the head."""
+    _carry_constants(info, root)
     b = Builder(info, root, eps, value, unit)
     x = b.g.placeholder(info.input.name)
     target = b.g.placeholder("R_seed" if seed is not None else "target",
@@ -822,6 +790,15 @@ def refresh_constants(gm: fx.GraphModule) -> None:
     for name, v in zip(c["names"], values):
         gm.srd_const._buffers[name] = v.detach()
     c["sig"] = sig
+
+
+def _carry_constants(info: GraphInfo, root: nn.Module) -> None:
+    """Tensors fx stored on the traced GraphModule itself (``_tensor_constant0``: a tensor the
+    forward built while tracing, e.g. Swin's shift mask) are attributes of the twin's root too."""
+    for n in info.nodes:
+        if n.op == "get_attr" and "." not in n.target and not hasattr(root, n.target) \
+                and hasattr(info.gm, n.target):
+            setattr(root, n.target, getattr(info.gm, n.target))
 
 
 def resolve_layers(info: GraphInfo, layers) -> Dict[str, fx.Node]:

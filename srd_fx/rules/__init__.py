@@ -26,5 +26,6 @@ from .base import _FUNCTION_RULES, _METHOD_RULES, _MODULE_RULES  # noqa: F401  (
 
 # Populate the registry: one module per op family.
 from . import activations, conv, linear, norm, pool, elementwise, shape  # noqa: E402,F401
+from . import attention, products  # noqa: E402,F401
 
 __all__ = ["Rule", "Affine", "Activation", "Meta", "arg", "register_rule", "lookup", "registered"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..compiler import runtime as ops
 
 from .base import Meta, Rule, arg, register_rule
+from .attention import layout_axes
 
 
 # ------------------------------------------------------------------------ runtime -------
@@ -89,6 +90,10 @@ def reshape_map_T(m, x, caxes, absorbed=()):
     return m.reshape(small).expand(target) if absorbed else m.reshape(target)
 
 
+def reshape_bias(z, x, out_shape):
+    return z.expand(x.shape).reshape(out_shape)
+
+
 def reshape_T(g, x):
     return g.reshape(x.shape)
 
@@ -123,11 +128,17 @@ def index_map_T(m, x, idx, caxes):
 
 
 def split_item(x, how, size_or_n, dim, i):
+    if how == "unbind":
+        return x.select(dim, i)
     parts = torch.split(x, size_or_n, dim) if how == "split" else torch.chunk(x, size_or_n, dim)
     return parts[i]
 
 
 def split_item_T(g, x, how, size_or_n, dim, i):
+    if how == "unbind":
+        out = g.new_zeros(x.shape)
+        out.select(dim, i).copy_(g)
+        return out
     parts = torch.split(x, size_or_n, dim) if how == "split" else torch.chunk(x, size_or_n, dim)
     start = sum(p.shape[dim] for p in parts[:i])
     pad = [0, 0] * (x.dim() - dim % x.dim() - 1) + [start, x.shape[dim] - start - g.shape[dim]]
@@ -240,13 +251,16 @@ class Reshape(Rule):
             return (1,), tuple(P)
         rest = so[1:]
         # positions kept as trailing (NCHW-like) or leading (NHWC-like) output dims, possibly after
-        # absorbing the leading input positions (space-to-depth)
-        for k in range(len(P), 0, -1):
-            if rest[len(rest) - k:] == psz[len(psz) - k:] and len(rest) > k:
-                return tuple(range(1, 1 + len(rest) - k)), tuple(P[:len(P) - k])
-        for k in range(len(P), 0, -1):
-            if rest[:k] == psz[:k] and len(rest) > k and k == len(P):
-                return tuple(range(1 + k, len(so))), ()
+        # absorbing the leading input positions (space-to-depth); a channels-last input tries the
+        # channels-last reading first (a head size equal to the token count is then no ambiguity)
+        channels_last = bool(ci) and list(ci) == list(range(len(si) - len(ci), len(si))) and P and max(P) < min(ci)
+        leading = [(tuple(range(1 + len(P), len(so))), ())] \
+            if rest[:len(P)] == psz and len(rest) > len(P) else []
+        trailing = [(tuple(range(1, 1 + len(rest) - k)), tuple(P[:len(P) - k]))
+                    for k in range(len(P), 0, -1)
+                    if rest[len(rest) - k:] == psz[len(psz) - k:] and len(rest) > k]
+        for plan in (leading + trailing if channels_last else trailing + leading)[:1]:
+            return plan
         # channels kept as the leading (NCHW-like) or trailing dims, positions split finer
         if ci and list(ci) == list(range(1, 1 + len(ci))) and rest[:len(ci)] == csz:
             return tuple(range(1, 1 + len(ci))), ()
@@ -270,6 +284,12 @@ class Reshape(Rule):
         x = b.main_inputs(node)[0]
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         return [b.call(reshape_map_T, m, b.val(x), b.caxes(x), absorbed)]
+
+    def bias(self, b, node, zs):
+        # the bias flowing in may have batch 1; the reshape's sizes name the real batch (B, N, ...)
+        if zs[0] is None:
+            return None
+        return b.call(reshape_bias, zs[0], b.val(b.main_inputs(node)[0]), b.size_of(node))
 
     def is_global_reduction(self, b, node):
         x = b.main_inputs(node)[0]
@@ -375,17 +395,35 @@ class GetItem(Rule):
             if t in ("split", "chunk"):
                 size = arg(src, 1, "split_size_or_sections" if t == "split" else "chunks")
                 return src.args[0], t, size, arg(src, 2, "dim", 0), node.args[1]
+            if t == "unbind":   # one slice along dim (q, k, v = qkv.unbind(0))
+                return src.args[0], t, None, arg(src, 1, "dim", 0), node.args[1]
         return None
 
     def layout(self, b, node):
         sp = self._split(node)
         x = sp[0] if sp else node.args[0]
         ci = b.caxes(x)
+        if sp and sp[1] == "unbind":
+            d = sp[3] % len(b.shape(x))
+            return tuple(c - (c > d) for c in ci if c != d) or (len(b.shape(node)) - 1,)
         if sp:
             return ci
         idx = normalise_index(node.args[1], len(b.shape(x)))
         kept = [d for d, i in enumerate(idx) if not isinstance(i, int)]
         return tuple(kept.index(c) for c in ci if c in kept) or (1,)
+
+    def is_global_reduction(self, b, node):
+        """Selecting one token (``x[:, 0]``, a class-token head) ends the encoder (SPEC §8)."""
+        if self._split(node) or not b.is_tensor(node.args[0]):
+            return False
+        x = node.args[0]
+        shape, ci = b.shape(x), b.caxes(x)
+        pos = [d for d in range(1, len(shape)) if d not in ci]
+        try:
+            idx = normalise_index(node.args[1], len(shape))
+        except ValueError:
+            return False
+        return bool(pos) and any(shape[d] > 1 for d in pos) and all(isinstance(idx[d], int) for d in pos)
 
     def transpose(self, b, node, g):
         sp = self._split(node)
@@ -399,20 +437,20 @@ class GetItem(Rule):
         if sp:
             x, how, size, dim, i = sp
             if dim % len(b.shape(x)) in b.caxes(x):
-                return ms[0]
+                return b.call(split_item, ms[0], how, size, dim, 0) if how == "unbind" else ms[0]
             return b.call(split_item, ms[0], how, size, dim, i)
         x = node.args[0]
-        return b.call(index_map, ms[0], node.args[1], b.caxes(x))
+        return b.call(index_map, ms[0], b.val(node.args[1]), b.caxes(x))
 
     def shadow_T(self, b, node, m):
         sp = self._split(node)
         if sp:
             x, how, size, dim, i = sp
             if dim % len(b.shape(x)) in b.caxes(x):
-                return [m]
+                return [b.call(torch.unsqueeze, m, dim % len(b.shape(x)))] if how == "unbind" else [m]
             return [b.call(split_item_T, m, b.call(ops_map_zeros, b.val(x), b.caxes(x)), how, size, dim, i)]
         x = node.args[0]
-        return [b.call(index_map_T, m, b.val(x), node.args[1], b.caxes(x))]
+        return [b.call(index_map_T, m, b.val(x), b.val(node.args[1]), b.caxes(x))]
 
     def bias(self, b, node, zs):
         if zs[0] is None:
@@ -422,7 +460,7 @@ class GetItem(Rule):
         if sp:
             x, how, size, dim, i = sp
             return b.call(split_item, z, how, size, dim, i)
-        return b.call(operator.getitem, z, node.args[1])
+        return b.call(operator.getitem, z, b.val(node.args[1]))
 
 
 def ops_map_zeros(x, caxes):
@@ -446,7 +484,7 @@ class Pad(Rule):
             m = b.module(node)
             return list(m.padding), "constant", getattr(m, "value", 0.0)
         pad, mode, value = arg(node, 1, "pad"), arg(node, 2, "mode", "constant"), arg(node, 3, "value", 0.0)
-        return list(pad), mode, value or 0.0
+        return b.val(list(pad)), mode, value or 0.0   # sizes computed in the forward (Swin's pad to windows)
 
     def bias(self, b, node, zs):
         pad, mode, value = self._spec(b, node)
@@ -526,33 +564,6 @@ def _dims_of(d, rank):
     return tuple(v % rank for v in d)
 
 
-class MatMul(Rule):
-    """``a @ c`` with ``c`` a constant or a gate (attention pooling, e.g. global-context blocks).
-    Contracting a position axis of ``a`` connects all its positions to each output position."""
-    pointwise = False
-    gate_args = (0, 1)
-
-    def _main_left(self, b, node):
-        mains = b.main_inputs(node)
-        if node.args[0] not in mains:
-            b.unsupported(node, "matmul whose right operand carries relevance (only main @ constant)")
-        return node.args[0]
-
-    def layout(self, b, node):
-        a = self._main_left(b, node)
-        return b.caxes(a)
-
-    def shadow(self, b, node, ms):
-        a = self._main_left(b, node)
-        contracted_channel = (len(b.shape(a)) - 1) in b.info.caxes(a)
-        return b.call(matmul_map, ms[0], b.val(node), b.caxes(node), contracted_channel or b.unit == "neuron")
-
-    def shadow_T(self, b, node, m):
-        a = self._main_left(b, node)
-        contracted_channel = (len(b.shape(a)) - 1) in b.info.caxes(a)
-        return [b.call(matmul_map_T, m, b.val(a), b.caxes(a), contracted_channel or b.unit == "neuron")]
-
-
 def matmul_map(m, out, caxes, channel):
     target = list(out.shape)
     for a in caxes:
@@ -573,13 +584,131 @@ def matmul_map_T(m, a, caxes, channel):
 
 for t in ("method:unsqueeze", torch.unsqueeze, "method:squeeze", torch.squeeze):
     register_rule(t, Unsqueeze())
-for t in (operator.matmul, torch.matmul, "method:matmul", torch.bmm, "method:bmm"):
-    register_rule(t, MatMul())
 register_rule(torch.cat, Cat())
 register_rule(torch.stack, Stack())
 register_rule(torch.concat, Cat())
 for t in (torch.flatten, "method:flatten", nn.Flatten, "method:view", "method:reshape", torch.reshape):
     register_rule(t, Reshape())
+def roll_map(m, shifts, dims, caxes):
+    """Shadow of ``torch.roll``: the map is rolled along the position axes (a roll along a channel
+    axis leaves the PFVs where they are)."""
+    shifts = (shifts,) if isinstance(shifts, int) else tuple(shifts)
+    if dims is None:
+        return m.flatten().roll(shifts[0]).reshape(m.shape) if not caxes else m
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    keep = [(s, d % m.dim()) for s, d in zip(shifts, dims) if d % m.dim() not in caxes]
+    if not keep:
+        return m
+    return torch.roll(m, [s for s, _ in keep], [d for _, d in keep])
+
+
+def roll_map_T(m, shifts, dims, caxes):
+    shifts = (shifts,) if isinstance(shifts, int) else tuple(shifts)
+    return roll_map(m, tuple(-s for s in shifts), dims, caxes)
+
+
+class Roll(Rule):
+    """``torch.roll`` (Swin's cyclic shift): positions are permuted, maps follow."""
+    pointwise = False
+
+    def _spec(self, node):
+        a = list(node.args) + [None, None]
+        shifts = a[1] if a[1] is not None else node.kwargs.get("shifts")
+        dims = a[2] if a[2] is not None else node.kwargs.get("dims")
+        return shifts, dims
+
+    def transpose(self, b, node, g):
+        shifts, dims = self._spec(node)
+        shifts = (shifts,) if isinstance(shifts, int) else tuple(shifts)
+        return [b.call(torch.roll, g, tuple(-s for s in shifts), dims)]
+
+    def shadow(self, b, node, ms):
+        shifts, dims = self._spec(node)
+        return b.call(roll_map, ms[0], shifts, dims, b.caxes(node))
+
+    def shadow_T(self, b, node, m):
+        shifts, dims = self._spec(node)
+        return [b.call(roll_map_T, m, shifts, dims, b.caxes(node))]
+
+
+for t in (torch.roll, "method:roll"):
+    register_rule(t, Roll())
+
+
+def rearranged_map(m, fn, x_shape, caxes_out, args, kwargs):
+    """Shadow of a pure rearrangement of positions ``fn(x, *args)`` (timm's window_reverse and
+    kin): the map is broadcast over the channels, rearranged, and one channel is kept."""
+    from ..compiler.runtime import resolve
+    out = resolve(fn)(m.expand(x_shape), *args, **kwargs)
+    idx = tuple(slice(0, 1) if d in caxes_out else slice(None) for d in range(out.dim()))
+    return out[idx]
+
+
+def rearranged_bias(z, fn, x, args, kwargs):
+    from ..compiler.runtime import resolve
+    return resolve(fn)(z.expand(x.shape), *args, **kwargs)
+
+
+class Rearrange(Rule):
+    """A function that only moves positions (window/grid reverse, de-blockify): linear, channels
+    stay the channel axis (last or 1), its shadow is the function applied to the map."""
+    pointwise = False
+    main_args = (0,)
+
+    def layout(self, b, node):
+        x = node.args[0]
+        ci, rank = layout_axes(b, x), len(b.shape(x))
+        return (len(b.shape(node)) - 1,) if ci == (rank - 1,) else ci
+
+    def _fn(self, node):
+        from ..compiler.runtime import fn_name
+        return fn_name(node.target)
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        return b.call(rearranged_bias, zs[0], self._fn(node), b.val(node.args[0]), b.val(node.args[1:]),
+                      b.val(node.kwargs))
+
+    def shadow(self, b, node, ms):
+        return b.call(rearranged_map, ms[0], self._fn(node), b.size_of(node.args[0]), b.caxes(node),
+                      b.val(node.args[1:]), b.val(node.kwargs))
+
+    def shadow_T(self, b, node, m):
+        x = node.args[0]
+        return b.vjp_shadow(rearranged_map, (self._fn(node), b.size_of(x), b.caxes(node),
+                                             b.val(node.args[1:]), b.val(node.kwargs)), m, x)
+
+
+def _register_timm_rearrangements():
+    import importlib
+    names = {"timm.models.swin_transformer": ["window_reverse"],
+             "timm.models.swin_transformer_v2": ["window_reverse"],
+             "timm.models.swin_transformer_v2_cr": ["window_reverse"],
+             "timm.models.gcvit": ["window_reverse"], "timm.models.davit": ["window_reverse"],
+             "timm.models.maxxvit": ["window_reverse", "window_reverse_nchw", "grid_reverse",
+                                     "grid_reverse_nchw"],
+             "timm.models.nest": ["deblockify"]}
+    for mod, fns in names.items():
+        try:
+            m = importlib.import_module(mod)
+        except Exception:
+            continue
+        for f in fns:
+            if callable(getattr(m, f, None)):
+                register_rule(getattr(m, f), Rearrange())
+
+
+_register_timm_rearrangements()
+
+
+class ReshapeAs(Reshape):
+    """``x.reshape_as(y)`` / ``x.view_as(y)``: ``y`` only gives the shape."""
+    main_args = (0,)
+
+
+for t in ("method:reshape_as", "method:view_as"):
+    register_rule(t, ReshapeAs())
 for t in ("method:permute", torch.permute, "method:transpose", torch.transpose):
     register_rule(t, Permute())
 register_rule(operator.getitem, GetItem())
@@ -588,5 +717,6 @@ for t in (F.pad, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPa
 for t in (F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
     register_rule(t, Interpolate())
 _meta = Meta()
-for t in ("method:size", "method:dim", getattr, len, "method:split", torch.split, "method:chunk", torch.chunk):
+for t in ("method:size", "method:dim", getattr, len, "method:split", torch.split, "method:chunk", torch.chunk,
+          "method:unbind", torch.unbind):
     register_rule(t, _meta)

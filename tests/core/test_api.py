@@ -204,7 +204,9 @@ def test_nan_weights_are_refused():
         srd_fx.compile(m)
 
 
-def test_product_without_gate_is_refused():
+def test_product_without_gate_follows_the_uniform_rule():
+    """``y * y`` has no gate: SPEC §8's uniform rule makes it the linear ``ȳ ⊙ y``; the logits
+    stay exact and relevance is conserved (up to the reported loss)."""
     class Sq(nn.Module):
         def __init__(self):
             super().__init__()
@@ -216,8 +218,13 @@ def test_product_without_gate_is_refused():
             y = torch.relu(y * y)
             return self.fc(y.mean((2, 3)))
 
-    with pytest.raises(srd_fx.UnsupportedOpError, match="gate"):
-        srd_fx.compile(Sq().eval())(torch.randn(1, 3, 8, 8))
+    m = Sq().eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    out = srd_fx.compile(m)(x)
+    with torch.no_grad():
+        assert torch.equal(out.logits, m(x))
+    total = out.saliency.flatten(1).sum(1) + (out.lost if out.lost is not None else 0)
+    torch.testing.assert_close(total, out.R_L.flatten(1).sum(1), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "convnext_tiny"])
