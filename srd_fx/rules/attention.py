@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Rule, register_rule
+from .base import Rule, arg, register_rule
 
 
 # ------------------------------------------------------------------------ runtime -------
@@ -102,10 +102,7 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 def sdpa_arg(node, name, default=None):
-    i = _SDPA_ARGS.index(name)
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+    return arg(node, _SDPA_ARGS.index(name), name, default)
 
 
 class ScaledDotProductAttention(Rule):

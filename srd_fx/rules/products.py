@@ -19,7 +19,7 @@ import operator
 
 import torch
 
-from .base import Rule, register_rule
+from .base import Rule, arg, register_rule
 from .attention import attend_map, attend_map_T, layout_axes, map_shape
 
 
@@ -41,10 +41,6 @@ def half_sum(*ts):
     for t in ts[1:]:
         out = out + t
     return out * 0.5
-
-
-def _target(out, caxes):
-    return map_shape(out, caxes)
 
 
 def left_map(m, out_shape, caxes_out):
@@ -209,7 +205,7 @@ class Pow(Rule):
     main_args = (0,)
 
     def _p(self, node):
-        return node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+        return arg(node, 1, "exponent")
 
     def transpose(self, b, node, g):
         return [b.call(pow_T, g, b.val(node.args[0]), self._p(node))]

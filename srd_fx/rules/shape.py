@@ -247,6 +247,13 @@ class Reshape(Rule):
         P = [d for d in range(1, len(si)) if d not in ci]
         psz = [si[d] for d in P]
         csz = [si[d] for d in ci]
+        if si[0] != so[0] and ci:
+            # positions folded into (or unfolded from) the batch axis (LeViT's flatten(0, 1) for a
+            # BatchNorm1d, window partitions): the channel axes are found by their sizes
+            if list(ci) == list(range(len(si) - len(ci), len(si))) and so[len(so) - len(ci):] == csz:
+                return tuple(range(len(so) - len(ci), len(so))), ()
+            if list(ci) == list(range(1, 1 + len(ci))) and so[1:1 + len(ci)] == csz:
+                return tuple(range(1, 1 + len(ci))), ()
         if len(so) == 2:  # (B, F): one PFV
             return (1,), tuple(P)
         rest = so[1:]
@@ -293,7 +300,7 @@ class Reshape(Rule):
 
     def is_global_reduction(self, b, node):
         x = b.main_inputs(node)[0]
-        return len(b.shape(node)) == 2 and len(b.shape(x)) >= 3 and \
+        return len(b.shape(node)) == 2 and len(b.shape(x)) >= 3 and b.shape(node)[0] == b.shape(x)[0] and \
             any(b.shape(x)[d] > 1 for d in range(2, len(b.shape(x))))
 
 
@@ -612,10 +619,7 @@ class Roll(Rule):
     pointwise = False
 
     def _spec(self, node):
-        a = list(node.args) + [None, None]
-        shifts = a[1] if a[1] is not None else node.kwargs.get("shifts")
-        dims = a[2] if a[2] is not None else node.kwargs.get("dims")
-        return shifts, dims
+        return arg(node, 1, "shifts"), arg(node, 2, "dims")
 
     def transpose(self, b, node, g):
         shifts, dims = self._spec(node)
