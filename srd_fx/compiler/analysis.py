@@ -489,9 +489,13 @@ class GraphInfo:
                 if rule.gate_args and len(
                         [a for a in self.main_inputs(n) if any(a is n.args[i] for i in rule.gate_args
                                                                if i < len(n.args))]) > 1:
+                    if rule.divisor_only:
+                        self.unsupported(n, "a division by an input-dependent tensor that is neither a gate "
+                                            "nor a normalisation statistic (SRD's blocks must be affine "
+                                            "in their inputs); register a rule for it")
                     self.unsupported(n, "a product of two input-dependent tensors with no identifiable "
                                         "gate (sigmoid/hardsigmoid/softmax output or a (B, C, 1, 1) "
-                                        "squeeze branch); register a rule for it")
+                                        "squeeze branch) and no uniform rule; register a rule for it")
                 block.append(n)
                 stack.extend(self.main_inputs(n))
             block.sort(key=self.order.get)

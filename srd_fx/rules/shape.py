@@ -266,6 +266,11 @@ class Reshape(Rule):
         trailing = [(tuple(range(1, 1 + len(rest) - k)), tuple(P[:len(P) - k]))
                     for k in range(len(P), 0, -1)
                     if rest[len(rest) - k:] == psz[len(psz) - k:] and len(rest) > k]
+        if channels_last and rest[len(rest) - len(ci):] == csz and not leading:
+            # channels stay the trailing dims, positions split finer (a window partition); read
+            # before the NCHW space-to-depth plans, which a channel size equal to a position size
+            # would otherwise match
+            return tuple(range(len(so) - len(ci), len(so))), ()
         for plan in (leading + trailing if channels_last else trailing + leading)[:1]:
             return plan
         # channels kept as the leading (NCHW-like) or trailing dims, positions split finer
@@ -273,6 +278,23 @@ class Reshape(Rule):
             return tuple(range(1, 1 + len(ci))), ()
         if ci and list(ci) == list(range(len(si) - len(ci), len(si))) and rest[len(rest) - len(ci):] == csz:
             return tuple(range(len(so) - len(ci), len(so))), ()
+        # token layouts (SPEC §8): channels-last positions merged into one token axis, channels
+        # split into heads (MaxViT: (B, 7, 7, C) -> (B, 49, 3, heads, d)); channels-first heads with
+        # merged trailing positions (CoAtNet: (B, C, 14, 14) -> (B, heads, d, 196)); channels merged
+        # back; channels-last space-to-depth keeping the leading positions (Swin's patch merging)
+        n_pos, n_ch = math.prod(psz), math.prod(csz)
+        if channels_last and len(rest) > 1 and rest[0] == n_pos:
+            return tuple(range(2, len(so))), ()
+        if ci and not channels_last and list(ci) == list(range(1, 1 + len(ci))) and len(rest) > 1 and rest[-1] == n_pos:
+            return tuple(range(1, len(so) - 1)), ()
+        if ci and list(ci) == list(range(1, 1 + len(ci))) and rest[0] == n_ch and math.prod(rest[1:]) == n_pos:
+            return (1,), ()
+        if channels_last and rest[-1] == n_ch and math.prod(rest[:-1]) == n_pos:
+            return (len(so) - 1,), ()
+        if channels_last:
+            for k in range(len(P) - 1, 0, -1):
+                if rest[:k] == psz[:k] and len(rest) > k:
+                    return tuple(range(1 + k, len(so))), tuple(P[k:])
         info.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} mixes channels and positions in a way "
                                "srd_fx cannot map; register a rule for this module")
 
