@@ -278,19 +278,19 @@ class Reshape(Rule):
             return tuple(range(1, 1 + len(ci))), ()
         if ci and list(ci) == list(range(len(si) - len(ci), len(si))) and rest[len(rest) - len(ci):] == csz:
             return tuple(range(len(so) - len(ci), len(so))), ()
-        # token layouts (SPEC §8): channels-last positions merged into one token axis, channels
-        # split into heads (MaxViT: (B, 7, 7, C) -> (B, 49, 3, heads, d)); channels-first heads with
-        # merged trailing positions (CoAtNet: (B, C, 14, 14) -> (B, heads, d, 196)); channels merged
-        # back; channels-last space-to-depth keeping the leading positions (Swin's patch merging)
+        # token layouts (SPEC §8): positions regrouped in front of the channels, channels split into
+        # heads or merged back (MaxViT: (B, 7, 7, C) -> (B, 49, 3, heads, d), Twins: (B, 8, 8, 7, 7,
+        # C) -> (B, 64, 49, 3, heads, d)), or channels in front (CoAtNet: (B, C, 14, 14) -> (B,
+        # heads, d, 196)); channels-last space-to-depth keeping the leading positions (Swin's patch
+        # merging)
         n_pos, n_ch = math.prod(psz), math.prod(csz)
-        if channels_last and len(rest) > 1 and rest[0] == n_pos:
-            return tuple(range(2, len(so))), ()
-        if ci and not channels_last and list(ci) == list(range(1, 1 + len(ci))) and len(rest) > 1 and rest[-1] == n_pos:
-            return tuple(range(1, len(so) - 1)), ()
-        if ci and list(ci) == list(range(1, 1 + len(ci))) and rest[0] == n_ch and math.prod(rest[1:]) == n_pos:
-            return (1,), ()
-        if channels_last and rest[-1] == n_ch and math.prod(rest[:-1]) == n_pos:
-            return (len(so) - 1,), ()
+        for j in range(1, len(rest)):
+            head, tail = math.prod(rest[:j]), math.prod(rest[j:])
+            if channels_last and head == n_pos and tail == n_ch:       # positions first, then channels
+                return tuple(range(1 + j, len(so))), ()
+            if not channels_last and ci and list(ci) == list(range(1, 1 + len(ci))) \
+                    and head == n_ch and tail == n_pos:                 # channels first, then positions
+                return tuple(range(1, 1 + j)), ()
         if channels_last:
             for k in range(len(P) - 1, 0, -1):
                 if rest[:k] == psz[:k] and len(rest) > k:
@@ -671,8 +671,8 @@ def rearranged_map(m, fn, x_shape, caxes_out, args, kwargs):
 
 
 def rearranged_bias(z, fn, x, args, kwargs):
-    from ..compiler.runtime import resolve
-    return resolve(fn)(z.expand(x.shape), *args, **kwargs)
+    from ..compiler.runtime import _call
+    return _call(fn, [z.expand(x.shape), *args], kwargs)
 
 
 class Rearrange(Rule):
@@ -726,6 +726,54 @@ def _register_timm_rearrangements():
 
 
 _register_timm_rearrangements()
+
+
+def expand_map(m, out_shape, caxes_out):
+    """Shadow of ``expand``: a size-1 position axis broadcast to n positions reaches each of them
+    from its one source position (channel axes stay size 1 in the map)."""
+    t = list(out_shape)
+    for a in caxes_out:
+        t[a] = 1
+    if m.dim() < len(t):
+        m = m.reshape([1] * (len(t) - m.dim()) + list(m.shape))
+    return m.expand(t)
+
+
+class Expand(Rule):
+    """``x.expand(...)`` / ``x.expand_as(y)``: copies along size-1 axes (MobileViTv2's context
+    vector broadcast over the tokens); ``y`` only gives the shape."""
+    pointwise = False
+    main_args = (0,)
+
+    def layout(self, b, node):
+        x = node.args[0]
+        shift = len(b.shape(node)) - len(b.shape(x))
+        return tuple(c + shift for c in b.caxes(x))
+
+    def transpose(self, b, node, g):
+        return [b.unbroadcast(g, node.args[0], node)]
+
+    def shadow(self, b, node, ms):
+        return b.call(expand_map, ms[0], b.size_of(node), b.caxes(node))
+
+    def shadow_T(self, b, node, m):
+        x = node.args[0]
+        return b.vjp_shadow(expand_map, (b.size_of(node), b.caxes(node)), m, x)
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        return b.call(rearranged_bias, zs[0], "method:" + node.target if node.op == "call_method" else
+                      fn_name_of(node.target), b.val(node.args[0]), b.val(node.args[1:]), b.val(node.kwargs))
+
+
+def fn_name_of(f):
+    from ..compiler.runtime import fn_name
+    return fn_name(f)
+
+
+for t in ("method:expand", "method:expand_as"):
+    register_rule(t, Expand())
 
 
 class ReshapeAs(Reshape):
