@@ -32,7 +32,7 @@ RES_MARK = {"low": "†", "high": "‡", "input": ""}
 Scores = Dict[str, Dict[str, np.ndarray]]  # method -> metric -> per-image scores
 
 
-def _metric_scores(name, model, fid_metric, x, y, a, s, method, settings: M.MetricSettings):
+def _metric_scores(name, model, fid_metric, x, y, a, s, method, settings: M.MetricSettings, a_fid=None):
     try:
         if name == "Pointing":
             return M.pointing_game(model, x, y, a, s, tolerance=settings.tolerance(x.shape[-1]))
@@ -41,7 +41,7 @@ def _metric_scores(name, model, fid_metric, x, y, a, s, method, settings: M.Metr
         if name == "Sparseness":
             return M.sparseness(model, x, y, a)
         if name == "Fidelity":
-            return M.fidelity(model, x, y, a, settings, metric=fid_metric)
+            return M.fidelity(model, x, y, a if a_fid is None else a_fid, settings, metric=fid_metric)
         if name == "Stability":
             def explain(mdl, xx, tt):
                 return M.prepare(method(model, xx, tt), xx.shape[-2:])
@@ -97,13 +97,16 @@ def evaluate_batches(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             y = labels[sl].long()
             s = masks[sl].bool()
             bsettings = dataclasses.replace(settings, seed=settings.seed + bi)
-            fid_metric = M.fidelity_metric(bsettings)  # shares subsets and forward passes across methods
+            fid_metric = M.fidelity_metric(bsettings, shape=x.shape)  # shares subsets and forward passes across methods
             scores, times = {}, {}
             for method in methods:
                 bar.set_postfix(method=method.name)
                 t0 = time.perf_counter()
-                a = M.prepare(method(model, x, y), x.shape[-2:])
-                scores[method.name] = {k: _metric_scores(k, model, fid_metric, x, y, a, s, method, bsettings)
+                raw = method(model, x, y)
+                a = M.prepare(raw, x.shape[-2:])
+                # Fidelity's protocol may ask for unclamped maps (Quantus 0.5's normalise_by_max alone)
+                a_fid = None if settings.fidelity_clamp else M.prepare(raw, x.shape[-2:], clamp=False)
+                scores[method.name] = {k: _metric_scores(k, model, fid_metric, x, y, a, s, method, bsettings, a_fid)
                                        for k in metrics}
                 times[method.name] = time.perf_counter() - t0
                 bar.update(1)

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -213,3 +214,25 @@ def test_reduced_paper_run_every_method_and_metric(tmp_path):
     assert "| Method | ReLU | ELU | LeakyReLU | Swish | GELU | Tanh |" in t4
     rows = list(csv.DictReader(open(out / "table2.csv")))
     assert len(rows) == 2 * len(METHODS) * 5
+
+
+def test_cli_fidelity_protocol(tmp_path, capsys):
+    base = ["evaluate", "--size", str(SIZE), "--models", "resnet:relu", "--table4-models", "none",
+            "--methods", "InputXGradient", "SRD-input", "--metrics", "Fidelity", "--n-images", "4", "--batch-size", "4",
+            "--fidelity-runs", "3", "--figure-images", "0", "--train-setting", "epochs=1", "--train-setting",
+            "n_train=64", "--train-setting", "n_test=32", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            "--threads", "1"]
+    assert main(base + ["--fidelity-subset", "10", "--fidelity-fraction", "0.1", "--out", str(tmp_path / "e")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(base + ["--fidelity-fraction", "1.5", "--out", str(tmp_path / "e")]) == 2
+    assert "fraction" in capsys.readouterr().err
+    assert main(base + ["--fidelity-subset", str(SIZE * SIZE + 1), "--fidelity-protocol", "paper",
+                        "--out", str(tmp_path / "e")]) == 2
+    assert "between 1 and" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(base + ["--fidelity-protocol", "paper", "--fidelity-fraction", "0.05", "--out", str(out)]) == 0
+    ms = json.load(open(out / "run.json"))["table2"]["metric_settings"]
+    assert (ms["fidelity_pixels"], ms["fidelity_fraction"], ms["fidelity_baseline"], ms["fidelity_clamp"]) == \
+        (True, 0.05, 0.0, True)
+    rows = [r for r in csv.DictReader(open(out / "table2.csv")) if r["metric"] == "Fidelity"]
+    assert len(rows) == 2 and all(math.isfinite(float(r["mean"])) for r in rows)

@@ -1,4 +1,5 @@
 """The Quantus metrics, as configured for the paper, on hand-made maps with known values."""
+import dataclasses
 import math
 
 import numpy as np
@@ -186,3 +187,108 @@ def test_shape_errors_are_explained(model):
     x, y, s = _batch()
     with pytest.raises(ValueError, match="prepare"):
         M.sparseness(model, x, y, torch.rand(4, 8, 8))
+
+
+# ----------------------------------------------------------------------------- fidelity protocols --
+class Recording(nn.Module):
+    """The real model, keeping every input it is run on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_fidelity_protocols_map_to_quantus_settings():
+    from quantus.functions.perturb_func import baseline_replacement_by_indices, batch_baseline_replacement_by_indices
+    # the default keeps its meaning: 200 channel values set to 0, clamped maps
+    assert M.fidelity_settings("quantus-0.6") == M.MetricSettings()
+    want = {"quantus-0.6": (False, 200, 0.0, False, True), "quantus-0.5": (True, 224, "black", True, False),
+            "paper": (True, 200, 0.0, False, True)}
+    for name, (pixels, k, base, normalise, clamp) in want.items():
+        st = M.fidelity_settings(name)
+        met = M.fidelity_metric(st, shape=(2, 3, 64, 64))
+        assert (met.subset_size, met.nr_runs, met.normalise, met.abs, met.pixels) == (k, 100, normalise, False, pixels)
+        assert st.fidelity_clamp is clamp
+        assert met.perturb_func.keywords["perturb_baseline"] == base
+        if pixels:   # Quantus 0.5: whole pixels, all channels (spatial axes indexed)
+            assert met.perturb_func.func is baseline_replacement_by_indices
+            assert met.perturb_func.keywords["indexed_axes"] == (1, 2)
+        else:        # Quantus 0.6: single channel values of the flattened input
+            assert met.perturb_func.func is batch_baseline_replacement_by_indices
+    # a fraction counts pixels for pixel subsets and channel values for channel-value subsets
+    assert M.fidelity_settings("paper", fraction=0.0045).subset_size((3, 224, 224)) == round(0.0045 * 224 * 224)
+    assert M.fidelity_settings("quantus-0.6", fraction=0.018).subset_size((3, 64, 64)) == round(0.018 * 3 * 64 * 64)
+    assert M.fidelity_settings("paper", subset=50).subset_size((3, 64, 64)) == 50
+    with pytest.raises(ValueError, match="not both"):
+        M.fidelity_settings("paper", subset=10, fraction=0.1)
+    with pytest.raises(ValueError, match="fraction"):
+        M.fidelity_settings("paper", fraction=1.5)
+    with pytest.raises(ValueError, match="protocol"):
+        M.fidelity_settings("quantus-0.4")
+    with pytest.raises(ValueError, match="between 1 and 1024"):
+        M.fidelity_settings("paper", subset=2000).subset_size((3, 32, 32))
+
+
+def test_paper_protocol_zeroes_all_channels_of_200_pixels(model):
+    x, y, _ = _batch()                        # every value >= 0.1: a 0 can only come from the perturbation
+    rec = Recording(model).eval()
+    st = dataclasses.replace(M.fidelity_settings("paper"), fidelity_runs=5)
+    M.fidelity(rec, x, y, torch.rand(4, H, H), st)
+    assert len(rec.inputs) == 1 + 5           # the clean batch, then one perturbed batch per run
+    assert torch.equal(rec.inputs[0], x)
+    for xp in rec.inputs[1:]:
+        changed = xp != x
+        assert torch.equal(changed, xp == 0)              # what changed was set to 0, nothing else
+        assert torch.equal(changed.all(1), changed.any(1))   # all channels of a pixel, or none
+        assert changed.all(1).flatten(1).sum(1).tolist() == [200] * 4
+    # Quantus 0.6 (the default): 200 single channel values, not whole pixels
+    rec = Recording(model).eval()
+    M.fidelity(rec, x, y, torch.rand(4, H, H), dataclasses.replace(M.MetricSettings(), fidelity_runs=3))
+    for xp in rec.inputs[1:]:
+        changed = xp != x
+        assert changed.flatten(1).sum(1).tolist() == [200] * 4
+        assert not torch.equal(changed.all(1), changed.any(1))
+    # Quantus 0.5: 224 whole pixels set to the image's minimum
+    rec = Recording(model).eval()
+    M.fidelity(rec, x, y, torch.rand(4, H, H), dataclasses.replace(M.fidelity_settings("quantus-0.5"), fidelity_runs=3))
+    low = x.flatten(1).min(1).values[:, None, None, None].expand_as(x)
+    for xp in rec.inputs[1:]:
+        changed = (xp != x) | ((xp == low) & (x == low))
+        pix = (xp == low).all(1)
+        assert pix.flatten(1).sum(1).min() >= 224 and torch.equal(xp[~pix[:, None].expand_as(x)],
+                                                                     x[~pix[:, None].expand_as(x)])
+
+
+def test_pixel_fidelity_of_exact_pixel_contributions_is_one(model):
+    """With whole pixels zeroed, a linear model's logit drops by the pixel's summed contribution
+    sum_c W x_c, so that map correlates perfectly even with unequal channels; with single channel
+    values (Quantus 0.6) the same map does not."""
+    x, y, _ = _batch()
+    contrib = model.weight[y] * x.sum(1)
+    st = dataclasses.replace(M.fidelity_settings("paper"), fidelity_runs=30)
+    assert np.allclose(M.fidelity(model, x, y, contrib, st), 1.0, atol=1e-5)
+    chan = M.fidelity(model, x, y, contrib, dataclasses.replace(M.MetricSettings(), fidelity_runs=30))
+    assert np.all(chan < 0.999)
+
+
+@pytest.mark.parametrize("protocol", list(M.FIDELITY_PROTOCOLS))
+def test_every_protocol_scores_real_methods_on_a_real_model(protocol):
+    from srd_fx.eval import data as D
+    from srd_fx.eval import evaluation as E
+    from srd_fx.eval.models import build
+    torch.manual_seed(0)
+    model = build("resnet", "relu", size=32).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():   # explain the predicted class (a random class may get an all-zero SRD map)
+        labels = model(D.normalize(images)).argmax(1)
+    masks = torch.ones(3, 32, 32, dtype=torch.bool)
+    st = dataclasses.replace(M.fidelity_settings(protocol, fraction=0.05), fidelity_runs=8)
+    res = E.evaluate(model, images, labels, masks, methods=["InputXGradient", "SRD-input", "SRD-low"],
+                     metrics=["Fidelity"], settings=st, progress=False)
+    for method, d in res.items():
+        assert d["Fidelity"].shape == (3,) and np.isfinite(d["Fidelity"]).all(), method
+        assert np.all(np.abs(d["Fidelity"]) <= 1 + 1e-9)

@@ -53,7 +53,15 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=50, help="Images per batch (default 50).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the scenes and of the metrics' random draws (default 0).")
     p.add_argument("--fidelity-runs", type=int, default=100, help="Random subsets per image for Fidelity (default 100).")
-    p.add_argument("--fidelity-subset", type=int, default=200, help="Input features set to 0 per subset (default 200).")
+    p.add_argument("--fidelity-protocol", default="quantus-0.6", choices=["quantus-0.6", "quantus-0.5", "paper"],
+                   help="Fidelity protocol (default quantus-0.6: 200 single channel values set to 0, maps clamped; "
+                        "quantus-0.5: 224 whole pixels set to the input's minimum, no clamp; paper: 200 whole "
+                        "pixels set to 0, maps clamped). See docs/evaluation.md.")
+    p.add_argument("--fidelity-subset", type=int, default=None,
+                   help="Input features (pixels or channel values, per the protocol) replaced per subset "
+                        "(default: the protocol's, 200 or 224).")
+    p.add_argument("--fidelity-fraction", type=float, default=None,
+                   help="Instead of --fidelity-subset: the fraction (0-1] of the pixels or channel values replaced.")
     p.add_argument("--stability-samples", type=int, default=10, help="Noisy copies per image for Stability (default 10).")
     p.add_argument("--pointing-tolerance", type=int, default=None,
                    help="Pointing Game tolerance in pixels (default: 15 px at 224 px, scaled to --size).")
@@ -158,9 +166,15 @@ def _run(args, world) -> int:
     if not t2_specs and not t4_specs:
         print("error: nothing to do (both --models and --table4-models are 'none')", file=sys.stderr)
         return 2
-    settings = M.MetricSettings(pointing_tolerance=args.pointing_tolerance, fidelity_runs=args.fidelity_runs,
-                                fidelity_subset=args.fidelity_subset, stability_samples=args.stability_samples,
-                                seed=args.seed)
+    try:
+        settings = M.fidelity_settings(args.fidelity_protocol, subset=args.fidelity_subset,
+                                       fraction=args.fidelity_fraction, settings=M.MetricSettings(
+                                           pointing_tolerance=args.pointing_tolerance, fidelity_runs=args.fidelity_runs,
+                                           stability_samples=args.stability_samples, seed=args.seed))
+        settings.subset_size((3, size, size))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     # ---- data
     if digits:

@@ -1,0 +1,202 @@
+"""Fidelity (Quantus ``FaithfulnessCorrelation``) of seven methods under different protocols: why our
+Fidelity ordering differs from the paper's (issue 20).
+
+Methods: input x gradient, integrated gradients, Grad-CAM, LRP-z+, SRD-low, SRD-high, SRD-input, on
+the digit-scene ResNet and VGG (``srd_fx.eval.train.get_trained``, cached).  Settings swept:
+
+* subset fraction: 0.15 %, 0.45 %, 1.8 %, 5.5 %, 20 % of the pixels (pixel subsets) or of the channel
+  values (channel-value subsets);
+* baseline: 0 (the mean colour after normalisation), the input's minimum (Quantus' "black"), the
+  per-image mean (Quantus' "mean");
+* unit: pixel subsets (all channels replaced, Quantus 0.5) or single channel values (Quantus 0.6);
+* input size: 64 (the training size) and 224 (the same test scenes rendered at 224 px; the models
+  are fully convolutional with global pooling, so they run there unchanged);
+
+plus the three named protocols of ``srd-fx evaluate --fidelity-protocol`` at each size.  Maps are
+computed once per batch and scored under every setting; each setting shares its random subsets and
+forward passes across the methods (``metrics.fidelity_metric``), seeded with ``seed + batch``.
+
+Writes OUT/fidelity_protocol.csv (one row per model, size, setting, method), fidelity_protocol.md
+(the table) and fidelity_protocol.png (Fidelity against subset fraction per method).
+
+    python experiments/fidelity_protocol.py [--models resnet vgg] [--n-images 200] [--nr-runs 100]
+        [--sizes 64 224] [--out results]
+"""
+import argparse
+import csv
+import dataclasses
+import itertools
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from srd_fx.eval import baselines as B
+from srd_fx.eval import data as D
+from srd_fx.eval import evaluation as E
+from srd_fx.eval import metrics as M
+from srd_fx.eval.train import accuracy, get_trained
+
+METHODS = ["InputXGradient", "IntegratedGradients", "GradCAM", "LRP-z+", "SRD-low", "SRD-high", "SRD-input"]
+SHORT = {"InputXGradient": "IxG", "IntegratedGradients": "IG", "GradCAM": "GradCAM", "LRP-z+": "LRP-z+",
+         "SRD-low": "SRD-low", "SRD-high": "SRD-high", "SRD-input": "SRD-input"}
+FRACTIONS = [0.0015, 0.0045, 0.018, 0.055, 0.20]
+BASELINES = {"zero": 0.0, "min": "black", "mean": "mean"}
+UNITS = {"pixel": True, "channel": False}
+SRD = ("SRD-low", "SRD-high", "SRD-input")
+
+
+def settings_list(fractions, baselines, units, protocols):
+    """(label dict, MetricSettings) for every sweep cell and every named protocol."""
+    out = []
+    for unit, base, frac in itertools.product(units, baselines, fractions):
+        st = dataclasses.replace(M.MetricSettings(), fidelity_pixels=UNITS[unit], fidelity_baseline=BASELINES[base],
+                                 fidelity_fraction=frac, fidelity_clamp=True, fidelity_normalise=False)
+        out.append((dict(setting="sweep", unit=unit, baseline=base, fraction=frac, clamp=True), st))
+    for name in protocols:
+        st = M.fidelity_settings(name)
+        base = {0.0: "zero", "black": "min", "mean": "mean"}[st.fidelity_baseline]
+        out.append((dict(setting=name, unit="pixel" if st.fidelity_pixels else "channel", baseline=base,
+                         fraction=None, clamp=st.fidelity_clamp), st))
+    return out
+
+
+def run_model(arch, size, args, cells, writer, rows):
+    model, acc64 = get_trained(arch, "relu", size=64, cache_dir=args.cache_dir, progress=False)
+    images, labels, masks = D.DigitScenes("test", size=size, n=args.n_images, seed=args.seed).tensors(args.n_images)
+    acc = accuracy(model, images, labels)  # on the scored images, at this size
+    print(f"{arch} @ {size}: accuracy {acc:.3f} on the {len(images)} scored images (1000 test images at 64 px: "
+          f"{acc64:.3f})", file=sys.stderr, flush=True)
+    scores = {}  # cell index -> method -> list of per-image scores
+    for bi in range(E.n_batches(len(images), args.batch_size)):
+        sl = slice(bi * args.batch_size, (bi + 1) * args.batch_size)
+        x, y = D.normalize(images[sl]), labels[sl].long()
+        t0 = time.perf_counter()
+        raw = {m: B.get_method(m)(model, x, y) for m in METHODS}
+        maps = {c: {m: M.prepare(r, x.shape[-2:], clamp=c) for m, r in raw.items()} for c in (True, False)}
+        t_maps = time.perf_counter() - t0
+        for ci, (lab, st) in enumerate(cells):
+            st = dataclasses.replace(st, fidelity_runs=args.nr_runs, seed=args.seed + bi)
+            metric = M.fidelity_metric(st, shape=x.shape)
+            for m in METHODS:
+                s = E._metric_scores("Fidelity", model, metric, x, y, maps[st.fidelity_clamp][m], None, None, st)
+                scores.setdefault(ci, {}).setdefault(m, []).extend(np.asarray(s, dtype=np.float64).tolist())
+        print(f"  batch {bi}: maps {t_maps:.0f}s, all settings {time.perf_counter() - t0 - t_maps:.0f}s",
+              file=sys.stderr, flush=True)
+    c, h, w = images.shape[1:]
+    for ci, (lab, st) in enumerate(cells):
+        st = dataclasses.replace(st, fidelity_runs=args.nr_runs)
+        k = st.subset_size((1, c, h, w))
+        n_units = h * w if st.fidelity_pixels else c * h * w
+        for m in METHODS:
+            v = np.asarray(scores[ci][m])
+            ok = v[np.isfinite(v)]
+            row = dict(model="ResNet" if arch == "resnet" else "VGG", size=size, accuracy=round(acc, 4),
+                       **lab, subset_size=k, subset_percent=round(100 * k / n_units, 3),
+                       method=m, fidelity=round(float(ok.mean()), 5) if len(ok) else float("nan"),
+                       sem=round(float(ok.std(ddof=1) / np.sqrt(len(ok))), 5) if len(ok) > 1 else float("nan"),
+                       n_images=len(v), n_nan=int((~np.isfinite(v)).sum()), nr_runs=args.nr_runs)
+            writer.writerow(row)
+            rows.append(row)
+
+
+def markdown(rows, command):
+    lines = [f"Fidelity (mean over images; Quantus FaithfulnessCorrelation) per method and protocol.",
+             f"Command: `{command}`", "",
+             "`SRD>IxG`: the best SRD variant's Fidelity minus input x gradient's (positive: the paper's ordering).",
+             ""]
+    head = "| model | size | setting | unit | baseline | subset | " + " | ".join(SHORT[m] for m in METHODS) + \
+           " | best | SRD>IxG |"
+    sep = "|---|---:|---|---|---|---:|" + "---:|" * len(METHODS) + "---|---:|"
+    groups = {}
+    for r in rows:
+        key = (r["model"], r["size"], r["setting"], r["unit"], r["baseline"], r["fraction"], r["subset_size"],
+               r["subset_percent"])
+        groups.setdefault(key, {})[r["method"]] = r["fidelity"]
+    lines += [head, sep]
+    for (model, size, setting, unit, base, frac, k, pct), vals in groups.items():
+        best = max(vals, key=lambda m: -np.inf if np.isnan(vals[m]) else vals[m])
+        srd = max(vals[m] for m in SRD)
+        lines.append(f"| {model} | {size} | {setting} | {unit} | {base} | {k} ({pct:g} %) | "
+                     + " | ".join(f"{vals[m]:.3f}" for m in METHODS)
+                     + f" | {SHORT[best]} | {srd - vals['InputXGradient']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["model"], r["size"]) for r in rows if r["setting"] == "sweep"})
+    combos = [(u, b) for u in UNITS for b in BASELINES if any(r["unit"] == u and r["baseline"] == b
+                                                             and r["setting"] == "sweep" for r in rows)]
+    if not panels or not combos:
+        return
+    fig, axes = plt.subplots(len(panels), len(combos), figsize=(3.2 * len(combos), 2.8 * len(panels)),
+                             squeeze=False, sharex=True)
+    for i, (model, size) in enumerate(panels):
+        for j, (unit, base) in enumerate(combos):
+            ax = axes[i][j]
+            for m in METHODS:
+                pts = sorted((r["fraction"], r["fidelity"]) for r in rows
+                             if r["setting"] == "sweep" and r["model"] == model and r["size"] == size
+                             and r["unit"] == unit and r["baseline"] == base and r["method"] == m)
+                if pts:
+                    ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=SHORT[m],
+                            ls="-" if m.startswith("SRD") else "--")
+            ax.set_xscale("log")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_title(f"{model} {size}px: {unit}, baseline {base}", fontsize=8)
+            if i == len(panels) - 1:
+                ax.set_xlabel("subset (% of units)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("Fidelity", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet", "vgg"], choices=["resnet", "vgg"])
+    p.add_argument("--n-images", type=int, default=200)
+    p.add_argument("--nr-runs", type=int, default=100)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    p.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
+    p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    p.add_argument("--units", nargs="+", default=list(UNITS), choices=list(UNITS))
+    p.add_argument("--protocols", nargs="*", default=list(M.FIDELITY_PROTOCOLS), choices=list(M.FIDELITY_PROTOCOLS))
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python experiments/fidelity_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cells = settings_list(args.fractions, args.baselines, args.units, args.protocols)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "fidelity_protocol.csv")
+    rows = []
+    fields = ["model", "size", "accuracy", "setting", "unit", "baseline", "fraction", "clamp", "subset_size",
+              "subset_percent", "method", "fidelity", "sem", "n_images", "n_nan", "nr_runs"]
+    t0 = time.perf_counter()
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for arch in args.models:
+            for size in args.sizes:
+                run_model(arch, size, args, cells, writer, rows)
+                f.flush()
+    md = markdown(rows, command) + f"\n{time.perf_counter() - t0:.0f} s on {args.threads} torch thread(s).\n"
+    with open(os.path.join(args.out, "fidelity_protocol.md"), "w") as f:
+        f.write(md)
+    plot(rows, os.path.join(args.out, "fidelity_protocol.png"))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
