@@ -102,9 +102,9 @@ def run_model(arch, size, args, cells, writer, rows):
             rows.append(row)
 
 
-def markdown(rows, command):
-    lines = [f"Fidelity (mean over images; Quantus FaithfulnessCorrelation) per method and protocol.",
-             f"Command: `{command}`", "",
+def markdown(rows, commands):
+    lines = ["Fidelity (mean over images; Quantus FaithfulnessCorrelation) per method and protocol.", ""]
+    lines += [f"Command: `{c}`" for c in commands] + ["",
              "`SRD>IxG`: the best SRD variant's Fidelity minus input x gradient's (positive: the paper's ordering).",
              ""]
     head = "| model | size | setting | unit | baseline | subset | " + " | ".join(SHORT[m] for m in METHODS) + \
@@ -159,6 +159,45 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+def read_rows(path):
+    """Rows of a fidelity_protocol.csv, typed, and the command that wrote it (from the .md beside it)."""
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            for k in ("size", "subset_size", "n_images", "n_nan", "nr_runs"):
+                r[k] = int(r[k])
+            for k in ("accuracy", "subset_percent", "fidelity", "sem"):
+                r[k] = float(r[k])
+            r["fraction"] = float(r["fraction"]) if r["fraction"] else None
+            rows.append(r)
+    with open(os.path.join(os.path.dirname(path), "fidelity_protocol.md")) as f:
+        commands = [l[len("Command: `"):-1] for l in f.read().splitlines() if l.startswith("Command: `")]
+    return rows, commands
+
+
+FIELDS = ["model", "size", "accuracy", "setting", "unit", "baseline", "fraction", "clamp", "subset_size",
+          "subset_percent", "method", "fidelity", "sem", "n_images", "n_nan", "nr_runs"]
+
+
+def merge(paths, out):
+    """Join the CSVs of several runs (e.g. one per model) into OUT's csv, table and plot."""
+    rows, commands = [], []
+    for p in paths:
+        r, c = read_rows(p)
+        rows += r
+        commands += c
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "fidelity_protocol.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    md = markdown(rows, commands)
+    with open(os.path.join(out, "fidelity_protocol.md"), "w") as f:
+        f.write(md)
+    plot(rows, os.path.join(out, "fidelity_protocol.png"))
+    print(md)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet", "vgg"], choices=["resnet", "vgg"])
@@ -174,24 +213,27 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="results")
+    p.add_argument("--merge", nargs="+", default=None, metavar="CSV",
+                   help="Only join the fidelity_protocol.csv files of earlier runs into OUT (no scoring).")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(args.threads)
     command = "python experiments/fidelity_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cells = settings_list(args.fractions, args.baselines, args.units, args.protocols)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "fidelity_protocol.csv")
     rows = []
-    fields = ["model", "size", "accuracy", "setting", "unit", "baseline", "fraction", "clamp", "subset_size",
-              "subset_percent", "method", "fidelity", "sem", "n_images", "n_nan", "nr_runs"]
     t0 = time.perf_counter()
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for arch in args.models:
             for size in args.sizes:
                 run_model(arch, size, args, cells, writer, rows)
                 f.flush()
-    md = markdown(rows, command) + f"\n{time.perf_counter() - t0:.0f} s on {args.threads} torch thread(s).\n"
+    md = markdown(rows, [command]) + f"\n{time.perf_counter() - t0:.0f} s on {args.threads} torch thread(s).\n"
     with open(os.path.join(args.out, "fidelity_protocol.md"), "w") as f:
         f.write(md)
     plot(rows, os.path.join(args.out, "fidelity_protocol.png"))
