@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 py=${1:-python3}
+case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac  # absolute: we cd below
 work=$(mktemp -d "${TMPDIR:-/tmp}/srd_fx_wheel.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 export MPLBACKEND=Agg
