@@ -104,3 +104,14 @@ def layer_by_layer(model, net, x, L, logits, tol, name, conserve_rtol=1e-10):
     # the reference conserves relevance: sum over the input == sum over L
     torch.testing.assert_close(ref["input"].sum((1, 2)), R_L.sum((1, 2)), rtol=conserve_rtol, atol=0)
     return out, R_L
+
+
+def assert_zoo_pass(rec, name, min_layers):
+    """A zoo runner record (model_zoo_checks.runner.check_model) that passed every check."""
+    from model_zoo_checks import runner
+    assert rec["status"] == "pass", f"{name}: [{rec['category']}] {rec['reason']}\n{rec.get('detail') or ''}"
+    m = rec["metrics"]
+    assert m["logits_rel_err"] <= runner.LOGITS_TOL
+    assert m["conservation_rel_err"] <= runner.CONSERVATION_TOL
+    assert m["batch_rel_err"] <= runner.BATCH_TOL
+    assert m["n_maps"] >= 3 and rec["n_layers"] >= min_layers

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import srd_fx
 from model_zoo_checks import lists, runner
+from conftest import assert_zoo_pass
 
 CI = lists.read_list(runner.CI_SUBSET)
 
@@ -58,12 +59,7 @@ def one_thread():
 @pytest.mark.parametrize("name", CI)
 def test_ci_model_passes_every_check(name, one_thread):
     rec = runner.check_model(name, runner.Options(threads=1))
-    assert rec["status"] == "pass", f"{name}: [{rec['category']}] {rec['reason']}\n{rec.get('detail') or ''}"
-    m = rec["metrics"]
-    assert m["logits_rel_err"] <= runner.LOGITS_TOL
-    assert m["conservation_rel_err"] <= runner.CONSERVATION_TOL
-    assert m["batch_rel_err"] <= runner.BATCH_TOL
-    assert m["n_maps"] >= 3 and rec["n_layers"] >= 3
+    assert_zoo_pass(rec, name, min_layers=3)
     assert rec["times"]["compile_s"] > 0
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import srd_fx
 from model_zoo_checks import lists, runner
+from conftest import assert_zoo_pass
 
 CI_TOKENS = [lists.parse_entry(line) for line in lists.read_list(runner.CI_TOKENS)]
 
@@ -82,12 +83,7 @@ def test_ci_tokens_subset_spans_timm_modules():
 @pytest.mark.parametrize("name,kwargs", CI_TOKENS, ids=[n for n, _ in CI_TOKENS])
 def test_ci_token_model_passes_every_check(name, kwargs):
     rec = runner.check_model(name, runner.Options(threads=1), kwargs)
-    assert rec["status"] == "pass", f"{name}: [{rec['category']}] {rec['reason']}\n{rec.get('detail') or ''}"
-    m = rec["metrics"]
-    assert m["logits_rel_err"] <= runner.LOGITS_TOL
-    assert m["conservation_rel_err"] <= runner.CONSERVATION_TOL
-    assert m["batch_rel_err"] <= runner.BATCH_TOL
-    assert m["n_maps"] >= 3 and rec["n_layers"] >= 2
+    assert_zoo_pass(rec, name, min_layers=2)
 
 
 # ----------------------------------------------------------------------------- the checks themselves
