@@ -179,13 +179,14 @@ FIELDS = ["model", "size", "accuracy", "setting", "unit", "baseline", "fraction"
           "subset_percent", "method", "fidelity", "sem", "n_images", "n_nan", "nr_runs"]
 
 
-def merge(paths, out):
+def merge(paths, out, command=None):
     """Join the CSVs of several runs (e.g. one per model) into OUT's csv, table and plot."""
     rows, commands = [], []
     for p in paths:
         r, c = read_rows(p)
         rows += r
         commands += c
+    commands += [command] if command else []
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "fidelity_protocol.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -217,7 +218,8 @@ def main(argv=None):
                    help="Only join the fidelity_protocol.csv files of earlier runs into OUT (no scoring).")
     args = p.parse_args(argv)
     if args.merge:
-        merge(args.merge, args.out)
+        merge(args.merge, args.out, "python experiments/fidelity_protocol.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]))
         return
     torch.set_num_threads(args.threads)
     command = "python experiments/fidelity_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
