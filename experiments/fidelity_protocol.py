@@ -139,6 +139,10 @@ def plot(rows, path):
     for i, (model, size) in enumerate(panels):
         for j, (unit, base) in enumerate(combos):
             ax = axes[i][j]
+            if not any(r["setting"] == "sweep" and (r["model"], r["size"], r["unit"], r["baseline"]) ==
+                       (model, size, unit, base) for r in rows):
+                ax.axis("off")   # not run at this size
+                continue
             for m in METHODS:
                 pts = sorted((r["fraction"], r["fidelity"]) for r in rows
                              if r["setting"] == "sweep" and r["model"] == model and r["size"] == size
