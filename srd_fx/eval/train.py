@@ -31,6 +31,27 @@ TRAIN_THREADS = 1
 DEFAULTS = dict(epochs=8, n_train=6000, n_test=1000, batch_size=64, lr=5e-3, weight_decay=5e-4, seed=0)
 
 
+def parse_train_settings(items) -> dict:
+    """``--train-setting KEY=VALUE`` options (KEY from ``DEFAULTS``) as keyword arguments.
+
+    Raises
+    ------
+    OptionError
+        A setting that is not ``KEY=VALUE`` with a known KEY, or whose VALUE is not a number.
+    """
+    from ..errors import OptionError
+    kw = {}
+    for it in items or ():
+        k, sep, v = it.partition("=")
+        if not sep or k not in DEFAULTS:
+            raise OptionError(f"--train-setting expects KEY=VALUE with KEY in {sorted(DEFAULTS)}, got {it!r}")
+        try:
+            kw[k] = int(float(v)) if isinstance(DEFAULTS[k], int) else float(v)
+        except ValueError:
+            raise OptionError(f"--train-setting {it!r}: {v!r} is not a number") from None
+    return kw
+
+
 def resolve_cache_dir(path: Optional[str] = None) -> str:
     """The cache directory: ``path``, else ``$SRD_FX_CACHE``, else ``~/.cache/srd_fx``."""
     return os.path.expanduser(path or os.environ.get("SRD_FX_CACHE") or os.path.join("~", ".cache", "srd_fx"))

@@ -219,6 +219,18 @@ def test_demo_rejects_bad_options_before_training(tmp_path, capsys, argv, messag
     assert os.listdir(tmp_path) == []  # nothing trained, nothing written
 
 
+
+def test_train_settings_parse_once_for_every_command():
+    """demo, evaluate and train share one --train-setting parser: numbers typed like the defaults,
+    bad items an OptionError (one clean CLI line, exit 2)."""
+    from srd_fx.errors import OptionError
+    from srd_fx.eval.train import parse_train_settings
+    assert parse_train_settings(["epochs=2.0", "lr=1e-3"]) == {"epochs": 2, "lr": 1e-3}
+    assert isinstance(parse_train_settings(["epochs=2.0"])["epochs"], int)
+    for bad, message in [("epochs", "KEY=VALUE"), ("colour=3", "KEY=VALUE"), ("epochs=many", "not a number")]:
+        with pytest.raises(OptionError, match=message):
+            parse_train_settings([bad])
+
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path, capsys):
     """The demo with a 1-epoch model on 64 scenes: grid PNG, markdown table, printed table."""

@@ -77,20 +77,6 @@ def _busy_machine_threads():
     return None
 
 
-def _train_kw(items):
-    from srd_fx.eval.train import DEFAULTS
-    kw = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep or k not in DEFAULTS:
-            raise ValueError(f"--train-setting expects KEY=VALUE with KEY in {sorted(DEFAULTS)}, got {it!r}")
-        try:
-            kw[k] = int(float(v)) if isinstance(DEFAULTS[k], int) else float(v)
-        except ValueError:
-            raise ValueError(f"--train-setting {it!r}: {v!r} is not a number") from None
-    return kw
-
-
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     import torch
@@ -99,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from srd_fx.eval import data as D
     from srd_fx.eval import evaluation as E
     from srd_fx.eval import metrics as M
-    from srd_fx.eval.train import TRAIN_THREADS, cached_record, get_trained, resolve_cache_dir
+    from srd_fx.eval.train import TRAIN_THREADS, cached_record, get_trained, parse_train_settings, resolve_cache_dir
 
     missing = [pkg for mod, pkg in (("captum", "captum"), ("zennit", "zennit"), ("pytorch_grad_cam", "grad-cam"),
                                     ("quantus", "quantus"), ("scipy", "scipy"))
@@ -114,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--metric-images must be 0 (no table) or more")
     try:
         methods = list(SRD_METHODS) + [B.get_method(m).name for m in args.baselines]
-        train_kw = _train_kw(args.train_setting)
+        train_kw = parse_train_settings(args.train_setting)
     except (KeyError, ValueError) as e:
         return _fail(e.args[0] if e.args else str(e))
     methods = list(dict.fromkeys(methods))

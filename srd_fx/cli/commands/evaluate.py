@@ -83,17 +83,6 @@ def add_arguments(p):
                    help="Under torchrun: seconds to wait for the rendezvous before giving up (default: 60).")
 
 
-def _train_kw(items):
-    from srd_fx.eval.train import DEFAULTS
-    kw = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep or k not in DEFAULTS:
-            raise SystemExit(f"error: --train-setting expects KEY=VALUE with KEY in {sorted(DEFAULTS)}, got {it!r}")
-        kw[k] = type(DEFAULTS[k])(float(v)) if isinstance(DEFAULTS[k], int) else float(v)
-    return kw
-
-
 def _model_label(spec: str) -> str:
     arch, _, act = spec.partition(":")
     if arch in ("resnet", "vgg"):
@@ -200,7 +189,8 @@ def _run(args, world) -> int:
         images, labels, masks = images[keep], labels[keep], masks[keep]
 
     # ---- models
-    train_kw = _train_kw(args.train_setting)
+    from srd_fx.eval.train import parse_train_settings
+    train_kw = parse_train_settings(args.train_setting)
     accuracies, models = {}, {}
 
     def get(spec):

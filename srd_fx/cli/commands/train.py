@@ -25,13 +25,12 @@ def run(args) -> int:
 
     import torch
 
-    from srd_fx.cli.commands.evaluate import _train_kw
     from srd_fx.eval.models import ACTIVATIONS
-    from srd_fx.eval.train import cached_record, get_trained
+    from srd_fx.eval.train import cached_record, get_trained, parse_train_settings
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = args.models or [f"resnet:{a}" for a in ACTIVATIONS] + ["vgg:relu"]
-    kw = _train_kw(args.train_setting)
+    kw = parse_train_settings(args.train_setting)
     for spec in specs:
         arch, _, act = spec.partition(":")
         try:
