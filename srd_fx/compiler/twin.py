@@ -837,5 +837,7 @@ def high_layer(info: GraphInfo) -> fx.Node:
         if len(s) == len(sL) and all(a >= 4 * c for a, c in zip(s, sL)):
             best = lay.node
     if best is None:
-        raise LayerError("no activation layer has 4x the resolution of the encoder output: name a layer")
+        raise LayerError(f"'high' (SRD-high) needs an activation layer with 4x the encoder output's resolution "
+                         f"{tuple(sL)} per axis, and this model has none (a plain ViT or Mixer keeps one "
+                         "token resolution throughout): use 'low' or 'input', or name an activation layer")
     return best

@@ -246,3 +246,38 @@ def test_demo_end_to_end_small(tmp_path, capsys):
         assert im.size[0] > im.size[1] > 0
     assert "| SRD-input |" in (tmp_path / "demo.md").read_text()
     assert len(os.listdir(tmp_path / "cache")) == 2  # weights + record
+
+
+VITNET = '''
+import timm
+
+
+def make(num_classes=5):
+    return timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                                         num_classes=num_classes)
+'''
+
+
+def test_explain_token_model_low_is_the_patch_grid(workspace, capsys):
+    """``--layer low`` on a ViT: the (B, N) token relevance, shown and saved as its patch grid; the
+    class token's share is reported beside it; ``--layer high`` is refused by name (no 4x layer)."""
+    tmp, _, _ = workspace
+    (tmp / "vitnet.py").write_text(VITNET)
+    sys.modules.pop("vitnet", None)
+    ns = {}
+    exec(VITNET, ns)
+    torch.manual_seed(0)
+    model = ns["make"]().eval()
+    torch.save(model.state_dict(), tmp / "vit.pt")
+    rc = cli.main(["explain", "imgs/a.png", "--model", "vitnet:make", "--weights", "vit.pt", "--size", "32",
+                   *NORM, "--layer", "low", "--out", "vit/a.png"])
+    assert rc == 0
+    raw = np.load(tmp / "vit" / "a.npy")
+    tokens, _ = _reference(model, tmp / "imgs" / "a.png", "low")
+    assert tokens.shape == (17,) and raw.shape == (4, 4)   # 1 class token + a 4x4 grid of patches
+    np.testing.assert_allclose(raw.ravel(), tokens[1:], rtol=1e-5, atol=1e-8)
+    assert "prefix tokens hold" in capsys.readouterr().out
+    rc = cli.main(["explain", "imgs/a.png", "--model", "vitnet:make", "--size", "32", "--layer", "high",
+                   "--out", "vit/b.png"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "4x the encoder output's resolution" in err and "Traceback" not in err

@@ -184,11 +184,18 @@ def _run(args: argparse.Namespace, world) -> int:
                 out = explainer(x, args.target)
         except srd_fx.SRDError as e:
             return _fail(f"{where}{e}{resume}")
-        raw = out.relevance[args.layer][0].detach().float().cpu()
+        rel = out.relevance[args.layer]
+        note = ""
+        if rel.dim() == 2:          # a token layer (B, N): the patch grid, prefix tokens beside it
+            rel, prefix = explainer.token_grid(rel)
+            if prefix.shape[1]:
+                total = float(out.relevance[args.layer][0].sum())
+                note = f"; prefix tokens hold {float(prefix[0].sum()):.3g} of {total:.3g}"
+        raw = rel[0].detach().float().cpu()
         sal = upsample(raw[None], x.shape[-2:])[0].double().numpy()
         cls = int(out.logits.argmax(1)) if args.target is None else args.target
         png = outs[0]
-        msg = f"{where}class {cls}, wrote {png}"
+        msg = f"{where}class {cls}{note}, wrote {png}"
         if not args.no_npy:
             with atomic_path(outs[1]) as tmp:
                 np.save(tmp, raw.numpy().astype(np.float32))
