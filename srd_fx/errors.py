@@ -28,6 +28,14 @@ class InputError(SRDError, ValueError):
     """The input or the target is not acceptable (rank, channels, range, finiteness)."""
 
 
+class UnknownMethodError(InputError, KeyError):
+    """A method name (``--methods``, ``--baselines``, ``get_method``) that no registered
+    attribution method has; the message lists the available ones."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class NonFiniteError(SRDError, FloatingPointError):
     """A NaN or Inf appeared (in the input, the weights or a computed map)."""
 

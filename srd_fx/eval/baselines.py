@@ -19,6 +19,9 @@ The methods come from their libraries:
 * srd_fx: SRD-low, SRD-high, SRD-input, from ``srd_fx.compile(model, layers=("input", "low",
   "high"))``; the explainer is compiled once per model and input shape and cached.
 
+Each is a :class:`srd_fx.methods.registry.Method` in the one method registry; ``register(Method(name,
+fn, resolution, source))`` adds another baseline (listed in ``METHODS``, offered by the CLI).
+
 The CAM target layers are found by :func:`srd_fx.eval.models.cam_layers` (the same layers SRD-low and
 SRD-high read out); :func:`set_cam_layers` overrides them for a model.
 """
@@ -26,58 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..methods.registry import REGISTRY, RESOLUTIONS, Method, UnknownMethodError  # noqa: F401
 from .models import cam_layers, get_module
-
-RESOLUTIONS = ("input", "low", "high")
-
-
-class Method:
-    """An attribution method: ``method(model, x, target) -> (B, H, W)`` tensor at the input size."""
-
-    def __init__(self, name: str, fn: Callable, resolution: str = "input", source: str = ""):
-        assert resolution in RESOLUTIONS
-        self.name, self.fn, self.resolution, self.source = name, fn, resolution, source
-
-    def __repr__(self):
-        return f"Method({self.name!r}, resolution={self.resolution!r}, from {self.source})"
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, target=None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{self.name}: x must be a (B, C, H, W) tensor, got "
-                             f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
-        if any(m.training for m in model.modules()):
-            raise ValueError(f"{self.name}: the model is in training mode; call model.eval() first")
-        target = _targets(model, x, target)
-        out = self.fn(model, x.detach(), target)
-        out = torch.as_tensor(out).detach().to(torch.float32)
-        if out.dim() == 4:  # (B, C, h, w): sum the channels
-            out = out.sum(1)
-        if out.shape[-2:] != x.shape[-2:]:
-            out = F.interpolate(out[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        if out.shape != (x.shape[0],) + tuple(x.shape[-2:]):
-            raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-        if not torch.isfinite(out).all():
-            raise FloatingPointError(f"{self.name} produced non-finite values")
-        return out
-
-
-def _targets(model, x, target) -> torch.Tensor:
-    B = x.shape[0]
-    if target is None:
-        with torch.no_grad():
-            return model(x).argmax(1)
-    t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
-    if t.numel() == 1 and B > 1:
-        t = t.expand(B)
-    if t.numel() != B:
-        raise ValueError(f"target has {t.numel()} entries for a batch of {B}")
-    return t.clone()
 
 
 @contextlib.contextmanager
@@ -201,39 +160,33 @@ def _srd(which: str):
 
 
 # ----------------------------------------------------------------------------- registry ----------
-METHODS: Dict[str, Method] = {m.name: m for m in [
+#: the baselines: the registered methods that explain (srd_fx.methods.registry; a live table, so a
+#: method registered later with ``register`` is listed, scored and offered by the CLI too)
+METHODS = REGISTRY.view("explain")
+register, unregister = METHODS.register, METHODS.unregister
+for _m in [
     Method("Saliency", _saliency, "input", "captum"),
     Method("GuidedBackprop", _guided_backprop, "input", "captum"),
-    Method("InputXGradient", _input_x_gradient, "input", "captum"),
-    Method("IntegratedGradients", _integrated_gradients, "input", "captum"),
-    Method("LRP-z+", _lrp_zplus, "input", "zennit"),
+    Method("InputXGradient", _input_x_gradient, "input", "captum", aliases=("gradinput", "inputxgradient")),
+    Method("IntegratedGradients", _integrated_gradients, "input", "captum", aliases=("integrad", "ig")),
+    Method("LRP-z+", _lrp_zplus, "input", "zennit", aliases=("lrp", "lrpz+")),
     Method("SmoothGrad", _smoothgrad, "input", "captum"),
     Method("FullGrad", _fullgrad, "input", "pytorch-grad-cam"),
     Method("GradCAM", _cam("GradCAM"), "low", "pytorch-grad-cam"),
-    Method("GradCAM++", _cam("GradCAMPlusPlus"), "low", "pytorch-grad-cam"),
+    Method("GradCAM++", _cam("GradCAMPlusPlus"), "low", "pytorch-grad-cam", aliases=("gradcampp",)),
     Method("ScoreCAM", _cam("ScoreCAM", batch_size=64), "low", "pytorch-grad-cam"),
     Method("AblationCAM", _cam("AblationCAM", batch_size=64), "low", "pytorch-grad-cam"),
     Method("XGradCAM", _cam("XGradCAM"), "low", "pytorch-grad-cam"),
-    Method("LayerCAM-low", _cam("LayerCAM", "low"), "low", "pytorch-grad-cam"),
+    Method("LayerCAM-low", _cam("LayerCAM", "low"), "low", "pytorch-grad-cam", aliases=("layercam",)),
     Method("LayerCAM-high", _cam("LayerCAM", "high"), "high", "pytorch-grad-cam"),
     Method("SRD-low", _srd("low"), "low", "srd_fx"),
     Method("SRD-high", _srd("high"), "high", "srd_fx"),
-    Method("SRD-input", _srd("input"), "input", "srd_fx"),
-]}
-ALIASES = {"gradinput": "InputXGradient", "inputxgradient": "InputXGradient", "integrad": "IntegratedGradients",
-           "ig": "IntegratedGradients", "lrp": "LRP-z+", "lrpz+": "LRP-z+", "layercam": "LayerCAM-low",
-           "srd": "SRD-input", "gradcampp": "GradCAM++"}
+    Method("SRD-input", _srd("input"), "input", "srd_fx", aliases=("srd",)),
+]:
+    register(_m, replace=True)  # replace: a reload of this module re-registers the same methods
 
 
 def get_method(name: str) -> Method:
-    """The method called ``name`` (case-insensitive; a few aliases such as "IG", "LRP", "SRD")."""
-    if isinstance(name, Method):
-        return name
-    key = str(name).lower().replace("_", "-")
-    for n, m in METHODS.items():
-        if n.lower() == key:
-            return m
-    alias = ALIASES.get(key.replace("-", ""))
-    if alias:
-        return METHODS[alias]
-    raise KeyError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    """The baseline called ``name`` (case-insensitive; a few aliases such as "IG", "LRP", "SRD");
+    ``UnknownMethodError`` (a ``KeyError``) lists the available ones otherwise."""
+    return METHODS.lookup(name)

@@ -8,7 +8,8 @@ Given an image ``x_org`` and a target image ``x_target``, find ``x_adv = x_org +
 (``phi``: the explanation, absolute values summed over colour channels and normalised to sum 1
 per image, as in Dombrowski et al.; ``F``: the logits; MSE = mean over pixels / logits).
 
-How each method is attacked (``METHODS``):
+How each method is attacked (``METHODS``: the methods of the one registry,
+``srd_fx.methods.registry``, that have an ``attack`` factory, here the :class:`Attack` subclasses):
 
 * ``srd``: SRD's own compiled module (``srd_fx.compile(model, head="ones")``) on the original
   network; its map is a smooth function of the input almost everywhere even for ReLU networks,
@@ -44,8 +45,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError, NonFiniteError
+from .registry import REGISTRY, Method, register
 
-__all__ = ["METHODS", "AttackResult", "manipulate", "replace_relu", "softplus_copy",
+__all__ = ["METHODS", "Attack", "AttackResult", "manipulate", "replace_relu", "softplus_copy",
            "lrp_network", "lrp_zplus", "make_method", "similarity", "explain"]
 
 _RELU_FNS = (F.relu, torch.relu)
@@ -294,8 +296,9 @@ def _select(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target.view(-1, 1)).sum()
 
 
-class Method:
-    """One explanation method in the attack.
+class Attack:
+    """The attack's hooks for one explanation method (:class:`srd_fx.methods.registry.AttackHooks`),
+    built per model by its registry entry's ``attack(model, example, beta)`` factory (this class).
 
     ``attack(x, target) -> (map (B,H,W) >= 0, logits)``: differentiable in ``x``, on the network
     the attack uses (the softplus copy for gradient methods);
@@ -315,7 +318,7 @@ class Method:
         raise NotImplementedError
 
 
-class _GradientFamily(Method):
+class _GradientFamily(Attack):
     """Shared plumbing: ``self.net`` is the attacked network (softplus copy or the model)."""
 
     def __init__(self, model, example, beta):
@@ -362,7 +365,7 @@ class GuidedBackprop(_GradientFamily):
     name, label = "guided_backprop", "Guided Backprop"
 
     def __init__(self, model, example, beta):
-        Method.__init__(self, model, example, beta)
+        Attack.__init__(self, model, example, beta)
         self._store: Dict[int, torch.Tensor] = {}
         self.net = replace_relu(model, _keyed(_Record, beta, self._store))
         self.guided = replace_relu(model, _keyed(_GuidedFromRecord, beta, self._store))
@@ -415,7 +418,7 @@ class IntegratedGradients(_GradientFamily):
         return _channel_abs_sum(a)
 
 
-class LRPZPlus(Method):
+class LRPZPlus(Attack):
     name, label = "lrp_zplus", "LRP z+"
 
     def __init__(self, model, example, beta):
@@ -441,10 +444,12 @@ class LRPZPlusReLU(LRPZPlus):
     scale, too rough for Adam at lr 1e-3 (``experiments/attack_lrp_surrogate.py``)."""
 
     name, label = "lrp_zplus_relu", "LRP z+ (ReLU-attacked)"
-    direct = True
+
+    def __init__(self, model, example, beta):  # the original network: no softplus beta
+        super().__init__(model, example, None)
 
 
-class SRD(Method):
+class SRD(Attack):
     """SRD-input with head="ones" (Sec. 4.3), through the compiled, differentiable explainer."""
 
     name, label = "srd", "SRD (ours)"
@@ -476,27 +481,27 @@ class SRDSurrogate(SRD):
     surrogate = True
 
 
-METHODS: Dict[str, type] = {m.name: m for m in (
-    Gradient, InputXGradient, GuidedBackprop, IntegratedGradients, LRPZPlus, LRPZPlusReLU, SRD,
-    SRDSurrogate)}
+#: the attack's methods: the registered methods with an ``attack`` factory (srd_fx.methods.registry)
+METHODS = REGISTRY.view("attack")
+for _cls, _source in ((Gradient, "captum"), (InputXGradient, "captum"), (GuidedBackprop, "captum"),
+                      (IntegratedGradients, "captum"), (LRPZPlus, "zennit"), (LRPZPlusReLU, "zennit"),
+                      (SRD, "srd_fx"), (SRDSurrogate, "srd_fx")):
+    register(Method(_cls.name, None, "input", _source, label=_cls.label, attack=_cls), replace=True)
 PAPER_METHODS = ("gradient", "input_x_gradient", "guided_backprop", "integrated_gradients",
                  "lrp_zplus", "srd")
 
 
 def make_method(name: str, model: nn.Module, example: torch.Tensor, beta: Optional[float] = 10.0,
-                ig_steps: int = 8) -> Method:
-    """Build the method ``name`` (one of ``METHODS``) for ``model``.  ``beta``: softplus
-    sharpness of the attacked copy (None: attack the original network)."""
-    if name not in METHODS:
-        raise InputError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    cls = METHODS[name]
-    m = cls(model, example, None if getattr(cls, "direct", False) else beta)
+                ig_steps: int = 8) -> Attack:
+    """Build the attack hooks of method ``name`` (one of ``METHODS``) for ``model``.  ``beta``:
+    softplus sharpness of the attacked copy (None: attack the original network)."""
+    m = METHODS[name].attack(model, example, beta)
     if isinstance(m, IntegratedGradients):
         m.n_steps = int(ig_steps)
     return m
 
 
-def explain(method: Method, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def explain(method: Attack, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The reported (original-network) absolute map, (B, H, W)."""
     return method.report(x, target)
 
@@ -573,7 +578,7 @@ def manipulate(model: nn.Module, method, x_org: torch.Tensor, x_target: torch.Te
     """Manipulate the explanation ``method`` of ``model`` at ``x_org`` towards that of
     ``x_target`` (SPEC.md §6).  Every pair in the batch is attacked independently.
 
-    method:    a name in ``METHODS`` or a :class:`Method` built by :func:`make_method`;
+    method:    a name in ``METHODS`` or the :class:`Attack` hooks built by :func:`make_method`;
     optimiser: Adam on the perturbation delta (lr ``lr``), delta projected after every step onto
                ``||delta||_inf <= eps`` and ``x_org + delta`` onto ``clamp = (low, high)``; ``eps``,
                ``low`` and ``high`` are floats or per-channel sequences, in the units of the model

@@ -174,3 +174,42 @@ def test_targets_and_errors(models, batch):
             m(model, x, 1)
     finally:
         model.eval()
+
+
+def test_one_registry_for_baselines_and_attack_methods(models, batch):
+    """Baselines and attack methods are entries of one registry (srd_fx.methods.registry): each use
+    is a live table of it; names are unique per use; a registered method is checked and shaped like
+    the built-in ones."""
+    from srd_fx.errors import InputError, UnknownMethodError
+    from srd_fx.methods import robustness as R
+    from srd_fx.methods.registry import REGISTRY, Method, Registry
+    assert set(B.METHODS) | set(R.METHODS) == set(REGISTRY) and not set(B.METHODS) & set(R.METHODS)
+    assert all(REGISTRY[n] is B.METHODS[n] for n in B.METHODS)
+    assert R.METHODS["srd"].label == "SRD (ours)" and B.get_method("srd") is B.METHODS["SRD-input"]
+    with pytest.raises(UnknownMethodError, match="unknown method 'smoothgrad'; available: gradient"):
+        R.make_method("smoothgrad", models["vgg-relu"], batch[0])
+
+    reg = Registry()
+    maps = reg.view("explain")
+    x, t = batch
+    seen = []
+    pixel = reg.register(Method("Abs", lambda m, x_, t_: seen.append(t_) or x_.abs(), "input", "test",
+                                aliases=("absolute",)))
+    coarse = reg.register(Method("Coarse", lambda m, x_, t_: x_[:, :, ::4, ::4], "low", "test"))
+    assert list(maps) == ["Abs", "Coarse"] and maps.lookup("ABSOLUTE") is pixel
+    model = models["vgg-relu"]
+    assert torch.equal(pixel(model, x, 3), x.abs().sum(1)) and torch.equal(seen[-1], torch.tensor([3, 3]))
+    ref = F.interpolate(x[:, :, ::4, ::4].sum(1)[:, None], size=x.shape[-2:], mode="bilinear",
+                        align_corners=False)[:, 0]
+    assert torch.allclose(coarse(model, x, 1), ref)
+    with pytest.raises(InputError, match="already registered"):
+        reg.register(Method("abs", lambda m, x_, t_: x_, "input", "test"))
+    reg.register(Method("Abs", lambda m, x_, t_: -x_.abs(), "input", "test"), replace=True)
+    assert list(maps) == ["Coarse", "Abs"] and torch.equal(maps["Abs"](model, x, 1), -x.abs().sum(1))
+    # an attack-only entry of the same name is another use: allowed, and not a map maker
+    reg.register(Method("abs", None, "input", "test", attack=lambda m, e, b: None))
+    assert list(reg.view("attack")) == ["abs"] and len(maps) == 2
+    with pytest.raises(InputError, match="attack method"):
+        reg.view("attack")["abs"](model, x, 1)
+    with pytest.raises(UnknownMethodError, match="available: Coarse, Abs"):
+        maps.lookup("DeepLift")
