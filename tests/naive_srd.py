@@ -729,15 +729,19 @@ def _vit_attention(c: Consts, key: str, attn, x: torch.Tensor) -> torch.Tensor:
     return F.linear((w @ v).transpose(1, 2).reshape(B, N, C), attn.proj.weight, attn.proj.bias)
 
 
-def tiny_vit(fused: bool):
+def tiny_vit(fused: bool, patch_bias: bool = True):
     """A timm VisionTransformer: 8x8 input, 4x4 patches (4 tokens + a class token), a position
     embedding, one pre-norm block (attention + GELU MLP), final LayerNorm (L = forward_features),
-    class-token head.  ``fused``: F.scaled_dot_product_attention, else the manual softmax."""
+    class-token head.  ``fused``: F.scaled_dot_product_attention, else the manual softmax.
+    ``patch_bias=False``: a patch embedding without bias (timm's PE/EVA models), so the class
+    token is the only constant that enters the token sequence's cat."""
     import timm
     torch.manual_seed(0)
     m = timm.models.vision_transformer.VisionTransformer(
         img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=8, depth=1, num_heads=2,
         mlp_ratio=2.0, global_pool="token").double().eval()
+    if not patch_bias:
+        m.patch_embed.proj.register_parameter("bias", None)
     with torch.no_grad():
         m.cls_token.normal_()
         m.pos_embed.normal_(std=0.5)
@@ -1002,8 +1006,110 @@ def swin_net():
     return m, Net(blocks, head=lambda A: m.head(A.mean((1, 2))))
 
 
+def grid_windows(g: int) -> Conn:
+    """MaxViT's grid attention on an (H, W) grid: a g x g grid of windows with stride (H/g, W/g);
+    tokens (h, w) and (h2, w2) attend to each other when h = h2 and w = w2 modulo (H/g, W/g)."""
+    def conn(hw):
+        H, W = hw
+        P = torch.zeros(H * W, H * W, dtype=torch.float64)
+        for h in range(H):
+            for w in range(W):
+                for h2 in range(H):
+                    for w2 in range(W):
+                        if h % (H // g) == h2 % (H // g) and w % (W // g) == w2 % (W // g):
+                            P[h * W + w, h2 * W + w2] = 1.0
+        return P, (H, W)
+    return conn
+
+
+class MaxViTNet(nn.Module):
+    """2x2 patches on an 8x8 input (a 4x4 channels-last grid of 4 channels), one timm MaxViT
+    PartitionAttentionCl: 2x2 window ('block') or grid partition, two heads of size 2 laid out
+    head-first in the qkv channels, a relative-position bias, a GELU MLP.  A window holds 4
+    tokens, as many as there are channels: the head merge (B', 4, 2, 2) -> (B', 2, 2, 4) must not
+    be read as moving channels to positions."""
+
+    def __init__(self, partition: str):
+        super().__init__()
+        from timm.models.maxxvit import MaxxVitTransformerCfg, PartitionAttentionCl
+        self.patch = nn.Conv2d(3, 4, 2, 2)
+        cfg = MaxxVitTransformerCfg(dim_head=2, window_size=(2, 2), expand_ratio=2.0)
+        self.block = PartitionAttentionCl(4, partition, cfg=cfg)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        t = self.patch(x).permute(0, 2, 3, 1)
+        return self.head(self.block(t).mean((1, 2)))
+
+
+def maxvit_net(partition: str, fused: bool):
+    torch.manual_seed(0)
+    m = MaxViTNet(partition).double().eval()
+    with torch.no_grad():
+        for p_ in m.parameters():
+            p_.add_(0.05 * torch.randn_like(p_))
+        m.block.attn.rel_pos.relative_position_bias_table.normal_()
+    blk = m.block
+    blk.attn.fused_attn = fused
+    heads, dh, g = 2, 2, 2
+
+    def split(t):     # (1, H, W, C) -> (windows, g * g, C), and its inverse
+        B, H, W, C = t.shape
+        if partition == "block":
+            return t.reshape(B, H // g, g, W // g, g, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, g * g, C)
+        return t.reshape(B, g, H // g, g, W // g, C).permute(0, 2, 4, 1, 3, 5).reshape(-1, g * g, C)
+
+    def merge(o, like):
+        B, H, W, C = like.shape
+        if partition == "block":
+            return o.reshape(B, H // g, W // g, g, g, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        return o.reshape(B, H // g, W // g, g, g, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, W, C)
+
+    def partition_attention(c, t):
+        y = split(t)
+        n, C = y.shape[1], y.shape[2]
+        # head-first qkv: output channel h * 3 * dh + j * dh + e is (q, k, v)[j] of head h
+        Wqkv = blk.attn.qkv.weight.reshape(heads, 3, dh, C)
+        bqkv = blk.attn.qkv.bias.reshape(heads, 3, dh)
+
+        def proj(j):
+            return torch.einsum("wnc,hec->whne", y, Wqkv[:, j]) + bqkv[:, j][None, :, None, :]
+
+        def weights():
+            s = proj(0) @ proj(1).transpose(-2, -1) * dh ** -0.5 + blk.attn.rel_pos.get_bias()
+            return torch.softmax(s, dim=-1)
+        w = recorded(c, "attn", weights)
+        o = (w @ proj(2)).transpose(1, 2).reshape(-1, n, heads * dh)
+        return merge(blk.attn.proj(o), t)
+
+    def x1(c, x):
+        t = m.patch(x).permute(0, 2, 3, 1)
+        n1 = blk.norm1
+        return t + partition_attention(c, ln_fixed(c, "ln1", t, n1.weight, n1.bias, n1.eps))
+
+    def pre(c, x):
+        n2 = blk.norm2
+        return blk.mlp.fc1(ln_fixed(c, "ln2", x1(c, x), n2.weight, n2.bias, n2.eps))
+
+    def L(c, a, x):
+        return x1(c, x) + blk.mlp.fc2(a)
+
+    emb = window(2, 2)
+    att = chain(emb, shifted_windows(g, 0) if partition == "block" else grid_windows(g))
+    blocks = [
+        Block("block_mlp_act", ["input"], pre, [[emb, att]], F.gelu, layout="nhwc"),
+        # the fx name of L: the manual attention's relative-position bias is one more add
+        Block("add_2" if fused else "add_3", ["block_mlp_act", "input"], L, [[identity()], [emb, att]],
+              layout="nhwc"),
+    ]
+    return m, Net(blocks, head=lambda A: m.head(A.mean((1, 2))))
+
+
 TOKEN_NETS = {
     "vit_fused": lambda: tiny_vit(True),
+    "vit_no_patch_bias": lambda: tiny_vit(True, patch_bias=False),
+    "maxvit_block": lambda: maxvit_net("block", True),
+    "maxvit_grid_manual": lambda: maxvit_net("grid", False),
     "vit_manual": lambda: tiny_vit(False),
     "mixer": tiny_mixer,
     "swiglu": swiglu_net,

@@ -199,11 +199,12 @@ class _ListOp(Rule):
         return b.first_occurrence(node, got)
 
     def bias(self, b, node, zs):
-        if all(z is None for z in zs):
-            return None
         xs, dim = self._spec(b, node)
-        by = dict(zip(b.main_inputs(node), zs))
         mains = set(b.main_inputs(node))
+        # a constant item (a class token: SPEC §8, prefix tokens) is bias even when no bias flows in
+        if all(z is None for z in zs) and all(x in mains for x in xs):
+            return None
+        by = dict(zip(b.main_inputs(node), zs))
         pieces = [by.get(x) if x in mains else b.val(x) for x in xs]
         return b.call(list_bias, pieces, [b.val(x) for x in xs], dim, self.how)
 
@@ -231,6 +232,51 @@ class Cat(_ListOp):
         return self._route(b, node, b.call(cat_maps_T, m, [b.val(x) for x in xs], dim, channel), xs)
 
 
+def _row_major_groups(si, so):
+    """The groups of a row-major reshape ``si -> so``: pairs (input axes, output axes) whose sizes
+    have equal products, each as small as possible, axes of size 1 left out.  None when the sizes
+    do not line up (a reshape that is not a plain view)."""
+    ins = [d for d in range(len(si)) if si[d] != 1]
+    outs = [d for d in range(len(so)) if so[d] != 1]
+    groups, i, o = [], 0, 0
+    while i < len(ins) and o < len(outs):
+        gi, go = [ins[i]], [outs[o]]
+        pi, po = si[ins[i]], so[outs[o]]
+        i, o = i + 1, o + 1
+        while pi != po:
+            if pi < po and i < len(ins):
+                gi.append(ins[i]); pi *= si[ins[i]]; i += 1
+            elif po < pi and o < len(outs):
+                go.append(outs[o]); po *= so[outs[o]]; o += 1
+            else:
+                return None
+        groups.append((gi, go))
+    return groups if i == len(ins) and o == len(outs) else None
+
+
+def _exact_plan(si, so, ci):
+    """The reshape plan read from which elements go where, when that is unambiguous: every group
+    of the row-major reshape (see :func:`_row_major_groups`) is made of channel axes only or of
+    position axes only, the batch axis stays alone, and the output has no new axis of size 1 (whose
+    label the sizes do not tell).  A channel group's output axes are channel axes.  Unlike matching
+    sizes, this cannot mistake a head size or a channel count for a token count (MaxViT: (B, 64, 2,
+    32) -> (B, 8, 8, 64) merges the heads back, it does not move channels to positions).  None
+    otherwise: the size-matching plans below decide."""
+    if si[0] != so[0] or any(so[d] == 1 for d in range(1, len(so))):
+        return None
+    groups = _row_major_groups(si, so)
+    if groups is None:
+        return None
+    out_c = []
+    for gi, go in groups:
+        kinds = {"b" if d == 0 else ("c" if d in ci else "p") for d in gi}
+        if len(kinds) != 1 or (0 in gi) != (0 in go) or ("b" in kinds and (len(gi) > 1 or len(go) > 1)):
+            return None
+        if kinds == {"c"}:
+            out_c += go
+    return tuple(sorted(out_c)), ()
+
+
 class Reshape(Rule):
     """flatten / view / reshape.
 
@@ -256,6 +302,9 @@ class Reshape(Rule):
                 return tuple(range(1, 1 + len(ci))), ()
         if len(so) == 2:  # (B, F): one PFV
             return (1,), tuple(P)
+        exact = _exact_plan(si, so, ci)
+        if exact is not None:
+            return exact
         rest = so[1:]
         # positions kept as trailing (NCHW-like) or leading (NHWC-like) output dims, possibly after
         # absorbing the leading input positions (space-to-depth); a channels-last input tries the
