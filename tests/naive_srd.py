@@ -1105,7 +1105,62 @@ def maxvit_net(partition: str, fused: bool):
     return m, Net(blocks, head=lambda A: m.head(A.mean((1, 2))))
 
 
+def strided_groups(s: int) -> Conn:
+    """``t.view(B, s, -1, C).amax(dim=1)`` on N tokens (Hiera's max-pool over the query stride):
+    output token m is the max over input tokens k * (N / s) + m, k < s — the whole window."""
+    def conn(hw):
+        (N,) = hw
+        M = N // s
+        P = torch.zeros(M, N, dtype=torch.float64)
+        for m_ in range(M):
+            for k in range(s):
+                P[m_, k * M + m_] = 1.0
+        return P, (M,)
+    return conn
+
+
+def amax_fixed(c: Consts, key: str, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.amax(dim)`` with the arg-max recorded on the real forward: a gather (linear)."""
+    idx = recorded(c, key, lambda: x.argmax(dim, keepdim=True))
+    return x.gather(dim, idx).squeeze(dim)
+
+
+class AmaxNet(nn.Module):
+    """Hiera's token max-pool: 2x2 patches (16 tokens) + GELU, a linear layer, a max over the 4
+    query-stride groups of tokens (``view(B, 4, -1, C).amax(dim=1)``: 16 -> 4 tokens), a
+    residual linear layer on the pooled tokens, mean head."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, 2)
+        self.proj = nn.Linear(8, 6)
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        t = F.gelu(self.patch(x).flatten(2).transpose(1, 2))
+        u = self.proj(t).view(t.shape[0], 4, -1, 6).amax(dim=1)
+        return self.head((u + self.fc(u)).mean(1))
+
+
+def amax_net():
+    torch.manual_seed(0)
+    m = AmaxNet().double().eval()
+
+    def L(c, t):
+        u = amax_fixed(c, "max", m.proj(t).view(1, 4, -1, 6), 1)
+        return u + m.fc(u)
+
+    blocks = [
+        Block("gelu", ["input"], lambda c, x: m.patch(x).flatten(2).transpose(1, 2),
+              [[chain(window(2, 2), flat())]], F.gelu),
+        Block("add", ["gelu"], L, [[strided_groups(4), strided_groups(4)]]),
+    ]
+    return m, Net(blocks, head=lambda A: m.head(A.mean(1)))
+
+
 TOKEN_NETS = {
+    "amax_tokens": amax_net,
     "vit_fused": lambda: tiny_vit(True),
     "vit_no_patch_bias": lambda: tiny_vit(True, patch_bias=False),
     "maxvit_block": lambda: maxvit_net("block", True),

@@ -4,6 +4,8 @@ Max-pool: the forward records arg-max indices; the transpose scatters back to th
 may overlap), the bias is a gather at them.  Shadow of every pooling: sum over the *whole*
 window (SPEC §2), including max-pool.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -197,6 +199,76 @@ register_rule("method:mean", _mean)
 register_rule(torch.mean, _mean)
 register_rule("method:sum", _mean)
 register_rule(torch.sum, _mean)
+
+
+# ----------------------------------------------------------- max over axes (recorded) -----
+def _to_last(x, dims):
+    """``x`` with the axes ``dims`` moved to the end and flattened into one."""
+    rest = [d for d in range(x.dim()) if d not in dims]
+    return x.permute(rest + list(dims)).flatten(len(rest))
+
+
+def amax_indices(x, dims):
+    """Arg-max of ``x`` over the axes ``dims`` (flattened, in their order): the recorded
+    constant of a max over axes, shaped like the kept axes plus one trailing axis."""
+    return _to_last(x.detach(), dims).argmax(-1, keepdim=True)
+
+
+def amax_gather(z, idx, x, dims, keepdim):
+    """The max over ``dims`` with the recorded indices, applied to ``z`` (broadcastable to x)."""
+    z = z.expand((idx.shape[0],) + tuple(x.shape[1:])) if tuple(z.shape) != tuple(x.shape) else z
+    out = _to_last(z, dims).gather(-1, idx).squeeze(-1)
+    if keepdim:
+        for d in sorted(dims):
+            out = out.unsqueeze(d)
+    return out
+
+
+def amax_gather_T(g, idx, x, dims, keepdim):
+    """Transpose of :func:`amax_gather`: ``g`` put back at the recorded indices, zeros elsewhere."""
+    if keepdim:
+        g = g.squeeze(tuple(sorted(dims)))
+    rest = [d for d in range(x.dim()) if d not in dims]
+    flat = x.new_zeros([x.shape[d] for d in rest] + [math.prod(x.shape[d] for d in dims)], dtype=g.dtype)
+    flat = flat.scatter(-1, idx, g.unsqueeze(-1))
+    full = flat.unflatten(-1, [x.shape[d] for d in dims])
+    inv = [0] * x.dim()
+    for k, d in enumerate(rest + list(dims)):
+        inv[d] = k
+    return full.permute(inv)
+
+
+class AMax(Mean):
+    """``amax`` over axes: a max over positions (Hiera's max-pool over the query stride of a mask
+    unit, a global max) or over channels.  Like max pooling, the forward records the arg-max of
+    every output element; the op is then a gather (linear), its transpose scatters back to the
+    recorded indices and its bias is gathered at them.  The shadow is that of a sum over the same
+    axes (the *whole* window, as for max pooling)."""
+
+    def _spec(self, b, node):
+        x = node.args[0]
+        return x, _dims(node, len(b.shape(x))), bool(arg(node, 2, "keepdim", False))
+
+    def record(self, b, node):
+        out = b.copy(node)
+        x, dims, _ = self._spec(b, node)
+        b.set_recorded(node, "indices", b.call(amax_indices, b.val(x), dims, name=node.name + "_idx"))
+        return out
+
+    def transpose(self, b, node, g):
+        x, dims, keep = self._spec(b, node)
+        return [b.call(amax_gather_T, g, b.recorded(node, "indices"), b.val(x), dims, keep)]
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        x, dims, keep = self._spec(b, node)
+        return b.call(amax_gather, zs[0], b.recorded(node, "indices"), b.val(x), dims, keep)
+
+
+_amax = AMax()
+register_rule("method:amax", _amax)
+register_rule(torch.amax, _amax)
 
 
 class SamePool(_Pool):
