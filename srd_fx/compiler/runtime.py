@@ -106,10 +106,22 @@ def bias_share(beta: torch.Tensor, D: torch.Tensor, lost: torch.Tensor):
     return _ratio(beta, D, zero), lost + beta * zero
 
 
-def add_lost(total, lost: torch.Tensor) -> torch.Tensor:
-    """The per-sample total of lost relevance, ``(B,)``, with one more block's lost map added."""
+def add_lost(total, lost: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The per-sample total of lost relevance, ``(B,)`` (B: the batch of the model input ``x``),
+    with one more block's lost map added.  A layer whose positions are folded into the batch axis
+    (windows partitioned into ``(B * windows, ...)``, sample-major as a row-major reshape folds
+    them) has its lost map summed over each sample's windows."""
     per_sample = lost.sum(dim=tuple(range(1, lost.dim()))) if lost.dim() > 1 else lost
+    B = x.shape[0]
+    if per_sample.shape[0] != B and per_sample.shape[0] % B == 0:
+        per_sample = per_sample.reshape(B, -1).sum(1)
     return per_sample if total is None else total + per_sample
+
+
+def per_sample(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The map of a layer whose windows are folded into the batch axis, ``(B * windows, ...)``,
+    as ``(B, windows x window positions)``: a sample's windows are consecutive (sample-major)."""
+    return m.reshape(x.shape[0], -1)
 
 
 def squeeze_map(m: torch.Tensor, caxes: Axes) -> torch.Tensor:

@@ -544,7 +544,7 @@ class Backward:
             ql = b.call(ops.bias_share, beta, D, lost, name="bias_share_" + tag)
             self.q.setdefault(pre, []).append(b.call(operator.getitem, ql, 0, name="q_" + tag))
             lost = b.call(operator.getitem, ql, 1, name="lostb_" + tag)
-        self.lost = b.call(ops.add_lost, self.lost, lost, name="lost_upto_" + tag)
+        self.lost = b.call(ops.add_lost, self.lost, lost, b.val(self.info.input), name="lost_upto_" + tag)
 
     def transpose(self, n):
         """Push the pending g and q of interior op ``n`` to its inputs."""
@@ -702,7 +702,11 @@ def _read_out(b: Builder, r, node, name):
     summed, positions in the input's orientation whatever permute the model applied."""
     m = b.call(ops.position_map, r, b.info.caxes(node), name=name)
     perm = b.info.readout_perm(node)
-    return b.call(torch.permute, m, perm, name=name + "_oriented") if perm else m
+    m = b.call(torch.permute, m, perm, name=name + "_oriented") if perm else m
+    if node is not b.info.input and b.shape(node)[0] != b.shape(b.info.input)[0]:
+        # windows folded into the batch axis: one row of (windows x window positions) per sample
+        m = b.call(ops.per_sample, m, b.val(b.info.input), name=name + "_per_sample")
+    return m
 
 
 # ----------------------------------------------------------------------- constant folding ---

@@ -257,22 +257,25 @@ def _row_major_groups(si, so):
 def _exact_plan(si, so, ci):
     """The reshape plan read from which elements go where, when that is unambiguous: every group
     of the row-major reshape (see :func:`_row_major_groups`) is made of channel axes only or of
-    position axes only, the batch axis stays alone, and the output has no new axis of size 1 (whose
-    label the sizes do not tell).  A channel group's output axes are channel axes.  Unlike matching
-    sizes, this cannot mistake a head size or a channel count for a token count (MaxViT: (B, 64, 2,
-    32) -> (B, 8, 8, 64) merges the heads back, it does not move channels to positions).  None
-    otherwise: the size-matching plans below decide."""
-    if si[0] != so[0] or any(so[d] == 1 for d in range(1, len(so))):
+    batch/position axes only, no channel group touches the batch axis, and the output has no new
+    axis of size 1 (whose label the sizes do not tell).  A channel group's output axes are channel
+    axes; the others are positions, or the batch axis (windows folded into it or unfolded from it
+    stay positions, SPEC §8).  Unlike matching sizes, this cannot mistake a head size or a channel
+    count for a token count (MaxViT: (B, 64, 2, 32) -> (B, 8, 8, 64) merges the heads back, it does
+    not move channels to positions).  None otherwise: the size-matching plans below decide."""
+    if any(so[d] == 1 for d in range(1, len(so))):
         return None
     groups = _row_major_groups(si, so)
     if groups is None:
         return None
     out_c = []
     for gi, go in groups:
-        kinds = {"b" if d == 0 else ("c" if d in ci else "p") for d in gi}
-        if len(kinds) != 1 or (0 in gi) != (0 in go) or ("b" in kinds and (len(gi) > 1 or len(go) > 1)):
+        kinds = {d in ci for d in gi}
+        if len(kinds) != 1:
             return None
-        if kinds == {"c"}:
+        if kinds == {True}:
+            if 0 in gi or 0 in go:
+                return None
             out_c += go
     return tuple(sorted(out_c)), ()
 
@@ -293,6 +296,9 @@ class Reshape(Rule):
         P = [d for d in range(1, len(si)) if d not in ci]
         psz = [si[d] for d in P]
         csz = [si[d] for d in ci]
+        exact = _exact_plan(si, so, ci) if len(so) > 2 else None
+        if exact is not None:
+            return exact
         if si[0] != so[0] and ci:
             # positions folded into (or unfolded from) the batch axis (LeViT's flatten(0, 1) for a
             # BatchNorm1d, window partitions): the channel axes are found by their sizes
@@ -302,9 +308,6 @@ class Reshape(Rule):
                 return tuple(range(1, 1 + len(ci))), ()
         if len(so) == 2:  # (B, F): one PFV
             return (1,), tuple(P)
-        exact = _exact_plan(si, so, ci)
-        if exact is not None:
-            return exact
         rest = so[1:]
         # positions kept as trailing (NCHW-like) or leading (NHWC-like) output dims, possibly after
         # absorbing the leading input positions (space-to-depth); a channels-last input tries the

@@ -158,3 +158,51 @@ def test_maxpool_ties_between_dead_positions():
         one = e(x[b:b + 1])
         torch.testing.assert_close(one.saliency[0], both.saliency[b], rtol=0, atol=1e-12)
         torch.testing.assert_close(one.lost[0], both.lost[b], rtol=0, atol=1e-12)
+
+
+# =============================================================================================
+# 2. lost relevance of a layer whose windows are folded into the batch axis (timm's EfficientViT
+#    (MSRA) LocalWindowAttention: `RuntimeError: The size of tensor a (2) must match ... (8)`)
+# =============================================================================================
+class _FoldedWindows(nn.Module):
+    """A 1x1 conv without bias, 4x4 windows folded into the batch (B * 4, C, 4, 4), two
+    activation layers inside the windows (a conv with bias between them), windows unfolded, mean
+    head.  Where the input is zero the second block's receptive field has zero norm (D = 0) but a
+    bias: that relevance is lost, on a layer whose batch axis holds B * 4 windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1, bias=False)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        y = self.conv1(x)
+        C = y.shape[1]
+        w = y.view(B, C, H // 4, 4, W // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, 4, 4)
+        w = torch.relu(self.conv2(torch.relu(w)))
+        y = w.view(B, H // 4, W // 4, C, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_lost_relevance_of_windows_folded_into_the_batch():
+    torch.manual_seed(0)
+    m = _FoldedWindows().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x[0, :, :4, :4] = 0          # sample 0: one window with zero norm
+    x[1, :, 4:, :] = 0           # sample 1: two
+    e = srd_fx.compile(m, head="ones", layers="all")
+    out = e(x)
+    assert out.lost.shape == (2,) and (out.lost > 0).all()
+    # the layers inside the windows read out per sample: (B, windows x window positions)
+    assert {k: tuple(v.shape) for k, v in out.relevance.items() if k != "input"} == \
+        {"relu": (2, 64), "relu_1": (2, 64), "reshape_1": (2, 8, 8), "low": (2, 8, 8)}
+    torch.testing.assert_close(out.saliency.sum((1, 2)) + out.lost, out.R_L.flatten(1).sum(1),
+                               rtol=1e-12, atol=1e-12)
+    for b in range(2):     # the windows of sample b are charged to sample b
+        one = e(x[b:b + 1])
+        torch.testing.assert_close(one.lost[0], out.lost[b], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(one.saliency[0], out.saliency[b], rtol=1e-12, atol=1e-12)
+        for k, r in out.relevance.items():
+            torch.testing.assert_close(one.relevance[k][0], r[b], rtol=1e-12, atol=1e-12)
