@@ -22,18 +22,11 @@ The methods:
 
 * ``srd``: ``srd_fx.compile(model, example_input=x[:1])(x, target)``, the input map;
 * ``ixg``: input x gradient (the reference of the ratios);
-* ``lxt_attnlrp`` / ``lxt_cplrp``: LXT's efficient (gradient x input) implementation, with a patch
-  map for timm written the way LXT asks for models it does not ship one for
-  (``lxt.efficient.monkey_patch(module, patch_map)``): LXT's own patches
-  ``layer_norm_forward`` on ``nn.LayerNorm`` and timm's ``LayerNorm``, ``non_linear_forward``
-  (identity rule) on GELU/SiLU modules, and LXT's attention wrappers around
-  ``F.scaled_dot_product_attention`` (the function every timm attention block with fused
-  attention calls): ``wrap_attention_forward`` (AttnLRP: uniform rule on q, k, v) or
-  ``cp_wrap_attention_forward`` (CP-LRP: no relevance through q and k).  Linear and conv layers get
-  zennit rules through ``lxt.efficient.monkey_patch_zennit`` as in LXT's ViT example:
-  ``Gamma(0.25)`` on ``Conv2d``, ``Gamma(0.05)`` on ``Linear``.  Attention blocks that do not call
-  ``F.scaled_dot_product_attention`` and norms or activations of other classes are left as they
-  are (plain gradient there);
+* ``lxt_attnlrp`` / ``lxt_cplrp``: LXT's efficient (gradient x input) implementation with the timm
+  patch map and zennit composite of ``srd_fx.eval.lxt_patches`` (the evaluation's AttnLRP /
+  CP-LRP baselines; see its docstring): LXT's norm and identity-rule patches, LXT's attention
+  wrappers around ``F.scaled_dot_product_attention``, ``Gamma(0.25)`` on ``Conv2d`` and
+  ``Gamma(0.05)`` on ``Linear`` outside the attention, as in LXT's ViT example;
 * ``zennit_lrp``: zennit ``EpsilonPlusFlat`` with ``SequentialMergeBatchNorm`` (as for the CNNs),
   no attention support of its own.
 
@@ -45,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import math
 import os
@@ -65,74 +57,24 @@ from .report import token_peers_markdown as render_markdown
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TIMING_MODELS = ("vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224")
-CONV_GAMMA, LINEAR_GAMMA = 0.25, 0.05
 
 
 # ------------------------------------------------------------------------------------ LXT for timm
-def _lxt_efficient():
-    """``lxt.efficient``'s patches and its zennit patch.  LXT 2.1's ``lxt/efficient/__init__.py``
-    imports its Hugging Face model maps (llama, gemma3, ...), which fail on transformers releases
-    that dropped ``transformers.modeling_attn_mask_utils``; nothing used here needs them, so when
-    that import fails the package is registered without running its ``__init__`` and the two
-    modules used (``patches``, ``zennit_patches``) are imported directly."""
-    try:
-        import lxt.efficient  # noqa: F401
-    except ImportError:
-        import types
-        import lxt
-        pkg = types.ModuleType("lxt.efficient")
-        pkg.__path__ = [str(Path(lxt.__file__).parent / "efficient")]
-        sys.modules["lxt.efficient"] = pkg
-    from lxt.efficient import patches, zennit_patches
-    return patches, zennit_patches
-
-
-def lxt_patch_timm(variant: str) -> None:
-    """Apply LXT's efficient AttnLRP (``variant="attnlrp"``) or CP-LRP (``"cplrp"``) patches to the
-    torch/timm classes timm models use (for the whole process), and LXT's zennit patch.  The patch
-    map is applied as ``lxt.efficient.monkey_patch(module, patch_map)`` applies one: each value is
-    called with its class."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-    import timm.layers
-    patches, zennit_patches = _lxt_efficient()
-    patch_method, layer_norm_forward = patches.patch_method, patches.layer_norm_forward
-    non_linear_forward = patches.non_linear_forward
-    wrap_attention_forward, cp_wrap_attention_forward = patches.wrap_attention_forward, patches.cp_wrap_attention_forward
-    identity = functools.partial(patch_method, non_linear_forward, keep_original=True)
-    patch_map = {nn.LayerNorm: functools.partial(patch_method, layer_norm_forward),
-                 timm.layers.LayerNorm: functools.partial(patch_method, layer_norm_forward),
-                 nn.GELU: identity, nn.SiLU: identity}
-    for name in ("GELU", "GELUTanh", "QuickGELU"):
-        cls = getattr(timm.layers.activations, name, None)
-        if cls is not None:
-            patch_map[cls] = identity
-    for target, patch in patch_map.items():
-        if not patch(target):
-            raise RuntimeError(f"LXT could not patch {target.__name__}")
-    wrap = wrap_attention_forward if variant == "attnlrp" else cp_wrap_attention_forward
-    sdpa = F.scaled_dot_product_attention
-    wrapped = wrap(lambda module, q, k, v, *a, **kw: sdpa(q, k, v, *a, **kw))
-    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: wrapped(None, q, k, v, *a, **kw)
-    zennit_patches.monkey_patch_zennit()
-
-
 def _lxt_bench(variant: str, model, x, t):
-    """A bench.Bench for LXT on ``model`` (after :func:`lxt_patch_timm`)."""
-    import torch
-    import zennit.rules as zr
-    from zennit.composites import LayerMapComposite
+    """A bench.Bench for LXT on ``model``: srd_fx.eval.lxt_patches's patches and composite, undone
+    by ``close``."""
     from benchmarks.bench import Bench
-    lxt_patch_timm(variant)
-    composite = LayerMapComposite([(torch.nn.Conv2d, zr.Gamma(CONV_GAMMA)), (torch.nn.Linear, zr.Gamma(LINEAR_GAMMA))])
-    composite.register(model)
+    from srd_fx.eval import lxt_patches
+    stack = contextlib.ExitStack()
+    stack.enter_context(lxt_patches.patched(variant))
+    stack.enter_context(lxt_patches.composite().context(model))
 
     def run():
         xr = x.detach().requires_grad_(True)
         y = model(xr)
         y.gather(1, t[:, None]).sum().backward()
         return (xr * xr.grad).sum(1)
-    return Bench(run, composite.remove)
+    return Bench(run, stack.close)
 
 
 def setup(method: str, model, x, t):

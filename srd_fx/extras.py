@@ -45,3 +45,27 @@ def require_eval(what: str = "the evaluation harness (srd_fx.eval)") -> None:
             f"{what} needs the optional libraries of srd_fx's 'eval' extra; not installed: "
             f"{', '.join(missing)}. Install them with: pip install \"srd_fx[eval]\"")
 
+
+
+def require(module: str, what: str, extra: str = "lxt") -> None:
+    """Raise :class:`~srd_fx.errors.MissingDependencyError` if ``module`` (a library outside the
+    ``eval`` extra, e.g. ``lxt``) is not installed.
+
+    Parameters
+    ----------
+    module
+        Import name of the library.
+    what
+        What needs it, for the message.
+    extra
+        The srd_fx extra that installs it.
+
+    Raises
+    ------
+    MissingDependencyError
+        Naming the library and the command that installs it.
+    """
+    if not _installed(module):
+        raise MissingDependencyError(
+            f"{what} needs the library {module!r} (srd_fx's '{extra}' extra), which is not installed. "
+            f"Install it with: pip install \"srd_fx[{extra}]\"")

@@ -24,19 +24,35 @@ fn, resolution, source))`` adds another baseline (listed in ``METHODS``, offered
 
 The CAM target layers are found by :func:`srd_fx.eval.models.cam_layers` (the same layers SRD-low and
 SRD-high read out); :func:`set_cam_layers` overrides them for a model.
+
+**Token models** (timm ViT / MLP-Mixer, :func:`srd_fx.eval.models.is_token_model`): the same
+registry, with
+
+* lxt: AttnLRP and CP-LRP, LXT's efficient implementation with the timm patch map of
+  :mod:`srd_fx.eval.lxt_patches` (patches undone after each call);
+* pytorch-grad-cam: the CAMs take the library's documented ``reshape_transform`` for tokens (drop
+  the prefix tokens, reshape to the patch grid, channels first) at the layer of its ViT example,
+  :func:`srd_fx.eval.models.token_layers`;
+* srd_fx: SRD-low is the encoder output L, SRD-high the first block's channel-MLP activation
+  (:func:`srd_fx.eval.models.token_layers`); their (B, N) token maps are put on the patch grid
+  with ``explainer.token_grid`` (prefix tokens dropped) and upsampled bilinearly like the CNN maps;
+* captum and zennit as for the CNNs (zennit's LRP-z+ sees the attention and the norms as plain
+  gradient: it has no rule for them).
+
+:func:`default_methods` gives each kind of model its list (:data:`TOKEN_METHODS` for token models).
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..methods.registry import REGISTRY, RESOLUTIONS, Method, UnknownMethodError  # noqa: F401
-from .models import cam_layers, get_module
+from .models import cam_layers, get_module, is_token_model, token_grid_size, token_layers
 
 
 @contextlib.contextmanager
@@ -109,8 +125,20 @@ def set_cam_layers(model: nn.Module, low: str, high: str) -> None:
 def get_cam_layers(model: nn.Module, x: torch.Tensor) -> Tuple[str, str]:
     """The (low, high) CAM target layer names for ``model`` (found once, then cached)."""
     if model not in _CAM_LAYERS:
-        _CAM_LAYERS[model] = cam_layers(model, x)
+        _CAM_LAYERS[model] = token_layers(model) if is_token_model(model) else cam_layers(model, x)
     return _CAM_LAYERS[model]
+
+
+def token_reshape_transform(model: nn.Module, x: torch.Tensor) -> Callable:
+    """pytorch-grad-cam's ``reshape_transform`` for a timm token model, as its ViT example writes it:
+    (B, N, C) tokens -> the prefix tokens dropped -> (B, C, rows, columns)."""
+    rows, cols = token_grid_size(model, x)
+    prefix = getattr(model, "num_prefix_tokens", 0)
+
+    def reshape_transform(tensor):
+        result = tensor[:, prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+    return reshape_transform
 
 
 def _cam(cls_name: str, which: str = "low", **attrs):
@@ -118,12 +146,15 @@ def _cam(cls_name: str, which: str = "low", **attrs):
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         cls = getattr(pytorch_grad_cam, cls_name)
+        kw = {}
         if cls_name == "FullGrad":
             layers = []
         else:
             low, high = get_cam_layers(model, x)
             layers = [get_module(model, low if which == "low" else high)]
-        with cls(model=model, target_layers=layers) as cam:
+        if is_token_model(model):
+            kw["reshape_transform"] = token_reshape_transform(model, x)
+        with cls(model=model, target_layers=layers, **kw) as cam:
             for k, v in attrs.items():
                 setattr(cam, k, v)
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
@@ -148,14 +179,39 @@ def get_explainer(model: nn.Module, x: torch.Tensor):
     per_model = _EXPLAINERS.setdefault(model, {})
     key = (tuple(x.shape[1:]), x.dtype)
     if key not in per_model:
-        per_model[key] = srd_fx.compile(model, layers=("input", "low", "high"), example_input=x[:1])
+        per_model[key] = srd_fx.compile(model, layers=("input", "low", srd_layer(model, "high")),
+                                        example_input=x[:1])
     return per_model[key]
+
+
+def srd_layer(model: nn.Module, which: str) -> str:
+    """The ``layers=`` key SRD-``which`` reads: "input", "low", and "high" for a CNN; for a token
+    model "high" is the module :func:`srd_fx.eval.models.token_layers` names."""
+    if which == "high" and is_token_model(model):
+        return token_layers(model)[1]
+    return which
 
 
 def _srd(which: str):
     def fn(model, x, t):
-        out = get_explainer(model, x)(x, target=t)
-        return out.saliency if which == "input" else out.relevance[which]
+        explainer = get_explainer(model, x)
+        out = explainer(x, target=t)
+        if which == "input":
+            return out.saliency
+        rel = out.relevance[srd_layer(model, which)]
+        if rel.dim() == 2:  # (B, N) tokens: the patch grid, prefix tokens dropped
+            rel = explainer.token_grid(rel, n_prefix=getattr(model, "num_prefix_tokens", 0),
+                                       grid=token_grid_size(model, x))[0]
+        return rel
+    return fn
+
+
+# ----------------------------------------------------------------------------- LXT ---------------
+def _lxt(variant: str):
+    def fn(model, x, t):
+        from . import lxt_patches
+        with no_inplace(model):
+            return lxt_patches.relevance(model, x, t, variant)
     return fn
 
 
@@ -182,8 +238,23 @@ for _m in [
     Method("SRD-low", _srd("low"), "low", "srd_fx"),
     Method("SRD-high", _srd("high"), "high", "srd_fx"),
     Method("SRD-input", _srd("input"), "input", "srd_fx", aliases=("srd",)),
+    Method("AttnLRP", _lxt("attnlrp"), "input", "lxt"),
+    Method("CP-LRP", _lxt("cplrp"), "input", "lxt", aliases=("cplrp",)),
 ]:
     register(_m, replace=True)  # replace: a reload of this module re-registers the same methods
+#: methods made for transformers (LXT): not in the CNNs' default list
+TOKEN_ONLY = ("AttnLRP", "CP-LRP")
+#: the default methods for token models (each from its library; see the module docstring)
+TOKEN_METHODS = ("InputXGradient", "IntegratedGradients", "LRP-z+", "GradCAM", "AttnLRP", "CP-LRP",
+                 "SRD-low", "SRD-high", "SRD-input")
+
+
+def default_methods(model: nn.Module) -> Tuple[str, ...]:
+    """The methods a run compares on ``model`` when none are named: :data:`TOKEN_METHODS` for a
+    token model, every registered method but the LXT ones for a CNN."""
+    if is_token_model(model):
+        return TOKEN_METHODS
+    return tuple(n for n in METHODS if n not in TOKEN_ONLY)
 
 
 def get_method(name: str) -> Method:

@@ -84,7 +84,7 @@ def evaluate_batches(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     random draws with ``settings.seed + b``, so its scores do not depend on which other batches are
     computed, nor where: a data-parallel run that splits the batches between processes gets the
     scores of one process that computes them all."""
-    methods = list(methods) if methods is not None else list(B.METHODS)
+    methods = list(methods) if methods is not None else list(B.default_methods(model))
     methods = [B.get_method(m) for m in methods]
     _check_inputs(model, images, labels, masks, metrics)
     batches = list(range(n_batches(len(images), batch_size))) if batches is None else list(batches)
@@ -199,9 +199,14 @@ def table2_rows(results: Mapping[str, Scores], metrics: Sequence[str] = M.METRIC
     return methods, header, cols, higher
 
 
+TOKEN_NOTE = ("Token models (ViT, Mixer): † the encoder output's patch tokens, ‡ the first block's MLP "
+              "activation (same patch grid), both upsampled from the grid; prefix tokens dropped.")
+
+
 def table2_markdown(results: Mapping[str, Scores], metrics: Sequence[str] = M.METRIC_NAMES,
-                    n_images: Optional[int] = None) -> str:
-    """A Table-2-style markdown table: methods x (model, metric) means; best bold, second underlined."""
+                    n_images: Optional[int] = None, note: str = "") -> str:
+    """A Table-2-style markdown table: methods x (model, metric) means; best bold, second underlined;
+    ``note``: a sentence appended to the caption."""
     methods, header, cols, higher = table2_rows(results, metrics)
     ranks = [_ranks(c, h) for c, h in zip(cols, higher)]
     models = list(results)
@@ -214,7 +219,7 @@ def table2_markdown(results: Mapping[str, Scores], metrics: Sequence[str] = M.ME
     n = f" on {n_images} test images" if n_images else ""
     lines.append("")
     lines.append(f"Mean per image{n} for {', '.join(models)}. † encoder-output resolution, ‡ 4x that "
-                 f"resolution, others input resolution. Best in bold, second underlined.")
+                 f"resolution, others input resolution. Best in bold, second underlined." + (f" {note}" if note else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -279,30 +284,41 @@ def _wrap_label(label: str, width: int = 11) -> str:
     return "\n".join(textwrap.wrap(spaced, width=width, break_long_words=False)).replace("- ", "-")
 
 
-def plot_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+def plot_maps(model, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
               methods: Optional[Sequence[str]] = None, mean=D.DIGITS_MEAN, std=D.DIGITS_STD,
               title: Optional[str] = None):
     """A Fig.-3-style grid: one row per image (input first), one column per method; maps prepared
     as for the metrics (divided by the maximum, clamped to [-1, 1]; red positive, blue negative) with
-    the mask's outline.  Returns the matplotlib Figure."""
+    the mask's outline.  ``model`` may be a ``{label: model}`` mapping: one group of rows per model
+    (the columns are the first model's methods; a method another model does not run is left blank).
+    Returns the matplotlib Figure."""
     import matplotlib
     import matplotlib.pyplot as plt
-    methods = [B.get_method(m) for m in (methods if methods is not None else list(B.METHODS))]
+    group = dict(model) if isinstance(model, Mapping) else {None: model}
+    first = next(iter(group.values()))
+    names = [B.get_method(m).name for m in (methods if methods is not None else B.default_methods(first))]
     x = D.normalize(images, mean, std)
     y = labels.long()
-    maps = [M.prepare(m(model, x, y), x.shape[-2:]).numpy() for m in methods]
-    n, k = len(images), len(methods) + 1
+    rows = []  # (model label, image index, {method: map})
+    for label, mdl in group.items():
+        own = set(names if methods is not None else (B.get_method(m).name for m in B.default_methods(mdl)))
+        maps = {m: M.prepare(B.get_method(m)(mdl, x, y), x.shape[-2:]).numpy() for m in names if m in own}
+        rows += [(label, i, maps) for i in range(len(images))]
+    n, k = len(rows), len(names) + 1
     fig, axes = plt.subplots(n, k, figsize=(1.25 * k, 1.3 * n + 0.4), squeeze=False)
-    for i in range(n):
-        ax = axes[i, 0]
+    for r, (label, i, maps) in enumerate(rows):
+        ax = axes[r, 0]
         ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
         ax.contour(masks[i].numpy().astype(float), levels=[0.5], colors="w", linewidths=0.7)
-        ax.set_ylabel(f"label {int(labels[i])}", fontsize=7)
-        for j, m in enumerate(methods):
-            ax = axes[i, j + 1]
-            ax.imshow(maps[j][i], cmap="bwr", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_ylabel(f"label {int(labels[i])}" if label is None else f"{label}\nlabel {int(labels[i])}", fontsize=7)
+        for j, m in enumerate(names):
+            ax = axes[r, j + 1]
+            if m not in maps:
+                ax.axis("off")
+                continue
+            ax.imshow(maps[m][i], cmap="bwr", vmin=-1, vmax=1, interpolation="nearest")
             ax.contour(masks[i].numpy().astype(float), levels=[0.5], colors="k", linewidths=0.6)
-    for j, lab in enumerate(["input"] + [method_label(m.name) for m in methods]):
+    for j, lab in enumerate(["input"] + [method_label(m) for m in names]):
         axes[0, j].set_title(_wrap_label(lab), fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])

@@ -5,6 +5,10 @@
   narrow channels and output stride 16, so that a 64x64 input gives a 4x4 encoder output) and
   :func:`small_vgg` (a VGG in torchvision's layout: ``features`` made by
   ``torchvision.models.vgg.make_layers``, ReLU and max-pooling, then a flatten + MLP classifier).
+* Small token models for the same scenes, also timm's own classes: :func:`small_vit` (a
+  ``VisionTransformer`` with 8x8 patches, so a 64x64 input is an 8x8 grid of tokens plus a class
+  token, depth 4, width 128) and :func:`small_mixer` (an ``MlpMixer`` with the same patches, depth 4,
+  width 128, token-mixing MLP width 64).
 * (torchvision/timm models by name, with weights from a file or the library's: :func:`srd_fx.eval.io.load_model`.)
 * :func:`cam_layers`: the modules whose outputs are the low (encoder output) and high resolution
   layers, for the CAM baselines.
@@ -29,7 +33,9 @@ ACTIVATIONS = {
 #: activation name -> timm's name for it (timm's ResNet builds them with ``inplace=True``)
 TIMM_ACTIVATIONS = {"relu": "relu", "elu": "elu", "leakyrelu": "leaky_relu", "silu": "silu", "gelu": "gelu",
                     "tanh": "tanh"}
-ARCHS = ("resnet", "vgg")
+ARCHS = ("resnet", "vgg", "vit", "mixer")
+#: the token-model architectures among ARCHS (their layers read out as (B, N) tokens)
+TOKEN_ARCHS = ("vit", "mixer")
 
 
 def _act(act: str):
@@ -99,12 +105,46 @@ def small_vgg(act: str = "relu", num_classes: int = 10, size: int = 64) -> nn.Mo
     return SmallVGG(num_classes=num_classes, size=size, act=act)
 
 
+def _patches(size: int, patch: int) -> None:
+    if size % patch:
+        raise ValueError(f"the small token models need an input size divisible by {patch}, got {size}")
+
+
+def small_vit(act: str = "gelu", num_classes: int = 10, size: int = 64, patch: int = 8, width: int = 128,
+              depth: int = 4, heads: int = 4) -> nn.Module:
+    """A small timm ``VisionTransformer``: ``patch`` x ``patch`` patches (8x8 tokens at 64x64), a class
+    token read by the head (``global_pool="token"``), ``depth`` pre-norm blocks of width ``width`` with
+    ``heads`` heads and an MLP of 2x the width, activation ``act``."""
+    from timm.models.vision_transformer import VisionTransformer
+    _patches(size, patch)
+    _, act_layer = _act(act)
+    return VisionTransformer(img_size=size, patch_size=patch, num_classes=num_classes, embed_dim=width, depth=depth,
+                             num_heads=heads, mlp_ratio=2.0, class_token=True, global_pool="token",
+                             act_layer=act_layer)
+
+
+def small_mixer(act: str = "gelu", num_classes: int = 10, size: int = 64, patch: int = 8, width: int = 128,
+                depth: int = 4) -> nn.Module:
+    """A small timm ``MlpMixer``: ``patch`` x ``patch`` patches, ``depth`` blocks of width ``width``
+    (token-mixing MLP 64 wide, channel-mixing MLP 256 wide), activation ``act``, global average pooling
+    of the tokens."""
+    from timm.models.mlp_mixer import MlpMixer
+    _patches(size, patch)
+    _, act_layer = _act(act)
+    return MlpMixer(num_classes=num_classes, img_size=size, patch_size=patch, num_blocks=depth, embed_dim=width,
+                    mlp_ratio=(0.5, 2.0), act_layer=act_layer)
+
+
 def build(arch: str, act: str = "relu", num_classes: int = 10, size: int = 64) -> nn.Module:
-    """A fresh (untrained) small model: ``arch`` in {"resnet", "vgg"}."""
+    """A fresh (untrained) small model: ``arch`` in {"resnet", "vgg", "vit", "mixer"}."""
     if arch == "resnet":
         return small_resnet(act, num_classes)
     if arch == "vgg":
         return small_vgg(act, num_classes, size)
+    if arch == "vit":
+        return small_vit(act, num_classes, size)
+    if arch == "mixer":
+        return small_mixer(act, num_classes, size)
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
 
 
@@ -163,3 +203,52 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"the model has no module {name!r}") from None
+
+
+# ----------------------------------------------------------------------------- token models -------
+def is_token_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm token model of one grid (ViT, DeiT, MLP-Mixer: a patch embedding
+    that flattens the patches into tokens): its layers read out as (B, N) tokens."""
+    pe = _patch_embed(model)
+    return pe is not None and getattr(pe, "grid_size", None) is not None and bool(getattr(pe, "flatten", False))
+
+
+def _patch_embed(model: nn.Module) -> Optional[nn.Module]:
+    """timm's patch embedding: ``patch_embed`` (ViT) or ``stem`` (MLP-Mixer)."""
+    for name in ("patch_embed", "stem"):
+        pe = getattr(model, name, None)
+        if isinstance(pe, nn.Module) and hasattr(pe, "patch_size"):
+            return pe
+    return None
+
+
+def token_grid_size(model: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
+    """The (rows, columns) patch grid of a timm token model for inputs shaped like ``x``."""
+    ph, pw = _patch_embed(model).patch_size
+    return x.shape[-2] // ph, x.shape[-1] // pw
+
+
+def token_layers(model: nn.Module) -> Tuple[str, str]:
+    """For a timm token model of one grid (ViT, DeiT, MLP-Mixer): the module names of (low, high).
+
+    *low* is the Grad-CAM target layer of pytorch-grad-cam's ViT example: the last block's first
+    norm (``blocks[-1].norm1``) when a class token is read out (the last block's patch tokens do not
+    reach the class token, so their gradient is 0), else the last block (Mixer: the tokens before
+    the final norm and the mean).  *high* is SRD-high's layer: the activation of the first block's
+    channel MLP (``blocks.0.mlp.act`` / ``blocks.0.mlp_channels.act``), the first activation layer
+    whose positions are the patch grid, one block of four into the network as the CNNs' high layer
+    is one stage of four (see docs/evaluation.md)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise ValueError("token_layers expects a timm ViT-like or Mixer-like model with a `blocks` Sequential")
+    last = len(blocks) - 1
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    low = f"blocks.{last}.norm1" if prefix and getattr(model, "global_pool", "") == "token" \
+        and hasattr(blocks[last], "norm1") else f"blocks.{last}"
+    for high in ("blocks.0.mlp.act", "blocks.0.mlp_channels.act"):
+        try:
+            model.get_submodule(high)
+            return low, high
+        except AttributeError:
+            continue
+    raise ValueError("no channel-MLP activation in the first block (blocks.0.mlp.act / blocks.0.mlp_channels.act)")

@@ -60,6 +60,11 @@ def resolve_cache_dir(path: Optional[str] = None) -> str:
 #: per-model changes to DEFAULTS: the plain (batch-norm-free) VGG and the Tanh ResNet sit longer on
 #: the initial loss plateau of this task, so they get more epochs
 MODEL_DEFAULTS = {("vgg", "relu"): dict(epochs=12, lr=3e-3), ("resnet", "tanh"): dict(epochs=16)}
+#: per-architecture changes to DEFAULTS, before MODEL_DEFAULTS: the token models (no convolutional
+#: prior) leave the initial plateau only after a few hundred updates at lr 1e-3, so they get smaller
+#: batches (more updates), more epochs and the usual transformer weight decay
+ARCH_DEFAULTS = {"vit": dict(epochs=10, lr=1e-3, batch_size=32, weight_decay=0.05),
+                 "mixer": dict(epochs=10, lr=1e-3, batch_size=32, weight_decay=0.05)}
 
 
 def settings(arch: str = "resnet", act: str = "relu", size: int = 64, **train_kw) -> dict:
@@ -71,6 +76,7 @@ def settings(arch: str = "resnet", act: str = "relu", size: int = 64, **train_kw
     if unknown:
         raise TypeError(f"unknown training settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     s = dict(DEFAULTS)
+    s.update(ARCH_DEFAULTS.get(arch, {}))
     s.update(MODEL_DEFAULTS.get((arch, act), {}))
     s.update(train_kw)
     if arch == "vgg":
@@ -153,9 +159,9 @@ def get_trained(arch: str = "resnet", act: str = "relu", size: int = 64, cache_d
                 progress: bool = True, **train_kw) -> Tuple[nn.Module, float]:
     """A trained digit-scene model and its test accuracy, from the cache or trained now.
 
-    arch: "resnet" | "vgg"; act: "relu" | "elu" | "leakyrelu" | "silu" | "gelu" | "tanh"; size: input
+    arch: "resnet" | "vgg" | "vit" | "mixer"; act: "relu" | "elu" | "leakyrelu" | "silu" | "gelu" | "tanh"; size: input
     side; train_kw: any of :data:`DEFAULTS` (epochs, n_train, n_test, batch_size, lr, weight_decay,
-    seed; defaults per model in :data:`MODEL_DEFAULTS`).  Returns ``(model in eval mode, test accuracy)``."""
+    seed; defaults per architecture in :data:`ARCH_DEFAULTS` and per model in :data:`MODEL_DEFAULTS`).  Returns ``(model in eval mode, test accuracy)``."""
     s = settings(arch, act, size, **train_kw)
     root = resolve_cache_dir(cache_dir)
     key = cache_key(s)

@@ -238,7 +238,9 @@ def lrp_network(model: nn.Module, example: torch.Tensor, beta: Optional[float] =
     make = (lambda: nn.ReLU()) if beta is None else (lambda: nn.Softplus(beta=beta))
     gm = replace_relu(model, make)
     _fold_batchnorm(gm)
-    _route_adds_through_sum(gm, example[:1].detach())
+    # shapes of a batch of two: a parameter broadcast over the batch (a ViT's position embedding,
+    # (1, N, C)) is then not taken for a branch of the same shape
+    _route_adds_through_sum(gm, example[:1].detach().expand(2, *example.shape[1:]))
     gm.delete_all_unused_submodules()  # drops the folded batch-norms from this copy only
     return gm.eval()
 
@@ -481,11 +483,42 @@ class SRDSurrogate(SRD):
     surrogate = True
 
 
+class AttnLRP(Attack):
+    """LXT's AttnLRP (:mod:`srd_fx.eval.lxt_patches`: LXT's patches and zennit rules on a timm token
+    model).  Reported: LXT's map ``|x * grad|`` with the patches and the Gamma rules.  Attacked:
+    the same map without the zennit Gamma rules (LXT's patches only, so linear layers pass the
+    plain gradient, LXT's setting for language models), through the graph autograd records with
+    ``create_graph=True`` on the original network (GELU networks need no surrogate).  The Gamma
+    rules cannot be attacked: LXT's zennit patch sets ``requires_grad`` on the incoming gradient,
+    which torch refuses once that gradient is part of a graph.  In the graph LXT's custom autograd
+    functions (identity rule, norm) keep the ratios they saved in the forward pass as constants, so
+    the attack follows LXT's own backward rather than the exact derivative of the map."""
+
+    name, label = "attnlrp", "AttnLRP (LXT)"
+    variant = "attnlrp"
+
+    def __init__(self, model, example, beta):  # the original network: no softplus beta
+        super().__init__(model, example, None)
+
+    def attack(self, x, target):
+        from ..eval import lxt_patches
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        with lxt_patches.patched(self.variant):
+            logits = self.model(x)
+            (g,) = torch.autograd.grad(_select(logits, target), x, create_graph=True)
+        return _channel_abs_sum(x * g), logits
+
+    def report(self, x, target):
+        from ..eval import lxt_patches
+        return _channel_abs_sum(lxt_patches.relevance(self.model, x, target, self.variant))
+
+
 #: the attack's methods: the registered methods with an ``attack`` factory (srd_fx.methods.registry)
 METHODS = REGISTRY.view("attack")
 for _cls, _source in ((Gradient, "captum"), (InputXGradient, "captum"), (GuidedBackprop, "captum"),
                       (IntegratedGradients, "captum"), (LRPZPlus, "zennit"), (LRPZPlusReLU, "zennit"),
-                      (SRD, "srd_fx"), (SRDSurrogate, "srd_fx")):
+                      (SRD, "srd_fx"), (SRDSurrogate, "srd_fx"), (AttnLRP, "lxt")):
     register(Method(_cls.name, None, "input", _source, label=_cls.label, attack=_cls), replace=True)
 PAPER_METHODS = ("gradient", "input_x_gradient", "guided_backprop", "integrated_gradients",
                  "lrp_zplus", "srd")
@@ -588,6 +621,16 @@ def manipulate(model: nn.Module, method, x_org: torch.Tensor, x_target: torch.Te
     returns:   the iterate with the lowest loss among those evaluated before the pair stopped
                (so ``lambda2 * MSE(F(x_adv), F(x_org)) <= loss(delta=0)`` holds exactly)."""
     model.eval()
+    # the attack takes second derivatives: attention through the SDPA math kernel, whose ops are
+    # differentiable twice (the fused CPU kernels have no double backward); the same function
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return _manipulate(model, method, x_org, x_target, lambda1, lambda2, lr, max_steps, eps, stop_mse,
+                           beta, clamp, ig_steps, step_callback)
+
+
+def _manipulate(model, method, x_org, x_target, lambda1, lambda2, lr, max_steps, eps, stop_mse, beta, clamp,
+                ig_steps, step_callback) -> AttackResult:
     lo, hi = _as_bound(clamp[0], x_org), _as_bound(clamp[1], x_org)
     eps_t = _as_bound(eps, x_org)
     _check_inputs(x_org, x_target, lo, hi)

@@ -37,11 +37,11 @@ FIELDS = ["model", "method", "pair", "index_org", "index_target", "label_org", "
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from srd_fx.methods.robustness import METHODS, PAPER_METHODS
     g = p.add_argument_group("models and data (the evaluation harness: trained digit-scene models)")
-    g.add_argument("--arch", nargs="+", default=["vgg", "resnet"], choices=["resnet", "vgg"],
+    g.add_argument("--arch", nargs="+", default=["vgg", "resnet"], choices=["resnet", "vgg", "vit", "mixer"],
                    help="Architectures of the trained digit-scene models to attack (trained and cached on "
-                        "first use by srd_fx.eval.train.get_trained).")
-    g.add_argument("--act", default="relu", help="Activation of the trained models (relu, elu, leakyrelu, "
-                                                 "silu, gelu, tanh).")
+                        "first use by srd_fx.eval.train.get_trained; vit and mixer are the token models).")
+    g.add_argument("--act", default=None, help="Activation of the trained models (relu, elu, leakyrelu, "
+                                               "silu, gelu, tanh; default relu for resnet/vgg, gelu for vit/mixer).")
     g.add_argument("--size", type=int, default=64, help="Side in pixels of the digit scenes and models.")
     g.add_argument("--pool", type=int, default=1000, help="Number of test scenes the random pairs are drawn "
                                                           "from.")
@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=sorted(METHODS),
                    help="Explanation methods to attack (default: the paper's six); two extra attacks are "
                         "available as checks: lrp_zplus_relu attacks LRP z+ on the ReLU network itself and "
-                        "srd_softplus attacks SRD through the softplus copy.")
+                        "srd_softplus attacks SRD through the softplus copy; attnlrp is LXT's AttnLRP, for the "
+                        "token models.")
     a.add_argument("--max-steps", type=int, default=200, help="Maximum number of optimiser steps per pair.")
     a.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the perturbation (in the "
                                                           "model's normalised input units).")
@@ -327,15 +328,16 @@ def run(args) -> int:
     pairs = draw_pairs(len(images), args.pairs, args.seed)
     models = {}
     for arch in args.arch:
-        model, acc = get_trained(arch=arch, act=args.act, size=args.size, cache_dir=args.cache_dir,
+        act = args.act or ("gelu" if arch in ("vit", "mixer") else "relu")
+        model, acc = get_trained(arch=arch, act=act, size=args.size, cache_dir=args.cache_dir,
                                  progress=not args.no_progress)
         if acc < args.min_accuracy:
-            print(f"error: the trained {arch}/{args.act} model has test accuracy {acc:.3f} < --min-accuracy "
+            print(f"error: the trained {arch}/{act} model has test accuracy {acc:.3f} < --min-accuracy "
                   f"{args.min_accuracy}: it did not learn, and attacking its explanations would measure "
                   f"nothing. Retrain it (delete its file in the cache directory, or change the training "
                   f"settings) or pass --min-accuracy 0 to attack it anyway.", file=sys.stderr)
             return 2
-        models[f"{arch}-{args.act}"] = {"model": model.eval(), "accuracy": acc}
+        models[f"{arch}-{act}"] = {"model": model.eval(), "accuracy": acc}
     argv = sys.argv[1:]
     if "attack" in argv:
         argv = argv[argv.index("attack") + 1:]

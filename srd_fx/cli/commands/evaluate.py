@@ -33,8 +33,9 @@ def add_arguments(p):
     p.add_argument("--size", type=int, default=None,
                    help="Input side in pixels (default 64 for digits, 224 for a folder).")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                   help="Models of the Table-2 comparison. Digits: ARCH:ACT with ARCH in {resnet, vgg} "
-                        "(trained here and cached); folder: torchvision:NAME or timm:NAME. "
+                   help="Models of the Table-2 comparison. Digits: ARCH:ACT with ARCH in {resnet, vgg, vit, "
+                        "mixer} (trained here and cached; vit:gelu and mixer:gelu are the token models, "
+                        "compared with their own methods, see docs/evaluation.md); folder: torchvision:NAME or timm:NAME. "
                         "Default: resnet:relu vgg:relu. 'none' skips Table 2.")
     p.add_argument("--table4-models", nargs="+", default=None, metavar="MODEL",
                    help="Models of the Table-4 comparison (Fidelity per activation). Default: the six "
@@ -46,7 +47,8 @@ def add_arguments(p):
     p.add_argument("--pretrained", action="store_true",
                    help="Use the library's pretrained weights for torchvision/timm models (needs them cached or network access).")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="Methods to compare (default: all; see srd_fx.eval.baselines.METHODS).")
+                   help="Methods to compare (default: every method for CNNs, srd_fx.eval.baselines.TOKEN_METHODS "
+                        "for token models; see srd_fx.eval.baselines.METHODS).")
     p.add_argument("--metrics", nargs="+", default=None,
                    help="Table-2 metrics (default: Pointing Attribution Sparseness Fidelity Stability).")
     p.add_argument("--n-images", type=int, default=200, help="Number of test images (default 200).")
@@ -67,6 +69,8 @@ def add_arguments(p):
                    help="Pointing Game tolerance in pixels (default: 15 px at 224 px, scaled to --size).")
     p.add_argument("--figure-images", type=int, default=4,
                    help="Images in the figure of maps (default 4; 0 for no figure).")
+    p.add_argument("--figure", default=None, metavar="PATH",
+                   help="Where the figure of maps goes (default: OUT/fig_maps.png).")
     p.add_argument("--out", default="srd_fx_results",
                    help="Output folder (default: srd_fx_results; the committed results/ are written only when you name them).")
     p.add_argument("--cache-dir", default=None,
@@ -83,10 +87,13 @@ def add_arguments(p):
                    help="Under torchrun: seconds to wait for the rendezvous before giving up (default: 60).")
 
 
+ARCH_LABELS = {"resnet": "ResNet", "vgg": "VGG", "vit": "ViT", "mixer": "Mixer"}
+
+
 def _model_label(spec: str) -> str:
     arch, _, act = spec.partition(":")
-    if arch in ("resnet", "vgg"):
-        return f"{'ResNet' if arch == 'resnet' else 'VGG'} ({ACT_LABELS.get(act, act)})"
+    if arch in ARCH_LABELS:
+        return f"{ARCH_LABELS[arch]} ({ACT_LABELS.get(act, act)})"
     return spec
 
 
@@ -129,6 +136,7 @@ def _run(args, world) -> int:
     from srd_fx.eval import evaluation as E
     from srd_fx.eval import metrics as M
     from srd_fx.eval.baselines import get_method
+    from srd_fx.eval.models import is_token_model
     if args.threads:
         torch.set_num_threads(args.threads)
     digits = args.data == "digits"
@@ -198,8 +206,9 @@ def _run(args, world) -> int:
             return models[spec]
         arch, _, act = spec.partition(":")
         if digits:
-            if arch not in ("resnet", "vgg") or not act:
-                raise SystemExit(f"error: digit models are ARCH:ACT with ARCH in resnet, vgg (got {spec!r})")
+            from srd_fx.eval.models import ARCHS
+            if arch not in ARCHS or not act:
+                raise SystemExit(f"error: digit models are ARCH:ACT with ARCH in {', '.join(ARCHS)} (got {spec!r})")
             from srd_fx.eval.train import get_trained
             model, acc = get_trained(arch, act, size=size, cache_dir=args.cache_dir, progress=progress, **train_kw)
         else:
@@ -314,7 +323,8 @@ def _run(args, world) -> int:
         res2 = {_model_label(s): scores_for(s, metrics) for s in t2_specs}
         if world.is_main:
             record["tables"]["table2"] = dict(models=t2_specs, metrics=metrics, seconds=round(time.perf_counter() - t0, 1))
-            md = E.table2_markdown(res2, metrics, n_images=len(images))
+            note = E.TOKEN_NOTE if any(is_token_model(get(s)) for s in t2_specs) else ""
+            md = E.table2_markdown(res2, metrics, n_images=len(images), note=note)
             _write(args.out, "table2.md", md, written)
             _write(args.out, "table2.csv", E.results_csv(res2, accuracies), written)
             print(md)
@@ -331,11 +341,17 @@ def _run(args, world) -> int:
     if not world.is_main:
         return 0
     if args.figure_images > 0:
-        spec = (t2_specs or t4_specs)[0]
         n = min(args.figure_images, len(images))
-        fig = E.plot_maps(get(spec), images[:n], labels[:n], masks[:n], methods=methods, mean=mean, std=std,
-                          title=f"{_model_label(spec)}: maps on test images (outline: mask)")
-        path = os.path.join(args.out, "fig_maps.png")
+        if len(t2_specs) > 1 and all(is_token_model(get(s)) for s in t2_specs):
+            # token models share their methods: one figure, a group of rows per model
+            what = {_model_label(s): get(s) for s in t2_specs}
+            title = f"{', '.join(what)}: maps on test images (outline: mask)"
+        else:
+            spec = (t2_specs or t4_specs)[0]
+            what, title = get(spec), f"{_model_label(spec)}: maps on test images (outline: mask)"
+        fig = E.plot_maps(what, images[:n], labels[:n], masks[:n], methods=methods, mean=mean, std=std, title=title)
+        path = args.figure or os.path.join(args.out, "fig_maps.png")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110)
         written.append(path)
@@ -367,7 +383,7 @@ def _resume_settings(args, images, labels, masks) -> dict:
     """What the scores depend on: every option but where and how the run goes, and the data itself."""
     import hashlib
     import srd_fx
-    skip = {"out", "no_progress", "fresh", "dist_timeout", "threads", "figure_images", "command"}
+    skip = {"out", "no_progress", "fresh", "dist_timeout", "threads", "figure_images", "figure", "command"}
     opts = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and k not in skip}
     h = hashlib.blake2b(digest_size=16)
     for t in (images, labels, masks):

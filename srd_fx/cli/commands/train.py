@@ -8,7 +8,8 @@ HELP = ("Train the small digit-scene models used by 'srd-fx evaluate' (cached on
 
 def add_arguments(p):
     p.add_argument("models", nargs="*", metavar="ARCH:ACT",
-                   help="Models to train, e.g. resnet:relu vgg:relu (default: the six ResNets and the ReLU VGG).")
+                   help="Models to train, e.g. resnet:relu vgg:relu vit:gelu mixer:gelu (a bare ARCH: relu for "
+                        "resnet/vgg, gelu for the token models vit/mixer; default: the six ResNets and the ReLU VGG).")
     p.add_argument("--size", type=int, default=64, help="Input side in pixels (default 64).")
     p.add_argument("--cache-dir", default=None,
                    help="Cache directory (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
@@ -33,13 +34,14 @@ def run(args) -> int:
     kw = parse_train_settings(args.train_setting)
     for spec in specs:
         arch, _, act = spec.partition(":")
+        act = act or ("gelu" if arch in ("vit", "mixer") else "relu")
         try:
-            _, acc = get_trained(arch, act or "relu", size=args.size, cache_dir=args.cache_dir,
+            _, acc = get_trained(arch, act, size=args.size, cache_dir=args.cache_dir,
                                  progress=not args.no_progress, **kw)
         except (ValueError, TypeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        rec = cached_record(arch, act or "relu", size=args.size, cache_dir=args.cache_dir, **kw)
+        rec = cached_record(arch, act, size=args.size, cache_dir=args.cache_dir, **kw)
         print(f"{spec}: test accuracy {acc:.3f} (trained in {rec['train_seconds']:.0f} s with "
               f"{rec['torch_threads']} threads)")
     return 0
