@@ -26,8 +26,12 @@ Every generated network is checked in float64 on 6x6..12x12 inputs (:func:`check
 * batch independence: each sample explained alone gives its row of the batch's map, and a
   chunked explainer (``chunk_size=1``) equals the unchunked one.
 
-The CI run generates 25 networks (plus an 87-case sweep over every activation form);
-``pytest --slow`` adds a 300-network run. See docs/reliability.md.
+Token blocks (SPEC §8: timm attention, fused or manual, a gated MLP, a token-mixing linear layer)
+are drawn among the CNN stages by ``network_spec(tokens=True)``.
+
+The CI run generates 25 networks, 20 more with token blocks (plus an 87-case sweep over every
+activation form); ``pytest --slow`` adds a 300-network run with token blocks. See
+docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ else:
 _COMMON = dict(deadline=None, print_blob=False, **_MODE,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CI_SETTINGS = settings(max_examples=25, **_COMMON)
+TOKEN_SETTINGS = settings(max_examples=20, **_COMMON)
 FULL_SETTINGS = settings(max_examples=300, **_COMMON)
 
 
@@ -759,7 +764,108 @@ class GateStage(Stage):
         return [N.Block(tag, [xin], fn, [shadows], self.act)], tag
 
 
-STAGES = {"conv": ConvStage, "res": ResStage, "cat": CatStage, "gate": GateStage, "shuffle": ShuffleStage}
+class TokenStage(Stage):
+    """A token block (SPEC §8) on the map's H*W positions as tokens (``x.flatten(2).transpose(1,
+    2)``), pre-norm with a residual, back to the map (``transpose + reshape``) and an activation:
+
+    * ``attn``: timm's ``Attention`` (fused ``F.scaled_dot_product_attention`` or the manual
+      softmax: a gate, relevance to the values only) then an MLP; its hidden activation is a
+      token layer of its own;
+    * ``glu``: a SwiGLU-style gated MLP ``fc2(act(fc_g(y)) * fc_x(y))`` (no gate: the uniform rule);
+    * ``mix``: an MLP-Mixer token-mixing linear layer along the token axis (mixes positions)."""
+
+    def __init__(self, spec, cin):
+        super().__init__(spec)
+        c, hid, n = cin, spec["hidden"], spec["n"]
+        self.norm1 = nn.LayerNorm(c)
+        kind = spec["block"]
+        if kind == "attn":
+            from timm.layers import Attention
+            self.attn = Attention(c, num_heads=spec["heads"], qkv_bias=True)
+            self.attn.fused_attn = spec["fused"]
+            self.norm2 = nn.LayerNorm(c)
+            self.fc1 = nn.Linear(c, hid)
+        elif kind == "glu":
+            self.fc_g, self.fc_x = nn.Linear(c, hid), nn.Linear(c, hid)
+        else:
+            self.mix = nn.Linear(n, n)
+        if kind != "mix":
+            self.act1 = make_act(spec["act1"], hid)
+            self.fc2 = nn.Linear(hid, c)
+        with torch.no_grad():       # LayerNorm affine parameters away from (1, 0)
+            for norm in (self.norm1, getattr(self, "norm2", None)):
+                if norm is not None:
+                    norm.weight.add_(0.3 * torch.randn(c))
+                    norm.bias.add_(0.3 * torch.randn(c))
+        self.act = make_act(spec["act"], c)
+
+    @staticmethod
+    def tokens(x):
+        return x.flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def grid(t, like):
+        return t.transpose(1, 2).reshape(like.shape)
+
+    def forward(self, x):
+        x = self.pre(x)
+        t = self.tokens(x)
+        kind = self.spec["block"]
+        if kind == "attn":
+            t1 = t + self.attn(self.norm1(t))
+            a = self.act1(self.fc1(self.norm2(t1)))
+            return self.act(self.grid(t1 + self.fc2(a), x))
+        y = self.norm1(t)
+        if kind == "glu":
+            return self.act(self.grid(t + self.fc2(self.act1(self.fc_g(y)) * self.fc_x(y)), x))
+        return self.act(self.grid(t + self.mix(y.transpose(1, 2)).transpose(1, 2), x))
+
+    # naive description
+    def _ln(self, c, key, norm, t):
+        return N.ln_fixed(c, key, t, norm.weight, norm.bias, norm.eps)
+
+    def _t1(self, c, t):
+        return t + N._vit_attention(c, "attn", self.attn, self._ln(c, "ln1", self.norm1, t))
+
+    def naive(self, xin, tag):
+        kind, (H, W), n = self.spec["block"], self.spec["hw"], self.spec["n"]
+        to_grid = N.tokens_to_grid(H, W)
+        if kind == "mix":
+            def fn(c, x):
+                xp = self.pre_apply(c, x)
+                t = self.tokens(xp)
+                y = self._ln(c, "ln1", self.norm1, t)
+                return self.grid(t + self.mix(y.transpose(1, 2)).transpose(1, 2), xp)
+            shadow = [self.pre_chain(), self.pre_chain(N.flat(), N.full(n), to_grid)]
+            return [N.Block(tag, [xin], fn, [shadow], self.act)], tag
+        if kind == "attn":
+            def pre_act(c, x):
+                t1 = self._t1(c, self.tokens(self.pre_apply(c, x)))
+                return self.fc1(self._ln(c, "ln2", self.norm2, t1))
+
+            def fn(c, a, x):
+                xp = self.pre_apply(c, x)
+                return self.grid(self._t1(c, self.tokens(xp)) + self.fc2(a), xp)
+            first = [self.pre_chain(N.flat()), self.pre_chain(N.flat(), N.full(n))]
+            second = [self.pre_chain(), self.pre_chain(N.flat(), N.full(n), to_grid)]
+        else:
+            def pre_act(c, x):
+                return self.fc_g(self._ln(c, "ln1", self.norm1, self.tokens(self.pre_apply(c, x))))
+
+            def fn(c, a, x):
+                xp = self.pre_apply(c, x)
+                t = self.tokens(xp)
+                y = self._ln(c, "ln1", self.norm1, t)
+                return self.grid(t + self.fc2(N.uniform(c, "glu", a, self.fc_x(y))), xp)
+            first = [self.pre_chain(N.flat())]
+            second = [self.pre_chain(), self.pre_chain(N.flat(), to_grid)]
+        b1 = N.Block(tag + ".a", [xin], pre_act, [first], self.act1)
+        b2 = N.Block(tag, [tag + ".a", xin], fn, [[to_grid], second], self.act)
+        return [b1, b2], tag
+
+
+STAGES = {"conv": ConvStage, "res": ResStage, "cat": CatStage, "gate": GateStage, "shuffle": ShuffleStage,
+          "token": TokenStage}
 
 
 class Head(nn.Module):
@@ -836,6 +942,8 @@ def stage_channels(s, cin):
         if s["mode"] == "act_then_cat":
             return s["mix"]["cout"]
         return sum(b["conv"]["cout"] for b in s["branches"]) + (cin if s["with_input"] else 0)
+    if s["type"] == "token":
+        return cin
     return s["conv2"]["cout"] if s["where"] == "post" else s["conv"]["cout"]
 
 
@@ -915,12 +1023,35 @@ def pool_spec(draw, hw, *, allow_none=True):
 ACTS = st.sampled_from(DRAWN_ACTS)
 
 
+# token blocks act on (B, N, C): no per-channel PReLU (it weights axis 1), and no sigmoid-like
+# activation inside the gated MLP (its output would be a gate, not a factor of the uniform rule)
+TOKEN_ACTS = st.sampled_from([k for k in DRAWN_ACTS if "prelu" not in k.lower() and "sigmoid" not in k.lower()])
+
+
 @st.composite
-def stage_spec(draw, cin, hw):
-    kind = draw(st.sampled_from(["conv", "res", "cat", "gate"] + (["shuffle"] if cin >= 2 else [])))
-    pre = draw(pool_spec(hw))
+def token_stage_spec(draw, cin, hw, pre):
+    heads = [h for h in (1, 2) if cin % h == 0]
+    block = draw(st.sampled_from(["sdpa", "softmax", "glu", "mix"]))
+    s = dict(type="token", pre=pre, block="attn" if block in ("sdpa", "softmax") else block, hw=list(hw),
+             n=hw[0] * hw[1], hidden=draw(st.integers(2, 8)), heads=draw(st.sampled_from(heads)),
+             fused=block == "sdpa", act1=draw(TOKEN_ACTS), act=draw(ACTS))
+    return s, hw
+
+
+@st.composite
+def stage_spec(draw, cin, hw, tokens=False):
+    """One stage; ``tokens``: token blocks too (on at most 49 positions, to keep the dense naive
+    reference small)."""
+    kinds = ["conv", "res", "cat", "gate"] + (["shuffle"] if cin >= 2 else [])
+    kind = draw(st.sampled_from(kinds + (["token"] * 6 if tokens and cin >= 2 else [])))
+    pre = draw(pool_spec(hw, allow_none=kind != "token" or hw[0] * hw[1] <= 49))
     if pre is not None:
         hw = pool_out(pre, hw)
+    if kind == "token":
+        if hw[0] * hw[1] > 49:
+            kind = "conv"
+        else:
+            return draw(token_stage_spec(cin, hw, pre))
     bn = st.sampled_from([None, "module", "functional", "module_noaffine"])
     if kind == "conv":
         fpad = None
@@ -995,12 +1126,15 @@ def stage_spec(draw, cin, hw):
 
 
 @st.composite
-def network_spec(draw, max_stages=3):
-    cin = draw(st.integers(1, 3))
-    hw = (draw(st.integers(6, 12)), draw(st.integers(6, 12)))
+def network_spec(draw, max_stages=3, tokens=False):
+    """A network of 1..max_stages stages; ``tokens``: token blocks are likely (2-3 input channels,
+    4..8 x 4..8 inputs, so that they have few enough positions without pooling)."""
+    cin = draw(st.integers(2, 3) if tokens else st.integers(1, 3))
+    hw = (draw(st.integers(4, 8)), draw(st.integers(4, 8))) if tokens else \
+        (draw(st.integers(6, 12)), draw(st.integers(6, 12)))
     stages, c, cur = [], cin, hw
     for _ in range(draw(st.integers(1, max_stages))):
-        s, cur = draw(stage_spec(c, cur))
+        s, cur = draw(stage_spec(c, cur, tokens))
         stages.append(s)
         c = stage_channels(s, c)
     tail = draw(st.sampled_from([None, None, "identity", "pool"]))
@@ -1088,10 +1222,19 @@ def test_random_networks(spec):
     check_network(spec)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@TOKEN_SETTINGS
+@given(spec=network_spec(tokens=True))
+def test_random_token_networks(spec):
+    """Generated networks with token blocks among the CNN stages (attention fused or manual, a
+    gated MLP, a token-mixing linear layer): the same checks."""
+    check_network(spec)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @FULL_SETTINGS
-@given(spec=network_spec(max_stages=4))
+@given(spec=network_spec(max_stages=4, tokens=True))
 def test_random_networks_full(spec):
     """300 more generated networks, up to 4 stages (run with --slow)."""
     check_network(spec)
