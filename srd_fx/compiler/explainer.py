@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .analysis import GraphInfo, single_input
-from ..errors import (InputError, NonFiniteError, SRDError, TrainingModeError, UnsupportedOpError,
+from ..errors import (InputError, LayerError, NonFiniteError, SRDError, TrainingModeError, UnsupportedOpError,
                       UnsupportedPrecisionError)
 from .options import Options
 from .trace import NodeFailure, TraceError, check_eval, check_trace_matches, shape_prop, specialised_for, trace
@@ -175,6 +175,12 @@ class Explainer(nn.Module):
         node = resolve_layers(self.info, [layer])[layer]
         if node is self.info.input:
             raise ValueError("the input has no layer below it to propagate to")
+        if self.info.shape(node)[0] != self.info.shape(self.info.input)[0]:
+            raise LayerError(
+                f"layer {layer!r} has its windows folded into the batch axis (shape "
+                f"{tuple(self.info.shape(node))} for a batch of {self.info.shape(self.info.input)[0]}): "
+                "erf and propagate cannot seed it; its relevance is read out per sample by a normal call "
+                "(layers=...), and a layer outside the windows can be seeded")
         cache = self.__dict__.setdefault("_seeded_cache", {})
         if node not in cache:
             o = self.options

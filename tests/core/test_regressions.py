@@ -206,3 +206,7 @@ def test_lost_relevance_of_windows_folded_into_the_batch():
         torch.testing.assert_close(one.saliency[0], out.saliency[b], rtol=1e-12, atol=1e-12)
         for k, r in out.relevance.items():
             torch.testing.assert_close(one.relevance[k][0], r[b], rtol=1e-12, atol=1e-12)
+    # seeding such a layer is refused by name (it raised a raw RuntimeError)
+    for call in (lambda: e.erf(x, "relu"), lambda: e.propagate(x, "relu", out.relevance["relu"])):
+        with pytest.raises(srd_fx.LayerError, match="folded into the batch axis"):
+            call()
