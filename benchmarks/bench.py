@@ -299,14 +299,16 @@ def time_interleaved(make, keys, device: str, warmup: int, rounds: int, fresh=Fa
     """Round-robin timing: every round times one call of each key in turn, so that all keys share
     the same minutes of a machine whose load drifts.  ``make(key)`` returns a Bench; with ``fresh``
     it is set up anew (and warmed up once) every round, e.g. for methods that install hooks.
-    Returns {key: dict(times_s, warmup_s, minor_faults, system_s)} or {key: dict(error)}."""
+    Returns {key: dict(times_s, warmup_s, minor_faults, system_s, cpu_s)} or {key: dict(error)}
+    (``cpu_s``: the process's user + system CPU time of the call, all threads: less sensitive than the
+    wall time to other jobs on the machine)."""
     import resource
     res, benches = {}, {}
     for k in keys:
         try:
             bench = make(k)
             first, _ = time_calls(bench.run, device, max(warmup, 1), 0)
-            res[k] = dict(times_s=[], warmup_s=first, minor_faults=[], system_s=[])
+            res[k] = dict(times_s=[], warmup_s=first, minor_faults=[], system_s=[], cpu_s=[])
             if fresh:
                 bench.close()
             else:
@@ -326,6 +328,7 @@ def time_interleaved(make, keys, device: str, warmup: int, rounds: int, fresh=Fa
                 r1 = resource.getrusage(resource.RUSAGE_SELF)
                 res[k]["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
                 res[k]["system_s"].append(r1.ru_stime - r0.ru_stime)
+                res[k]["cpu_s"].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
             except Exception as e:  # noqa: BLE001  (e.g. out of memory at the largest point: a result)
                 res[k] = dict(error=error_line(e))
             if fresh:

@@ -75,20 +75,26 @@ def main(argv=None) -> int:
     times = {(m, b): timed[(m, b)]["times_s"] for m in runs for b in batches}
     faults = {(m, b): timed[(m, b)]["minor_faults"] for m in runs for b in batches}
     sys_s = {(m, b): timed[(m, b)]["system_s"] for m in runs for b in batches}
+    cpu_s = {(m, b): timed[(m, b)]["cpu_s"] for m in runs for b in batches}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_s.items()}
+    first = {(m, b): sum(timed[(m, b)]["warmup_s"]) for m in runs for b in batches}
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     lines = []
     say = lambda line: (print(line), lines.append(line))  # noqa: E731
+    load0 = os.getloadavg()
     say(f"{args.model}, {args.size}x{args.size}, CPU, {args.threads} threads, {args.repeats} interleaved rounds "
-        f"(median / min); glibc mmap {'off (MALLOC_MMAP_MAX_=0)' if os.environ.get('MALLOC_MMAP_MAX_') == '0' else 'on (default)'}:")
+        f"(median / min; CPU time = user + system of all threads, median), load average {load0[0]:.2f}; glibc mmap {'off (MALLOC_MMAP_MAX_=0)' if os.environ.get('MALLOC_MMAP_MAX_') == '0' else 'on (default)'}:")
     for b in batches:
         ref, ref_min = med.get(("ixg", b), math.nan), best.get(("ixg", b), math.nan)
+        ref_cpu = cpu_med.get(("ixg", b), math.nan)
         for m in methods:
             if m in failed:
                 say(f"  b{b:<3d} {m:12s} fails ({failed[m]})")
             else:
                 say(f"  b{b:<3d} {m:12s} {med[(m, b)]:8.3f} s / {best[(m, b)]:8.3f} s   ratio to ixg "
-                    f"{med[(m, b)] / ref:5.2f} / {best[(m, b)] / ref_min:5.2f}   page faults "
+                    f"{med[(m, b)] / ref:5.2f} / {best[(m, b)] / ref_min:5.2f}   CPU {cpu_med[(m, b)]:7.3f} s "
+                    f"(ratio {cpu_med[(m, b)] / ref_cpu:5.2f})   first call {first[(m, b)]:7.1f} s   page faults "
                     f"{statistics.median(faults[(m, b)]):9.0f}, system time {statistics.median(sys_s[(m, b)]):6.3f} s")
     fits = {}
     if len(batches) > 1:
@@ -123,7 +129,9 @@ def main(argv=None) -> int:
             malloc_mmap_off=os.environ.get("MALLOC_MMAP_MAX_") == "0",
             times={f"{m}/b{b}": v for (m, b), v in times.items()},
             minor_faults={f"{m}/b{b}": v for (m, b), v in faults.items()},
-            system_s={f"{m}/b{b}": v for (m, b), v in sys_s.items()}, fits=fits, peak_mb=mem), indent=1))
+            system_s={f"{m}/b{b}": v for (m, b), v in sys_s.items()},
+            cpu_s={f"{m}/b{b}": v for (m, b), v in cpu_s.items()},
+            first_call_s={f"{m}/b{b}": v for (m, b), v in first.items()}, fits=fits, peak_mb=mem), indent=1))
     return 0
 
 if __name__ == "__main__":

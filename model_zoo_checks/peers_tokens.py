@@ -13,10 +13,20 @@ zennit) or ``sum R^L`` minus SRD's reported ``lost`` (SRD: the same balance the 
 Part ``timing`` (cost next to input x gradient): ``--timing-models`` (default
 vit_small_patch16_224, deit_small_patch16_224, swin_tiny_patch4_window7_224) at batch 8, 224 x 224,
 float32, CPU, ``--threads`` torch threads (default 1), every parameter frozen, the predicted class
-as target; the methods and their timing/memory protocol are those of ``benchmarks/bench.py``
-(median of ``--repeats`` calls after ``--warmup``; peak memory = ``VmHWM - VmRSS`` over one call in a
-fresh process with glibc's mmap threshold at 4 KiB).  SRD is measured only where ``srd_fx.compile``
-accepts the model.
+as target; the methods are those of ``benchmarks/bench.py`` (LXT's below).  On a shared machine the
+load drifts from minute to minute, so all methods of one model are timed in one process,
+interleaved: ``--warmup`` untimed rounds, then ``--repeats`` rounds that each set up every method in
+turn, time one call (wall clock and the process's CPU time, which other jobs disturb less) and undo
+the setup (hooks, LXT's patches); medians are reported.  Peak memory = ``VmHWM - VmRSS`` over one
+call in a fresh process per (model, method) with glibc's mmap threshold at 4 KiB, as bench.py
+measures it.  The results are written to ``--out`` after every model and every memory worker;
+``--resume`` keeps those already measured with the same settings, so a run that is killed goes on
+where it stopped:
+
+    python -m model_zoo_checks.peers_tokens --part timing --resume --no-report   # one model at a time is fine:
+    python -m model_zoo_checks.peers_tokens --part timing --timing-models swin_tiny_patch4_window7_224 --resume
+
+SRD is measured only where ``srd_fx.compile`` accepts the model.
 
 The methods:
 
@@ -135,15 +145,42 @@ def _timing_inputs(name: str, batch: int, size: int):
     return model, x, targets_of(model, x, "cpu", "float32")
 
 
-def time_worker(name: str, method: str, batch: int, size: int, warmup: int, repeats: int) -> Dict:
-    """Part ``timing``, seconds per call, for one (model, method), in this process."""
-    from benchmarks.bench import time_calls
+def time_worker(name: str, methods: List[str], batch: int, size: int, warmup: int, repeats: int) -> Dict:
+    """Part ``timing`` for one model, every method in this process, interleaved: each round sets up
+    every method in turn, times one call (wall clock and the process's CPU time, all threads) and
+    undoes the setup (hooks, LXT's patches), so that all methods share the same minutes of a machine
+    whose load drifts.  ``warmup`` untimed rounds come first.  Returns {method: record}."""
+    from benchmarks.bench import error_line
     model, x, t = _timing_inputs(name, batch, size)
-    tic = time.perf_counter()
-    bench = setup(method, model, x, t)
-    setup_s = time.perf_counter() - tic
-    first, times = time_calls(bench.run, "cpu", warmup, repeats)
-    return dict(median_s=statistics.median(times), times_s=times, warmup_s=first, setup_s=setup_s)
+    recs: Dict[str, Dict] = {m: dict(times_s=[], cpu_s=[], setup_s=[]) for m in methods}
+    for rnd in range(warmup + repeats):
+        for m in methods:
+            rec = recs[m]
+            if rec.get("error"):
+                continue
+            try:
+                tic = time.perf_counter()
+                bench = setup(m, model, x, t)
+                setup_s = time.perf_counter() - tic
+                try:
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    bench.run()
+                    w1, c1 = time.perf_counter(), time.process_time()
+                finally:
+                    bench.close()
+            except Exception as e:  # a method that fails on a model: a result
+                recs[m] = dict(error=error_line(e))
+                continue
+            if rnd < warmup:
+                rec.setdefault("warmup_s", []).append(w1 - w0)
+            else:
+                rec["times_s"].append(w1 - w0)
+                rec["cpu_s"].append(c1 - c0)
+                rec["setup_s"].append(setup_s)
+    for m, rec in recs.items():
+        if not rec.get("error") and rec["times_s"]:
+            rec.update(median_s=statistics.median(rec["times_s"]), cpu_median_s=statistics.median(rec["cpu_s"]))
+    return recs
 
 
 def mem_worker(name: str, method: str, batch: int, size: int) -> Dict:
@@ -191,13 +228,20 @@ def _worker_main(spec: Dict) -> int:
         if kind == "map":
             rec = map_worker(spec["model"], spec["method"])
         elif kind == "time":
-            rec = time_worker(spec["model"], spec["method"], spec["batch"], spec["size"], spec["warmup"], spec["repeats"])
+            rec = time_worker(spec["model"], spec["methods"], spec["batch"], spec["size"], spec["warmup"], spec["repeats"])
         else:
             rec = mem_worker(spec["model"], spec["method"], spec["batch"], spec["size"])
     except Exception as e:  # reported as the method's failure on this model
         rec = _error(e)
     print("PEERS_WORKER " + json.dumps(rec, default=str), flush=True)
     return 0
+
+
+def _save(path: Path, doc: Dict) -> None:
+    """Write ``doc`` to ``path`` atomically (a run killed mid-write leaves the previous file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def default_map_models() -> List[str]:
@@ -219,9 +263,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=600.0, help="per (model, method) worker, seconds")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each times every method once)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="per worker, seconds (timing: one worker per model, all methods; memory and maps: one per "
+                        "(model, method))")
+    p.add_argument("--resume", action="store_true",
+                   help="timing: keep the (model, method) results already in --out that were measured with the same "
+                        "settings, measure only the rest (a run killed half way goes on where it stopped)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-report", dest="report", action="store_false", help="do not rewrite REPORT.md")
     p.add_argument("--out", default=str(OUT_JSON),
@@ -242,31 +291,52 @@ def main(argv=None) -> int:
                 maps[n][m] = r = _in_process("map", dict(model=n, method=m), args.timeout, args.threads)
                 print(f"maps {n} {m}: " + (r.get("error") or f"produced={r.get('produced')} conserved={r.get('conserved')} "
                                                             f"err={r.get('conservation_rel_err')}"), file=sys.stderr)
-        doc.update(maps=maps, maps_command=cmd.strip(), maps_generated=now)
+            doc.update(maps=maps, maps_command=cmd.strip(), maps_generated=now)
+            _save(out_json, doc)
     if args.part in ("timing", "both"):
-        load0 = os.getloadavg()[0]
+        settings = dict(batch=args.batch, size=args.size, threads=args.threads, repeats=args.repeats, warmup=args.warmup)
         tim = doc.get("timing") or {}
         for n in args.timing_models:
-            rows = tim.setdefault(n, {})
+            rows = tim.get(n) or {}
+            same = rows.get("_settings") == settings
+            todo = [m for m in args.methods if not (args.resume and same and (rows.get(m) or {}).get("median_s"))]
+            if todo:
+                load0 = os.getloadavg()[0]
+                spec = dict(model=n, methods=todo, batch=args.batch, size=args.size, warmup=args.warmup,
+                            repeats=args.repeats)
+                got = _in_process("time", spec, args.timeout, args.threads)
+                if not same:
+                    rows = {}
+                stamp = dict(measured=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                             load_avg=f"{load0:.1f}-{os.getloadavg()[0]:.1f}")
+                for m in todo:
+                    rows[m] = dict(got.get(m) or {"error": got.get("error", "no result")}, **stamp)
+                rows["_settings"] = settings
+                tim[n] = rows
+                doc.update(timing=tim, timing_command=cmd.strip(), timing_generated=now, timing_settings=settings)
+                _save(out_json, doc)  # resumable: a model measured is kept even if a later one is killed
+            for m in args.methods if args.memory else ():
+                r = rows.get(m) or {}
+                if r.get("error") or (args.resume and same and r.get("peak_mb") is not None and m not in todo):
+                    continue
+                mem = _in_process("mem", dict(model=n, method=m, batch=args.batch, size=args.size), args.timeout,
+                                  args.threads)
+                r.update({k: v for k, v in mem.items() if k in ("peak_mb", "mem_method")})
+                if mem.get("error"):
+                    r["mem_error"] = mem["error"]
+                _save(out_json, doc)
             for m in args.methods:
-                spec = dict(model=n, method=m, batch=args.batch, size=args.size, warmup=args.warmup, repeats=args.repeats)
-                rows[m] = r = _in_process("time", spec, args.timeout, args.threads)
-                r.update(measured=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_avg=f"{os.getloadavg()[0]:.1f}")
-                if args.memory and not r.get("error"):
-                    r.update({k: v for k, v in _in_process("mem", spec, args.timeout, args.threads).items()
-                              if k in ("peak_mb", "mem_method", "error")})
-                print(f"timing {n} {m}: " + (r.get("error") or f"{r.get('median_s', float('nan')):.3f} s, "
-                                                              f"{r.get('peak_mb', float('nan')):.0f} MiB"), file=sys.stderr)
-        doc.update(timing=tim, timing_command=cmd.strip(), timing_generated=now,
-                   timing_settings=dict(batch=args.batch, size=args.size, threads=args.threads, repeats=args.repeats,
-                                        warmup=args.warmup, load_avg=f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"))
+                r = rows.get(m) or {}
+                print(f"timing {n} {m}: " + (r.get("error") or
+                                             f"{r.get('median_s', float('nan')):.3f} s wall, {r.get('cpu_median_s', float('nan')):.3f} s CPU, "
+                                             f"{r.get('peak_mb', float('nan')):.0f} MiB"), file=sys.stderr)
     import lxt
     import timm
     import torch
     import zennit
     doc["versions"] = dict(lxt=getattr(lxt, "__version__", "2.1"), zennit=getattr(zennit, "__version__", "?"),
                            timm=timm.__version__, torch=torch.__version__)
-    out_json.write_text(json.dumps(doc, indent=1, default=str))
+    _save(out_json, doc)
     print(render_markdown(doc))
     if args.report:
         from .report import write_report

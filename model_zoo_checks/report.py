@@ -517,12 +517,22 @@ def token_peers_markdown(doc: Dict) -> str:
         s = doc.get("timing_settings", {})
         w(f"Cost next to input×gradient, measured by `{doc.get('timing_command', '')}` ({doc.get('timing_generated', '')}; "
           f"batch {s.get('batch')}, {s.get('size')}x{s.get('size')}, float32, CPU, {s.get('threads')} thread(s), "
-          f"parameters frozen; median of {s.get('repeats')} calls after {s.get('warmup')}; peak memory = extra resident "
-          f"memory of one call in a fresh process, as benchmarks/bench.py measures it; load average "
-          f"{s.get('load_avg', '?')}). Target for SRD: <= {TOKEN_PEER_TARGET_RATIO:g}x input×gradient in time and in memory.")
+          f"parameters frozen; all methods of a model timed in one process, interleaved: {s.get('warmup')} untimed "
+          f"round(s), then the median of {s.get('repeats')} rounds; *CPU s* is the process's CPU time of the call (all "
+          f"threads), which other jobs on the machine disturb less than the wall clock; peak memory = extra resident "
+          f"memory of one call in a fresh process, as benchmarks/bench.py measures it). Target for SRD: <= "
+          f"{TOKEN_PEER_TARGET_RATIO:g}x input×gradient in time and in memory.")
         w("")
-        w("| model | method | time s | × ixg time | peak MiB | × ixg memory | measured (load average) |")
-        w("|---|---|---|---|---|---|---|")
+        w("| model | method | wall s | × ixg | CPU s | × ixg | peak MiB | × ixg memory | measured (load average) |")
+        w("|---|---|---|---|---|---|---|---|---|")
+
+        def ratio(r, ref, key):
+            v, v0 = r.get(key), ref.get(key)
+            return f"{v / v0:.2f}" if isinstance(v, (int, float)) and isinstance(v0, (int, float)) and v0 else ""
+
+        def num(v, fmt):
+            return format(v, fmt) if isinstance(v, (int, float)) else ""
+
         for n, rows in tim.items():
             ref = rows.get("ixg", {})
             for m in TOKEN_PEER_METHODS:
@@ -530,13 +540,12 @@ def token_peers_markdown(doc: Dict) -> str:
                 if r is None:
                     continue
                 if r.get("error"):
-                    w(f"| {n} | {TOKEN_PEER_LABELS[m]} | {str(r['error']).replace('|', '/')[:120]} | | | | {r.get('measured', '')} |")
+                    w(f"| {n} | {TOKEN_PEER_LABELS[m]} | {str(r['error']).replace('|', '/')[:120]} | | | | | | "
+                      f"{r.get('measured', '')} |")
                     continue
-                tr = r.get("median_s") / ref["median_s"] if ref.get("median_s") and r.get("median_s") else None
-                mr = r.get("peak_mb") / ref["peak_mb"] if ref.get("peak_mb") and r.get("peak_mb") is not None else None
-                peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
-                w(f"| {n} | {TOKEN_PEER_LABELS[m]} | {r.get('median_s', float('nan')):.3f} | {'' if tr is None else f'{tr:.2f}'} | "
-                  f"{peak} | {'' if mr is None else f'{mr:.2f}'} | {r.get('measured', '')} ({r.get('load_avg', '?')}) |")
+                w(f"| {n} | {TOKEN_PEER_LABELS[m]} | {num(r.get('median_s'), '.3f')} | {ratio(r, ref, 'median_s')} | "
+                  f"{num(r.get('cpu_median_s'), '.3f')} | {ratio(r, ref, 'cpu_median_s')} | {num(r.get('peak_mb'), '.0f')} | "
+                  f"{ratio(r, ref, 'peak_mb')} | {r.get('measured', '')} ({r.get('load_avg', '?')}) |")
         w("")
     if not maps and not tim:
         w("Not measured yet: run `python -m model_zoo_checks.peers_tokens`.")

@@ -535,16 +535,44 @@ class Backward:
         b.comment(sl, f"block: {_label(lay.node)} <- {', '.join(_label(i) for i in lay.inputs)}")
         s = b.call(operator.getitem, sl, 0, name="s_" + tag)
         lost = b.call(operator.getitem, sl, 1, name="lost_" + tag)
-        self.g.setdefault(pre, []).append(s)
-        bias = self.bias(pre) if pre in self.interior else None
-        if bias is not None:
-            beta = b.call(ops.pfv_dot, bias, s, cax, name="beta_" + tag)
+        beta = self._beta_by_transpose(pre, s, cax, tag) if pre in self.interior else None
+        if beta is None:
+            self.g.setdefault(pre, []).append(s)
+            bias = self.bias(pre) if pre in self.interior else None
+            if bias is not None:
+                beta = b.call(ops.pfv_dot, bias, s, cax, name="beta_" + tag)
+        if beta is not None:
             D = self.shadow(pre)
             b.context = pre
             ql = b.call(ops.bias_share, beta, D, lost, name="bias_share_" + tag)
             self.q.setdefault(pre, []).append(b.call(operator.getitem, ql, 0, name="q_" + tag))
             lost = b.call(operator.getitem, ql, 1, name="lostb_" + tag)
         self.lost = b.call(ops.add_lost, self.lost, lost, b.val(self.info.input), name="lost_upto_" + tag)
+
+    def _beta_by_transpose(self, pre, s, cax, tag) -> Optional[fx.Node]:
+        """``beta = <F(0), s>`` per position without applying ``pre``'s op to the bias flowing in,
+        when that op maps each position's channels on its own (``rule.channel_map``: a linear layer)
+        and only this block reads it: ``<A z + c, s> = <z, A^T s> + <c, s>``, with ``A^T s`` the
+        transpose the sweep needs anyway (emitted here and handed to the op's input).  In
+        ConvNeXt and transformer MLPs this saves one expanding linear layer per block.  None where
+        it does not apply (the caller then forms ``F(0)`` as usual)."""
+        b, rule = self.b, self.info.rule.get(pre)
+        mains = b.main_inputs(pre)
+        if rule is None or len(mains) != 1 or len(pre.users) != 1 or pre in self.g or not rule.channel_map(b, pre):
+            return None
+        (i,) = mains
+        z = self.bias(i)
+        if z is None:
+            return None  # F(0) is the op's own bias: a broadcast row, nothing to save
+        b.context = pre
+        (gi,) = rule.transpose(b, pre, s)
+        self.g.setdefault(i, []).append(gi)
+        beta = b.call(ops.pfv_dot, z, gi, b.caxes(i), name="beta_in_" + tag)
+        c = rule.bias(b, pre, [None])
+        if c is not None:
+            beta = b.call(operator.add, beta, b.call(ops.pfv_dot, c, s, cax, name="beta_own_" + tag),
+                          name="beta_" + tag)
+        return beta
 
     def transpose(self, n):
         """Push the pending g and q of interior op ``n`` to its inputs."""

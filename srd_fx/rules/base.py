@@ -79,6 +79,13 @@ class Rule:
         raise NotImplementedError(f"{type(self).__name__}.shadow_T")
 
     # -- bias (the op on zero inputs, with the recorded constants) -------------------------
+    def channel_map(self, b, node) -> bool:
+        """True when the op maps each position's channel vector on its own (a linear layer on the
+        channel axis): then ``<A z + c, s>_j = <z, A^T s>_j + <c, s>_j`` at every position ``j``, and
+        the compiler forms a block's bias relevance from the transpose it computes anyway instead
+        of applying the op to the bias flowing in.  Default: False."""
+        return False
+
     def bias(self, b, node, zs):
         """``zs`` aligned with the main inputs: a twin node (the bias flowing in) or None
         (structurally zero).  Return a twin node or None."""

@@ -68,6 +68,9 @@ class Linear(Rule):
             return [b.call(mix_positions_T, m, self.spec(b, node)[1])]
         return [m]
 
+    def channel_map(self, b, node):
+        return b.unit != "neuron" and not self.token_mixing(b, node)
+
     def bias(self, b, node, zs):
         if zs[0] is None:
             if not self.spec(b, node)[2]:
