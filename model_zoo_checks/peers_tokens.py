@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                              load_avg=f"{load0:.1f}-{os.getloadavg()[0]:.1f}")
                 for m in todo:
                     rows[m] = dict(got.get(m) or {"error": got.get("error", "no result")}, **stamp)
-                rows["_settings"] = settings
+                rows["_settings"], rows["_command"] = settings, cmd.strip()
                 tim[n] = rows
                 doc.update(timing=tim, timing_command=cmd.strip(), timing_generated=now, timing_settings=settings)
                 _save(out_json, doc)  # resumable: a model measured is kept even if a later one is killed

@@ -518,7 +518,8 @@ def token_peers_markdown(doc: Dict) -> str:
         w(f"Cost next to input×gradient, measured by `{doc.get('timing_command', '')}` ({doc.get('timing_generated', '')}; "
           f"batch {s.get('batch')}, {s.get('size')}x{s.get('size')}, float32, CPU, {s.get('threads')} thread(s), "
           f"parameters frozen; all methods of a model timed in one process, interleaved: {s.get('warmup')} untimed "
-          f"round(s), then the median of {s.get('repeats')} rounds; *CPU s* is the process's CPU time of the call (all "
+          f"round(s), then the median of {s.get('repeats')} rounds (a model measured by another command says so "
+          f"below the table); *CPU s* is the process's CPU time of the call (all "
           f"threads), which other jobs on the machine disturb less than the wall clock; peak memory = extra resident "
           f"memory of one call in a fresh process, as benchmarks/bench.py measures it). Target for SRD: <= "
           f"{TOKEN_PEER_TARGET_RATIO:g}x input×gradient in time and in memory.")
@@ -546,6 +547,11 @@ def token_peers_markdown(doc: Dict) -> str:
                 w(f"| {n} | {TOKEN_PEER_LABELS[m]} | {num(r.get('median_s'), '.3f')} | {ratio(r, ref, 'median_s')} | "
                   f"{num(r.get('cpu_median_s'), '.3f')} | {ratio(r, ref, 'cpu_median_s')} | {num(r.get('peak_mb'), '.0f')} | "
                   f"{ratio(r, ref, 'peak_mb')} | {r.get('measured', '')} ({r.get('load_avg', '?')}) |")
+        w("")
+        for n, rows in tim.items():
+            if rows.get("_command") and rows["_command"] != doc.get("timing_command"):
+                w(f"- {n}: `{rows['_command']}` ({(rows.get('_settings') or {}).get('repeats')} rounds after "
+                  f"{(rows.get('_settings') or {}).get('warmup')})")
         w("")
     if not maps and not tim:
         w("Not measured yet: run `python -m model_zoo_checks.peers_tokens`.")
