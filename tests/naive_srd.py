@@ -128,6 +128,33 @@ def window(kernel, stride=1, padding=0, dilation=1) -> Conn:
     return conn
 
 
+def window_transposed(kernel, stride=1, padding=0, dilation=1, output_padding=0) -> Conn:
+    """A transposed convolution: input position i is spread over the output positions
+    ``i * stride - padding + k * dilation`` (k over the kernel); the output has
+    ``(H - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1`` rows."""
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    oph, opw = _pair(output_padding)
+
+    def conn(hw):
+        H, W = hw
+        Ho = (H - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
+        Wo = (W - 1) * sw - 2 * pw + dw * (kw - 1) + opw + 1
+        P = torch.zeros(Ho * Wo, H * W, dtype=torch.float64)
+        for ih in range(H):
+            for iw in range(W):
+                for a in range(kh):
+                    for b in range(kw):
+                        oh = ih * sh - ph + a * dh
+                        ow = iw * sw - pw + b * dw
+                        if 0 <= oh < Ho and 0 <= ow < Wo:
+                            P[oh * Wo + ow, ih * W + iw] += 1.0
+        return P, (Ho, Wo)
+    return conn
+
+
 def identity() -> Conn:
     """Element-wise ops, batch-norm, add, channel cat: position i connects to position i."""
     def conn(hw):
@@ -698,7 +725,38 @@ def cat_net():
     return m, Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
 
 
+class UpNet(nn.Module):
+    """Strided conv, then a transposed convolution back up (stride 2, padding 1, output
+    padding 1: LowFormer's upsampling), a residual from the stem, global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        d = torch.relu(self.down(s))
+        y = torch.relu(s + self.up(d))
+        return self.fc(y.mean((2, 3)))
+
+
+def up_net():
+    torch.manual_seed(0)
+    m = UpNet().double().eval()
+    blocks = [
+        Block("relu", ["input"], lambda c, x: m.stem(x), [[window(3, 1, 1)]], _relu),
+        Block("relu_1", ["relu"], lambda c, s: m.down(s), [[window(3, 2, 1)]], _relu),
+        Block("relu_2", ["relu_1", "relu"], lambda c, d, s: s + m.up(d),
+              [[window_transposed(3, 2, 1, 1, 1)], [identity()]], _relu),
+    ]
+    return m, Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
+
+
 TINY_NETS = {
+    "up": up_net,
     "plain": plain_net,
     "strided": strided_net,
     "pools": pool_net,

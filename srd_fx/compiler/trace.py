@@ -83,6 +83,17 @@ def _wrap_ruled_attributes(root, ruled):
             d[name] = value
 
 
+def _failing_module(tracer) -> str:
+    """`` in module 'blocks.0.attn' (GPSA)``: the innermost module fx was tracing when it failed."""
+    stack = list(getattr(tracer, "module_stack", {}).values())
+    stack = [v for v in stack if isinstance(v, tuple) and v[0]]
+    if not stack:
+        return ""
+    path, typ = stack[-1]
+    name = getattr(typ, "__name__", None) or str(typ).rsplit(".", 1)[-1].strip("'>")
+    return f" in module {path!r} ({name})"
+
+
 def optional_args(model: nn.Module) -> dict:
     """``forward``'s parameters after the first that have a default (``attn_mask=None``,
     ``is_causal=False``): traced at their defaults, so only the required tensor argument is an
@@ -153,21 +164,61 @@ def check_eval(model: nn.Module) -> None:
             "before srd_fx.compile(model).")
 
 
-def _meta_tracer():
-    from torch.fx.experimental.meta_tracer import MetaTracer
+def _meta_tracer(device=None):
+    import operator
+    from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
+
+    class _Proxy(MetaProxy):
+        def size(self, dim=None):
+            # MetaProxy.size treats dim=0 as "no dim" and returns the whole size (x.size(0))
+            meta = self.__dict__.get("_tensor_meta")
+            if meta is not None:
+                return meta.size() if dim is None else meta.size(dim)
+            return super().size(dim)
+
+    compare = {operator.eq, operator.ne, operator.not_, operator.truth}
 
     class ShapeAwareTracer(MetaTracer, SRDTracer):
         """SRDTracer whose proxies carry meta tensors, so Python control flow on *shapes*
-        (``if x.shape[-1] < 7``, as in timm's ConvMlp) resolves for the example's input size."""
+        (``if x.shape[-1] < 7``, as in timm's ConvMlp) resolves for the example's input size.
+        A test of a tensor's device (``if x.device.type != 'meta'``, timm's LiteMLA choosing its
+        autocast context) resolves to the example's device: it picks a Python branch and puts
+        nothing in the graph."""
+
+        def proxy(self, node):
+            return _Proxy(node, self)
+
+        def to_bool(self, obj):
+            value = _device_value(obj.node)
+            if isinstance(value, bool):
+                return value
+            return super().to_bool(obj)
+
+    def _device_value(n):
+        """The value of a comparison built from ``x.device`` / ``x.device.type`` and constants,
+        with every device the example's; None when ``n`` is anything else."""
+        if not isinstance(n, fx.Node):
+            return n
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "device":
+            return device
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "type":
+            d = _device_value(n.args[0])
+            return d.type if isinstance(d, torch.device) else None
+        if n.op == "call_function" and n.target in compare:
+            vals = [_device_value(a) for a in n.args]
+            if any(v is None or isinstance(v, fx.Node) for v in vals):
+                return None
+            return n.target(*vals)
+        return None
 
     return ShapeAwareTracer()
 
 
-def _meta_trace(model: nn.Module, shape, dtype) -> fx.GraphModule:
+def _meta_trace(model: nn.Module, shape, dtype, device=None) -> fx.GraphModule:
     import copy
     import inspect
     import warnings
-    mt = _meta_tracer()
+    mt = _meta_tracer(torch.device("meta"))
     name = next(iter(inspect.signature(model.forward).parameters))
     # trace a copy on the meta device (leaf modules then run on shapes only); the graph's
     # targets are qualified names, so it is bound to the real model after
@@ -177,10 +228,39 @@ def _meta_trace(model: nn.Module, shape, dtype) -> fx.GraphModule:
         graph = mt.trace(meta_model, meta_args={name: torch.empty(shape, dtype=dtype, device="meta")},
                          concrete_args=optional_args(model) or None)
         drop_specialised_inputs(graph)
+    missing = [n.target for n in graph.nodes if n.op == "get_attr" and not _has_attr(model, n.target)]
+    if missing:
+        raise _MissingConstant(missing)
     gm = fx.GraphModule(model, graph, type(model).__name__)
     for n in gm.graph.nodes:  # meta values are not wanted downstream
         n.meta.pop("tensor_meta", None)
     return gm
+
+
+class _MissingConstant(Exception):
+    """The trace reads tensors that the forward created while it was traced (a cache filled on
+    the first call, as ConViT's ``rel_indices``): they exist on the traced copy only."""
+
+
+def _has_attr(model, target):
+    obj = model
+    for atom in target.split("."):
+        if not hasattr(obj, atom):
+            return False
+        obj = getattr(obj, atom)
+    return True
+
+
+def _meta_trace_warm(model: nn.Module, example: torch.Tensor, shape):
+    """:func:`_meta_trace`; a forward that fills a tensor cache on its first call for this input
+    size (ConViT's relative indices) is run once on the example first, so the trace reads the
+    cache as an attribute of the model."""
+    try:
+        return _meta_trace(model, shape, example.dtype, example.device)
+    except _MissingConstant:
+        with torch.no_grad():
+            model(torch.zeros(shape, dtype=example.dtype, device=example.device))
+        return _meta_trace(model, shape, example.dtype, example.device)
 
 
 def _specialised_trace(model: nn.Module, example: torch.Tensor) -> Optional[fx.GraphModule]:
@@ -190,14 +270,14 @@ def _specialised_trace(model: nn.Module, example: torch.Tensor) -> Optional[fx.G
     give wrong results for another, so it is refused."""
     shape = tuple(example.shape)
     try:
-        gm = _meta_trace(model, shape, example.dtype)
+        gm = _meta_trace_warm(model, example, shape)
     except Exception:
         return None
     other = (shape[0] + 1,) + shape[1:] if len(shape) > 1 else None
     gm.meta["srd_specialised"] = shape
     if other is not None:
         try:
-            gm2 = _meta_trace(model, other, example.dtype)
+            gm2 = _meta_trace(model, other, example.dtype, example.device)
         except Exception:
             gm2 = None
         if gm2 is not None and gm2.code == gm.code:
@@ -241,13 +321,16 @@ def trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphM
             gm = _specialised_trace(model, example)
             if gm is not None:
                 return functionalise_inplace(gm)
+        where = _failing_module(tracer)
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(e).__name__}: {e}\n"
             "srd_fx needs a model whose forward has no data-dependent Python control flow "
-            "(if/for on tensor values, .item(), len() of a tensor, ...). Fix: move the "
-            "data-dependent part out of forward, make the offending submodule a leaf with a rule "
-            "(srd_fx.register_rule(ThatModule, rules.Affine(...))) or wrap the function with "
-            "torch.fx.wrap.") from e
+            "(if/for on tensor values, .item(), len() of a tensor, ...)"
+            + ("" if example is not None else "; control flow on shapes only resolves with an example "
+               "input: pass example_input= to srd_fx.compile") +
+            ". Fix: move the data-dependent part out of forward, make the offending submodule a leaf "
+            "with a rule (srd_fx.register_rule(ThatModule, rules.Affine(...))) or wrap the function "
+            "with torch.fx.wrap.") from e
     return functionalise_inplace(fx.GraphModule(tracer.root, graph, type(model).__name__))
 
 

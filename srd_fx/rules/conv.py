@@ -110,6 +110,57 @@ class Conv(Rule):
         return b.apply_with_inputs(node, zs)
 
 
+class ConvTranspose(Rule):
+    """Transposed convolutions (ConvTranspose1d/2d/3d, module and functional): every input
+    position is spread over an output window.
+
+    transpose: autograd's (a convolution with the same weight); shadow: the transpose of the
+    window sum of the convolution that has this op as its transpose (same kernel, stride,
+    padding, dilation: output position j is reached from input position i exactly when the
+    convolution's window at i covers j); output padding only adds positions at the end."""
+    pointwise = False
+
+    def spec(self, b, node):
+        """(input node, has_bias, stride, padding, dilation, kernel)."""
+        if node.op == "call_module":
+            m = b.module(node)
+            if m.padding_mode != "zeros":
+                b.unsupported(node, f"padding_mode={m.padding_mode!r} (only zero padding)")
+            return node.args[0], m.bias is not None, m.stride, m.padding, m.dilation, m.kernel_size
+        w = arg(node, 1, "weight")
+        return (node.args[0], arg(node, 2, "bias") is not None, arg(node, 3, "stride", 1),
+                arg(node, 4, "padding", 0), arg(node, 7, "dilation", 1), tuple(b.shape(w)[2:]))
+
+    def layout(self, b, node):
+        return (1,)
+
+    def shadow(self, b, node, ms):
+        x, _, stride, padding, dilation, kernel = self.spec(b, node)
+        if b.unit == "neuron":
+            b.unsupported(node, "a transposed convolution with unit='neuron'")
+        return b.call(ops.window_sum_T, ms[0], kernel, stride, padding, dilation, b.size_of(node))
+
+    def shadow_T(self, b, node, m):
+        x, _, stride, padding, dilation, kernel = self.spec(b, node)
+        return [b.call(ops.window_sum, m, kernel, stride, padding, dilation, b.size_of(x))]
+
+    def bias(self, b, node, zs):
+        has_bias = self.spec(b, node)[1]
+        if zs[0] is None:
+            if not has_bias:
+                return None
+            bias = b.param(node, "bias") if node.op == "call_module" else b.val(arg(node, 2, "bias"))
+            return b.call(channel_bias, bias, len(b.shape(node)))
+        return b.apply_with_inputs(node, zs)
+
+
+_conv_t = ConvTranspose()
+for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_rule(cls, _conv_t)
+for fn in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+    register_rule(fn, _conv_t)
+
+
 def _bn_scale_of(g):
     """The batch-norm scale when ``g`` is the ``g * bn_scale`` of a batch norm's transpose
     (srd_fx/rules/norm.py), else None."""
