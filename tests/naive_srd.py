@@ -231,6 +231,18 @@ def full(n_out: int) -> Conn:
     return conn
 
 
+def placed(offset: int, total: int) -> Conn:
+    """A token sequence placed at ``offset`` in a sequence of ``total`` tokens (several encoder
+    outputs packed one after the other)."""
+    def conn(hw):
+        (N,) = hw
+        P = torch.zeros(total, N, dtype=torch.float64)
+        for i in range(N):
+            P[offset + i, i] = 1.0
+        return P, (total,)
+    return conn
+
+
 def grid_to_tokens() -> Conn:
     """Alias of :func:`flat` for readability in channels-last grids."""
     return flat()
@@ -1217,7 +1229,56 @@ def amax_net():
     return m, Net(blocks, head=lambda A: m.head(A.mean(1)))
 
 
+class TwoOutputs(nn.Module):
+    """A timm-style model whose ``forward_features`` returns two tensors of different widths and
+    layouts (CrossViT, CoaT): channels-last tokens (B, 16, 6) and an NCHW map (B, 5, 4, 4); the
+    head pools each and adds their logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.tok = nn.Conv2d(4, 6, 2, stride=2)
+        self.down = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(6, 5)
+        self.fc2 = nn.Linear(5, 5)
+
+    def forward_features(self, x):
+        a = torch.relu(self.stem(x))
+        t = torch.relu(self.tok(a).flatten(2).transpose(1, 2))
+        return [t, self.down(a)]
+
+    def forward_head(self, xs):
+        return self.fc1(xs[0].mean(1)) + self.fc2(xs[1].mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def two_outputs_net():
+    """L packs the two outputs: 16 tokens then the 16 positions of the map (row-major), channels
+    padded to 6 (the virtual layer at L is the packed tensor)."""
+    torch.manual_seed(0)
+    m = TwoOutputs().double().eval()
+
+    def L(c, t, a):
+        n = m.down(a).flatten(2).transpose(1, 2)                       # (1, 16, 5)
+        return torch.cat([t, F.pad(n, (0, 1))], dim=1)
+
+    blocks = [
+        Block("relu", ["input"], lambda c, x: m.stem(x), [[window(3, 1, 1)]], _relu),
+        Block("relu_1", ["relu"], lambda c, a: m.tok(a).flatten(2).transpose(1, 2),
+              [[chain(window(2, 2), flat())]], _relu),
+        Block("pack_features", ["relu_1", "relu"], L,
+              [[placed(0, 32)], [chain(window(3, 2, 1), flat(), placed(16, 32))]]),
+    ]
+
+    def head(A):
+        return m.fc1(A[:, :16].mean(1)) + m.fc2(A[:, 16:, :5].mean(1))
+    return m, Net(blocks, head=head)
+
+
 TOKEN_NETS = {
+    "two_outputs": two_outputs_net,
     "amax_tokens": amax_net,
     "vit_fused": lambda: tiny_vit(True),
     "vit_no_patch_bias": lambda: tiny_vit(True, patch_bias=False),

@@ -16,7 +16,7 @@ from srd_fx import rules as R
 
 from ..errors import LayerError, UnsupportedOpError
 from srd_fx.rules.products import uniform_rule
-from .trace import encoder_node
+from .trace import ENCODER_TAG, encoder_items, encoder_node
 
 # ops that only re-view a tensor: a gate stays a gate through them
 _VIEWS = {"view", "reshape", "expand", "expand_as", "contiguous", "flatten", "unsqueeze", "squeeze",
@@ -110,6 +110,9 @@ class GraphInfo:
         self.gates: Dict[fx.Node, fx.Node] = {}
         self._find_gates()
         self.caxes_: Dict[fx.Node, Tuple[int, ...]] = {self.input: (1,)}
+        self.L_segments = None
+        if encoder_output is None:
+            self._pack_encoder_outputs()
         self.L = self._encoder_output(encoder_output)
         self.layers = self._layers()
 
@@ -279,6 +282,52 @@ class GraphInfo:
                     self.rule[n] = u
 
     # ------------------------------------------------------------------ L ------------------
+    def _pack_encoder_outputs(self):
+        """A timm ``forward_features`` that returns several tensors (CrossViT's branches, CoaT's
+        scales): they are packed into one token tensor L ``(B, sum of positions, widest
+        channels)`` (``srd_fx.rules.shape.pack_features``) that the head unpacks; Eq. 4's mean
+        then runs over the positions of each tensor (``L_segments``)."""
+        items = encoder_items(self.gm)
+        if not items or encoder_node(self.gm) is not None or \
+                not all(self.is_tensor(n) and self.dep.get(n) for n in items) or len(set(items)) != len(items):
+            return
+        from srd_fx.rules.shape import pack_features, unpack_feature
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+        specs, segments, start = [], [], 0
+        for n in items:
+            shape, ci = self.shape(n), self.caxes(n)
+            pos = [d for d in range(1, len(shape)) if d not in ci]
+            specs.append((tuple([0] + pos + list(ci)), tuple(shape[d] for d in pos), tuple(shape[d] for d in ci)))
+            segments.append((start, start + math.prod(specs[-1][1])))
+            start = segments[-1][1]
+        last = max(items, key=self.order.get)
+        later = {u for n in items for u in n.users if self.order[u] > self.order[last]}
+        with self.graph.inserting_after(last):
+            pack = self.graph.call_function(pack_features, (list(items), specs))
+        metas = [torch.empty(self.shape(n), dtype=n.meta["tensor_meta"].dtype, device="meta") for n in items]
+        pack.meta.update({ENCODER_TAG: True, "tensor_meta": _extract_tensor_metadata(pack_features(metas, specs)),
+                          "type": torch.Tensor})
+        at = pack
+        for i, n in enumerate(items):
+            with self.graph.inserting_after(at):
+                at = self.graph.call_function(unpack_feature, (pack, i, specs))
+            at.meta.update({"tensor_meta": n.meta["tensor_meta"], "type": torch.Tensor})
+            for u in later & set(n.users):
+                u.replace_input_with(n, at)
+        self.gm.recompile()
+        self.nodes = list(self.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.nx = nx.DiGraph()
+        for n in self.nodes:
+            self.nx.add_node(n)
+            for i in n.all_input_nodes:
+                self.nx.add_edge(i, n)
+        for n in self.nodes:
+            if n not in self.rule:
+                self.rule[n] = R.lookup(n, self.modules)
+                self.dep[n] = True
+        self.L_segments = segments
+
     def node_for(self, name: str) -> fx.Node:
         """A node by fx name, or the output node of a module by qualified name."""
         for n in self.nodes:
@@ -329,6 +378,53 @@ class GraphInfo:
             else:
                 self.caxes_[n] = tuple(r.layout(self, n))
         return self.caxes_[n]
+
+    def provenance_layout(self, node) -> Tuple[int, ...]:
+        """Channel axes of ``node`` found from where its elements come from, for a chain of
+        reshapes and permutes that passed through tensors with channels folded into the batch
+        axis or mixed with positions (MobileViT's patches, MViTv2's heads): the chain is replayed
+        on the channel and the position index of every element of its last labelled source.  An
+        axis along which only the channel index changes is a channel axis, one along which only
+        the position index changes a position axis.  ``()`` (unlabelled: maps are kept at full
+        size, spread over the channels) when some axis mixes both or the batch axis holds channels."""
+        from srd_fx.rules.elementwise import Identity
+        from srd_fx.rules.shape import Permute, Reshape, Unsqueeze
+        chain, n = [], node
+        while True:
+            ins = self.main_inputs(n)
+            if len(ins) != 1 or not self.is_tensor(ins[0]):
+                return ()
+            chain.append(n)
+            n = ins[0]
+            if self.caxes(n) != ():
+                break
+            if len(chain) > 64:
+                return ()
+        shape, ca = self.shape(n), self.caxes(n)
+        pos = [1 if d in ca else s for d, s in enumerate(shape)]
+        ch = [s if d in ca else 1 for d, s in enumerate(shape)]
+        P = torch.arange(math.prod(pos)).reshape(pos).expand(shape)
+        C = torch.arange(math.prod(ch)).reshape(ch).expand(shape)
+        for m in reversed(chain):
+            r = self.rule.get(m)
+            if isinstance(r, (Reshape, Unsqueeze)):
+                P, C = P.reshape(self.shape(m)), C.reshape(self.shape(m))
+            elif isinstance(r, Permute):
+                p = r._perm(self, m)
+                P, C = P.permute(p), C.permute(p)
+            elif not (isinstance(r, Identity) and self.shape(m) == tuple(P.shape)):
+                return ()
+        moves = lambda t, d: t.shape[d] > 1 and bool((t.diff(dim=d) != 0).any())  # noqa: E731
+        if moves(C, 0):
+            return ()
+        out = []
+        for d in range(1, P.dim()):
+            mp, mc = moves(P, d), moves(C, d)
+            if mp and mc:
+                return ()
+            if mc:
+                out.append(d)
+        return tuple(out)
 
     # ------------------------------------------------------------------ read-out orientation
     def origin(self, n) -> Tuple[Optional[int], ...]:
@@ -503,7 +599,23 @@ class GraphInfo:
             lay.block, lay.inputs = block, inputs
             for n in block + inputs + [lay.pre]:
                 self.caxes(n)
+            self._check_unlabelled(lay)
         return layers
+
+    def _check_unlabelled(self, lay):
+        """Tensors whose channels are folded into the batch axis or mixed with positions may only
+        be rearranged (reshape, permute, copies) until a reshape separates them again."""
+        from srd_fx.rules.elementwise import Identity
+        from srd_fx.rules.shape import Permute, Reshape, Unsqueeze
+        for n in lay.block + lay.inputs + [lay.pre]:
+            if self.caxes(n) != ():
+                continue
+            r = self.rule.get(n)
+            if n is lay.pre or n in lay.inputs or not isinstance(r, (Reshape, Unsqueeze, Permute, Identity)):
+                shape = self.shape(n)
+                self.unsupported(n, f"the tensor {tuple(shape)} has its channels folded into the batch axis or "
+                                    "mixed with positions (after a reshape), and this op is not a reshape or permute "
+                                    "that separates them again; register a rule for the module that does this")
 
     def layer_of(self, n) -> Optional[Layer]:
         for lay in self.layers:

@@ -106,10 +106,12 @@ def _spatial(A, caxes):
     return tuple(d for d in range(1, A.dim()) if d not in caxes)
 
 
-def gradcam(head, A, logits, target, caxes, neuron=False):
+def gradcam(head, A, logits, target, caxes, neuron=False, segments=None):
     """R^L_i = max(Phi^c_i - mean_c' Phi^c'_i, 0) with Grad-CAM weights (Eq. 4).
 
     One vector-Jacobian product of the head with (onehot(c) - 1/K) gives both terms at once.
+    ``segments``: L packs several encoder outputs along axis 1 (``(start, stop)`` each), and the
+    Grad-CAM weights are the mean over each one's positions.
     unit="neuron": each neuron k of a position with Phi_i > 0 gets its term alpha_k A_ik (the
     z-rule through Phi's linear combination), so the neuron relevances of i sum to R^L_i."""
     t = resolve_target(logits, target, check_values=False)
@@ -125,7 +127,10 @@ def gradcam(head, A, logits, target, caxes, neuron=False):
     sp = _spatial(A, caxes)
     if A.dtype in (torch.float16, torch.bfloat16):  # maps are float32 for half-precision models
         A, grad = A.float(), grad.float()
-    alpha = grad.mean(dim=sp, keepdim=True) if sp else grad
+    if segments is not None:   # several encoder outputs packed along axis 1: a mean per tensor
+        alpha = torch.cat([grad[:, a:b].mean(dim=1, keepdim=True).expand(-1, b - a, -1) for a, b in segments], 1)
+    else:
+        alpha = grad.mean(dim=sp, keepdim=True) if sp else grad
     terms = alpha * A
     phi = terms.sum(dim=caxes, keepdim=True)
     if neuron:

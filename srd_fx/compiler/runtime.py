@@ -130,10 +130,10 @@ def squeeze_map(m: torch.Tensor, caxes: Axes) -> torch.Tensor:
 
 
 def position_map(r: torch.Tensor, caxes: Axes) -> torch.Tensor:
-    """Relevance per position: sums neuron relevances (unit="neuron") over the channel axes."""
-    if all(r.shape[a] == 1 for a in caxes):
-        return r.squeeze(tuple(caxes))
-    return r.sum(dim=tuple(caxes))
+    """Relevance per position: sums neuron relevances (unit="neuron") over the channel axes.  A
+    tensor with no position axis (one PFV) gives ``(B, 1)``."""
+    out = r.squeeze(tuple(caxes)) if all(r.shape[a] == 1 for a in caxes) else r.sum(dim=tuple(caxes))
+    return out.unsqueeze(1) if out.dim() == 1 else out
 
 
 def unbroadcast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -259,6 +259,9 @@ def interp_support(n_in: int, n_out: int, mode: str, align_corners, scale, ref) 
     """0/1 matrix (n_out, n_in): source positions each output position is interpolated from."""
     eye = torch.eye(n_in, dtype=torch.float64, device=ref.device)[None]  # (1, n_in, n_in)
     kw = {} if mode == "nearest" else {"align_corners": align_corners}
+    if mode == "bicubic":   # no 1-D cubic mode: resize the rows of a 2-D identity, columns kept
+        w = F.interpolate(eye[None], size=(n_out, n_in), mode=mode, **kw)[0, 0]    # (n_out, n_in)
+        return (w.abs() > 0).to(ref.dtype)
     w = F.interpolate(eye, size=n_out, mode="linear" if mode in ("bilinear", "linear") else mode, **kw)
     return (w[0].abs() > 0).to(ref.dtype).t()  # (n_out, n_in)
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..errors import TraceError, TrainingModeError, UnsupportedOpError
 
 ENCODER_TAG = "srd_encoder_output"
+ENCODER_LIST_TAG = "srd_encoder_output_item"
 
 
 def _timm_lists():
@@ -146,6 +147,9 @@ def _tag_forward_features(model: nn.Module):
         out = ff(*args, **kwargs)
         if isinstance(out, fx.Proxy):
             out.node.meta[ENCODER_TAG] = True
+        elif isinstance(out, (list, tuple)) and out and all(isinstance(o, fx.Proxy) for o in out):
+            for i, o in enumerate(out):          # several encoder outputs (packed by the analysis)
+                o.node.meta.setdefault(ENCODER_LIST_TAG, []).append(i)
         return out
 
     model.forward_features = tagged
@@ -598,3 +602,12 @@ def encoder_node(gm: fx.GraphModule) -> Optional[fx.Node]:
         if n.meta.get(ENCODER_TAG):
             return n
     return None
+
+
+def encoder_items(gm: fx.GraphModule) -> list:
+    """The tensors of a ``forward_features`` that returns a list, in the list's order ([] else)."""
+    items = {}
+    for n in gm.graph.nodes:
+        for i in n.meta.get(ENCODER_LIST_TAG, ()):
+            items[i] = n
+    return [items[i] for i in sorted(items)] if sorted(items) == list(range(len(items))) else []

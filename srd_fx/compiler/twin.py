@@ -657,7 +657,8 @@ def _initial_relevance(b: Builder, head, seed, target, logits):
                      name="R_L")
     elif head == "gradcam":
         root.srd_head = heads.extract_head(info, root.__dict__.get("srd_output_selector"))
-        R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, neuron, name="R_L")
+        R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, neuron,
+                     *([info.L_segments] if info.L_segments else []), name="R_L")
     elif head == "ones":
         R_L = b.call(heads.ones, b.val(L), cax_L, neuron, logits, target, name="R_L")
     else:

@@ -37,7 +37,21 @@ class Conv(Rule):
                 arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1), kernel)
 
     def layout(self, b, node):
-        return (1,)
+        # spatial axes that carry channels (a 1x1 convolution over a state axis that a contraction
+        # over positions made a channel axis, EfficientViM's hidden state) stay channels
+        ins = b.main_inputs(node)
+        return (1,) + (tuple(d for d in b.caxes(ins[0]) if d >= 2) if ins else ())
+
+    def _no_positions(self, b, node):
+        """True when the input has no position axis (one PFV): the shadow is the identity."""
+        x = self.spec(b, node)[0]
+        spatial = set(range(2, len(b.shape(x))))
+        cax = set(b.caxes(x))
+        if spatial <= cax:
+            return True
+        if spatial & cax:
+            b.unsupported(node, "a convolution over a mix of position and channel axes")
+        return False
 
     def _padding(self, b, node):
         """Integer padding, or explicit F.pad amounts for an asymmetric padding='same'."""
@@ -74,6 +88,8 @@ class Conv(Rule):
             and not any(flat(p))
 
     def shadow(self, b, node, ms):
+        if self._no_positions(b, node):
+            return ms[0]
         x, w, _, stride, _, dilation, groups, kernel = self.spec(b, node)
         p, asym = self._padding(b, node)
         if asym:
@@ -88,6 +104,8 @@ class Conv(Rule):
         return window_shadow(b, node, ms[0], kernel, stride, p, dilation, b.size_of(node))
 
     def shadow_T(self, b, node, m):
+        if self._no_positions(b, node):
+            return [m]
         x, w, _, stride, _, dilation, groups, kernel = self.spec(b, node)
         padding, asym = self._padding(b, node)
         if asym:

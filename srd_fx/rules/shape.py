@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..compiler import runtime as ops
 
+from ..errors import UnsupportedOpError
 from .base import Meta, Rule, arg, register_rule
 from .attention import layout_axes
 
@@ -306,6 +307,8 @@ class Reshape(Rule):
                 return tuple(range(len(so) - len(ci), len(so))), ()
             if list(ci) == list(range(1, 1 + len(ci))) and so[1:1 + len(ci)] == csz:
                 return tuple(range(1, 1 + len(ci))), ()
+        if si[0] != so[0]:
+            info.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} moves channels into the batch axis")
         if len(so) == 2:  # (B, F): one PFV
             return (1,), tuple(P)
         rest = so[1:]
@@ -351,18 +354,38 @@ class Reshape(Rule):
                                "srd_fx cannot map; register a rule for this module")
 
     def layout(self, b, node):
-        return self._plan(b, node)[0]
+        x = b.main_inputs(node)[0]
+        if b.caxes(x) == ():            # an unlabelled input: labels come back where they can
+            return b.provenance_layout(node)
+        try:
+            return self._plan(b, node)[0]
+        except UnsupportedOpError:
+            # channels folded into the batch axis or mixed with positions (MobileViT's unfold to
+            # patches, MViTv2's head merge): unlabelled until a later reshape separates them again
+            return b.provenance_layout(node)
+
+    @staticmethod
+    def _unlabelled(b, node):
+        return b.caxes(node) == () or b.caxes(b.main_inputs(node)[0]) == ()
 
     def transpose(self, b, node, g):
         return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
 
+    def _full_map_spec(self, b, node):
+        fn = "method:" + node.target if node.op == "call_method" else fn_name_of(node.target)
+        return fn, b.size_of(b.main_inputs(node)[0]), b.caxes(node), b.val(node.args[1:]), b.val(node.kwargs)
+
     def shadow(self, b, node, ms):
+        if self._unlabelled(b, node):   # the op itself on the map spread over the channels
+            return b.call(rearranged_map, ms[0], *self._full_map_spec(b, node))
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         m = b.call(reduce_keep, ms[0], absorbed) if absorbed else ms[0]
         return b.call(reshape_map, m, b.val(node), b.caxes(node))
 
     def shadow_T(self, b, node, m):
         x = b.main_inputs(node)[0]
+        if self._unlabelled(b, node):
+            return b.vjp_shadow(rearranged_map, self._full_map_spec(b, node), m, x)
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         return [b.call(reshape_map_T, m, b.val(x), b.caxes(x), absorbed)]
 
@@ -716,8 +739,8 @@ for t in (torch.roll, "method:roll"):
 def rearranged_map(m, fn, x_shape, caxes_out, args, kwargs):
     """Shadow of a pure rearrangement of positions ``fn(x, *args)`` (timm's window_reverse and
     kin): the map is broadcast over the channels, rearranged, and one channel is kept."""
-    from ..compiler.runtime import resolve
-    out = resolve(fn)(m.expand(x_shape), *args, **kwargs)
+    from ..compiler.runtime import _call
+    out = _call(fn, [m.expand(x_shape), *args], kwargs)
     idx = tuple(slice(0, 1) if d in caxes_out else slice(None) for d in range(out.dim()))
     return out[idx]
 
@@ -846,3 +869,103 @@ _meta = Meta()
 for t in ("method:size", "method:dim", getattr, len, "method:split", torch.split, "method:chunk", torch.chunk,
           "method:unbind", torch.unbind):
     register_rule(t, _meta)
+
+
+# ------------------------------------------------------------- several encoder outputs -------
+# A timm ``forward_features`` that returns a list of tensors (CrossViT's branches, CoaT's
+# parallel scales, EfficientViM's stage outputs) has them packed into one token tensor
+# ``(B, sum of positions, widest channels)``: each tensor's positions flattened in its own order,
+# its channels padded with zeros.  The head reads them back with ``unpack_feature``; the analysis
+# inserts both (srd_fx.compiler.analysis).  ``specs``: per tensor (permutation putting its
+# position axes before its channel axes, position sizes, channel sizes).
+def _token_view(x, spec):
+    perm, pos, ch = spec
+    return x.permute(perm).reshape(x.shape[0], math.prod(pos), math.prod(ch))
+
+
+def pack_features(xs, specs):
+    B = max(x.shape[0] for x in xs)
+    flat = [_token_view(x, s) for x, s in zip(xs, specs)]
+    C = max(f.shape[2] for f in flat)
+    return torch.cat([F.pad(f, (0, C - f.shape[2])).expand(B, -1, -1) for f in flat], dim=1)
+
+
+def unpack_feature(A, i, specs):
+    start = sum(math.prod(s[1]) for s in specs[:i])
+    perm, pos, ch = specs[i]
+    t = A[:, start:start + math.prod(pos), :math.prod(ch)].reshape(A.shape[0], *pos, *ch)
+    return t.permute([perm.index(d) for d in range(len(perm))])
+
+
+def pack_maps(ms, specs):
+    """Shadow of :func:`pack_features`: the one-channel maps, flattened and concatenated."""
+    B = max(m.shape[0] for m in ms)
+    flat = [m.permute(s[0]).reshape(m.shape[0], math.prod(s[1]), 1) for m, s in zip(ms, specs)]
+    return torch.cat([f.expand(B, -1, -1) for f in flat], dim=1)
+
+
+def pack_maps_T(m, specs):
+    out, start = [], 0
+    for perm, pos, ch in specs:
+        n = math.prod(pos)
+        t = m[:, start:start + n].reshape(m.shape[0], *pos, *([1] * len(ch)))
+        out.append(t.permute([perm.index(d) for d in range(len(perm))]))
+        start += n
+    return out
+
+
+class PackFeatures(Rule):
+    """:func:`pack_features`: the encoder outputs as one token tensor (positions on axis 1,
+    channels on axis 2); linear (its transpose is autograd's), its shadow concatenates maps."""
+    pointwise = False
+
+    def layout(self, b, node):
+        return (2,)
+
+    def shadow(self, b, node, ms):
+        return b.call(pack_maps, list(ms), node.args[1])
+
+    def shadow_T(self, b, node, m):
+        parts = b.call(pack_maps_T, m, node.args[1])
+        return [b.call(operator.getitem, parts, k) for k in range(len(node.args[1]))]
+
+
+register_rule(pack_features, PackFeatures())
+
+
+class ScaleImage(Rule):
+    """timm's CrossViT ``scale_image(x, size, crop_scale)`` (a no-trace function): the identity,
+    a centre crop or a bicubic resize of the input to ``size``.  Linear; its shadow is the
+    function on the map for the identity and the crop, the interpolation's source positions for
+    the resize."""
+    pointwise = False
+    main_args = (0,)
+
+    def _resized(self, b, node):
+        x = node.args[0]
+        same = b.shape(x)[-2:] == b.shape(node)[-2:]
+        crop = arg(node, 2, "crop_scale", False) and all(o <= i for o, i in zip(b.shape(node)[-2:], b.shape(x)[-2:]))
+        return not (same or crop)
+
+    def shadow(self, b, node, ms):
+        x = node.args[0]
+        if self._resized(b, node):
+            return b.call(interp_map, ms[0], b.val(x), b.val(node), "bicubic", False)
+        return b.call(node.target, ms[0], *b.val(node.args[1:]), **b.val(node.kwargs))
+
+    def shadow_T(self, b, node, m):
+        x = node.args[0]
+        if self._resized(b, node):
+            return [b.call(interp_map_T, m, b.val(x), b.val(node), "bicubic", False)]
+        return b.vjp_shadow(node.target, (*b.val(node.args[1:]),), m, x)
+
+
+def _register_scale_image():
+    try:
+        from timm.models.crossvit import scale_image
+    except Exception:
+        return
+    register_rule(scale_image, ScaleImage())
+
+
+_register_scale_image()

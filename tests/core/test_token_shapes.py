@@ -55,3 +55,26 @@ def test_trace_error_names_the_module():
                       nn.Linear(4, 2)).eval()
     with pytest.raises(srd_fx.TraceError, match=r"in module '1\.0' \(_ValueTest\)"):
         srd_fx.compile(m, example_input=torch.randn(1, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------- several encoder outputs
+def test_several_encoder_outputs_eq4_per_tensor():
+    """forward_features returns [tokens (B, 16, 6), map (B, 5, 4, 4)]: R_L is (B, 32), the tokens
+    then the map's positions, each part Eq. 4 with the Grad-CAM weights averaged over its own
+    positions (computed here by autograd on the model's own head)."""
+    import naive_srd as N
+    m, _ = N.two_outputs_net()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    out = srd_fx.compile(m, layers=("input", "low"))(x)
+    with torch.no_grad():
+        assert torch.equal(out.logits, m(x))
+        t, n = [f.detach().requires_grad_() for f in m.forward_features(x)]
+    with torch.enable_grad():
+        logits = m.forward_head([t, n])
+        w = torch.nn.functional.one_hot(logits.argmax(1), 5).double() - 1 / 5
+        gt, gn = torch.autograd.grad(logits, (t, n), w)
+    r_t = torch.relu((gt.mean(1, keepdim=True) * t).sum(2))
+    r_n = torch.relu((gn.mean((2, 3), keepdim=True) * n).sum(1)).flatten(1)
+    torch.testing.assert_close(out.R_L, torch.cat([r_t, r_n], 1).detach(), rtol=1e-12, atol=1e-12)
+    assert out.relevance["low"].shape == (3, 32)
+    torch.testing.assert_close(out.saliency.flatten(1).sum(1) + out.lost, out.R_L.sum(1), rtol=1e-10, atol=1e-12)
