@@ -243,6 +243,30 @@ def placed(offset: int, total: int) -> Conn:
     return conn
 
 
+def patches(ph: int, pw: int) -> Conn:
+    """An (H, W) grid cut into ph x pw patches and regrouped as a (P, N) grid: P = ph * pw offsets
+    inside a patch, N patches, both row-major (MobileViT's unfold; the P axis is folded into the
+    batch axis by the model)."""
+    def conn(hw):
+        H, W = hw
+        P, N = ph * pw, (H // ph) * (W // pw)
+        M = torch.zeros(P * N, H * W, dtype=torch.float64)
+        for h in range(H):
+            for w in range(W):
+                p, n = (h % ph) * pw + (w % pw), (h // ph) * (W // pw) + (w // pw)
+                M[p * N + n, h * W + w] = 1.0
+        return M, (P, N)
+    return conn
+
+
+def patches_back(H: int, W: int, ph: int, pw: int) -> Conn:
+    """The inverse of :func:`patches`: a (P, N) grid folded back into the (H, W) grid."""
+    def conn(hw):
+        M, _ = patches(ph, pw)((H, W))
+        return M.t().contiguous(), (H, W)
+    return conn
+
+
 def grid_to_tokens() -> Conn:
     """Alias of :func:`flat` for readability in channels-last grids."""
     return flat()

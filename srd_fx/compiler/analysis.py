@@ -608,12 +608,12 @@ class GraphInfo:
         from srd_fx.rules.elementwise import Identity
         from srd_fx.rules.shape import Permute, Reshape, Unsqueeze
         for n in lay.block + lay.inputs + [lay.pre]:
-            if self.caxes(n) != ():
+            if self.caxes(n) != () and (n in lay.inputs or all(self.caxes(i) != () for i in self.main_inputs(n))):
                 continue
             r = self.rule.get(n)
             if n is lay.pre or n in lay.inputs or not isinstance(r, (Reshape, Unsqueeze, Permute, Identity)):
-                shape = self.shape(n)
-                self.unsupported(n, f"the tensor {tuple(shape)} has its channels folded into the batch axis or "
+                shape = next((self.shape(i) for i in [n] + self.main_inputs(n) if self.caxes(i) == ()), None)
+                self.unsupported(n, f"the tensor {shape} has its channels folded into the batch axis or "
                                     "mixed with positions (after a reshape), and this op is not a reshape or permute "
                                     "that separates them again; register a rule for the module that does this")
 

@@ -3,6 +3,7 @@ timm ``forward_features`` boundary tagged as the encoder output (SPEC §1)."""
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Optional
 
 import torch
@@ -39,6 +40,7 @@ class SRDTracer(fx.Tracer):
         ruled = [f for f in rules._FUNCTION_RULES if inspect.isfunction(f)
                  and not (getattr(f, "__module__", "") or "").startswith("torch")]
         self._ruled = {id(f): f for f in ruled}
+        fns = [f for f in fns if f not in _UNWRAPPED]
         super().__init__(autowrap_functions=tuple(f for f in list(fns) + ruled if callable(f)))
 
     def trace(self, root, concrete_args=None):
@@ -308,14 +310,59 @@ def specialised_for(gm: Optional[fx.GraphModule], shape) -> bool:
     return spec == (shape if len(spec) == len(shape) else shape[1:])
 
 
+# timm no-trace functions traced into for the current trace (see _unruled_wrapped)
+_UNWRAPPED: set = set()
+
+
+def _unruled_wrapped(graph: fx.Graph) -> set:
+    """timm's no-trace functions that the trace kept as single calls although they have no rule
+    and their arguments depend on the input (MViTv2's ``reshape_pre_pool`` returns a tuple the
+    analysis could not see through): they are traced into instead, where that works."""
+    from srd_fx import rules
+    fns = set(_timm_lists()[1])
+    dep, out = set(), set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+            if n.op == "call_function" and n.target in fns and n.target not in rules._FUNCTION_RULES \
+                    and any(u.op == "call_function" and u.target is operator.getitem for u in n.users):
+                out.add(n.target)     # returns a tuple of input-dependent tensors
+    return out
+
+
+@contextlib.contextmanager
+def _unwrapping(fns):
+    global _UNWRAPPED
+    saved, _UNWRAPPED = _UNWRAPPED, set(fns)
+    try:
+        yield
+    finally:
+        _UNWRAPPED = saved
+
+
 def trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule, or raise TraceError saying how to fix it.
+
+    timm's no-trace functions that carry input-dependent values and have no rule are traced into
+    when the model can be traced that way (:func:`_unruled_wrapped`); else they stay calls.
 
     Plain symbolic tracing first; if it fails and an example input is known, a shape-aware
     retrace specialised to the example's size (``gm.meta["srd_specialised"]`` holds it; a
     forward whose graph depends on the batch size is refused).  In-place ops are then made
     explicit (:func:`functionalise_inplace`)."""
     check_eval(model)
+    gm = _trace(model, example)
+    fns = _unruled_wrapped(gm.graph)
+    if fns:
+        with _unwrapping(fns):
+            try:
+                gm = _trace(model, example)
+            except TraceError:
+                pass
+    return gm
+
+
+def _trace(model: nn.Module, example: Optional[torch.Tensor] = None) -> fx.GraphModule:
     tracer = SRDTracer()
     try:
         with _tag_forward_features(model):

@@ -122,7 +122,12 @@ class ScaledDotProductAttention(Rule):
         return out
 
     def layout(self, b, node):
-        return b.caxes(self._value(node))
+        # leading axes the values broadcast over (multi-query attention: one value head for all
+        # query heads) are head axes of the output: channels
+        v = self._value(node)
+        sv, so = b.shape(v), b.shape(node)
+        heads = tuple(d for d in range(1, len(so) - 2) if len(sv) == len(so) and sv[d] == 1 and so[d] > 1)
+        return tuple(sorted(set(b.caxes(v)) | set(heads)))
 
     def transpose(self, b, node, g):
         v = self._value(node)
@@ -135,12 +140,12 @@ class ScaledDotProductAttention(Rule):
 
     def shadow(self, b, node, ms):
         v = self._value(node)
-        return b.call(attend_map, ms[0], b.recorded(node, "weights"), b.caxes(v))
+        return b.call(attend_map, ms[0], b.recorded(node, "weights"), b.caxes(node))
 
     def shadow_T(self, b, node, m):
         v = self._value(node)
         return [b.call(attend_map_T, m, b.recorded(node, "weights"),
-                       b.call(map_shape, b.val(v), b.caxes(v)), b.caxes(v))]
+                       b.call(map_shape, b.val(v), b.caxes(v)), b.caxes(node))]
 
 
 register_rule(F.scaled_dot_product_attention, ScaledDotProductAttention())

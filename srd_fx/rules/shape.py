@@ -357,6 +357,10 @@ class Reshape(Rule):
         x = b.main_inputs(node)[0]
         if b.caxes(x) == ():            # an unlabelled input: labels come back where they can
             return b.provenance_layout(node)
+        if b.shape(x)[0] != b.shape(node)[0]:
+            # the batch axis changes: where every element comes from says exactly which axes are
+            # channels (sizes alone are ambiguous when a channel count equals a grid size)
+            return b.provenance_layout(node)
         try:
             return self._plan(b, node)[0]
         except UnsupportedOpError:
