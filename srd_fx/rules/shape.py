@@ -368,9 +368,22 @@ class Reshape(Rule):
             # patches, MViTv2's head merge): unlabelled until a later reshape separates them again
             return b.provenance_layout(node)
 
-    @staticmethod
-    def _unlabelled(b, node):
-        return b.caxes(node) == () or b.caxes(b.main_inputs(node)[0]) == ()
+    def _by_elements(self, b, node):
+        """The shadow follows the elements (the op on the map spread over the channels) when either
+        side is unlabelled, or the batch axis changes and the size-based plan disagrees with the
+        labels found from the elements.  unit="neuron" maps are full size anyway."""
+        if b.unit == "neuron":
+            return False
+        info = b.info
+        x = info.main_inputs(node)[0]
+        if info.caxes(node) == () or info.caxes(x) == ():
+            return True
+        if info.shape(x)[0] == info.shape(node)[0]:
+            return False
+        try:
+            return self._plan(info, node)[0] != info.caxes(node)
+        except UnsupportedOpError:
+            return True
 
     def transpose(self, b, node, g):
         return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
@@ -380,7 +393,7 @@ class Reshape(Rule):
         return fn, b.size_of(b.main_inputs(node)[0]), b.caxes(node), b.val(node.args[1:]), b.val(node.kwargs)
 
     def shadow(self, b, node, ms):
-        if self._unlabelled(b, node):   # the op itself on the map spread over the channels
+        if self._by_elements(b, node):   # the op itself on the map spread over the channels
             return b.call(rearranged_map, ms[0], *self._full_map_spec(b, node))
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         m = b.call(reduce_keep, ms[0], absorbed) if absorbed else ms[0]
@@ -388,7 +401,7 @@ class Reshape(Rule):
 
     def shadow_T(self, b, node, m):
         x = b.main_inputs(node)[0]
-        if self._unlabelled(b, node):
+        if self._by_elements(b, node):
             return b.vjp_shadow(rearranged_map, self._full_map_spec(b, node), m, x)
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         return [b.call(reshape_map_T, m, b.val(x), b.caxes(x), absorbed)]
