@@ -278,6 +278,8 @@ def _exact_plan(si, so, ci):
             if 0 in gi or 0 in go:
                 return None
             out_c += go
+    if not out_c:       # only size-1 channels: no channel axis to read (an empty set means unlabelled)
+        return None
     return tuple(sorted(out_c)), ()
 
 
