@@ -388,7 +388,7 @@ class GraphInfo:
         the position index changes a position axis.  ``()`` (unlabelled: maps are kept at full
         size, spread over the channels) when some axis mixes both or the batch axis holds channels."""
         from srd_fx.rules.elementwise import Identity
-        from srd_fx.rules.shape import Permute, Reshape, Unsqueeze
+        from srd_fx.rules.shape import Permute, Reshape, Unfold, Unsqueeze, unfold_args
         chain, n = [], node
         while True:
             ins = self.main_inputs(n)
@@ -403,18 +403,28 @@ class GraphInfo:
         shape, ca = self.shape(n), self.caxes(n)
         pos = [1 if d in ca else s for d, s in enumerate(shape)]
         ch = [s if d in ca else 1 for d, s in enumerate(shape)]
-        P = torch.arange(math.prod(pos)).reshape(pos).expand(shape)
-        C = torch.arange(math.prod(ch)).reshape(ch).expand(shape)
+        # float indices: slots that unfold pads hold NaN (no element), ignored below
+        P = torch.arange(math.prod(pos), dtype=torch.float64).reshape(pos).expand(shape)
+        C = torch.arange(math.prod(ch), dtype=torch.float64).reshape(ch).expand(shape)
         for m in reversed(chain):
             r = self.rule.get(m)
-            if isinstance(r, (Reshape, Unsqueeze)):
+            if isinstance(r, Unfold):
+                args = unfold_args(self, m)
+                P, C = (torch.nn.functional.unfold(t + 1, *args) for t in (P, C))
+                P, C = (t.masked_fill(t == 0, float("nan")) - 1 for t in (P, C))
+            elif isinstance(r, (Reshape, Unsqueeze)):
                 P, C = P.reshape(self.shape(m)), C.reshape(self.shape(m))
             elif isinstance(r, Permute):
                 p = r._perm(self, m)
                 P, C = P.permute(p), C.permute(p)
             elif not (isinstance(r, Identity) and self.shape(m) == tuple(P.shape)):
                 return ()
-        moves = lambda t, d: t.shape[d] > 1 and bool((t.diff(dim=d) != 0).any())  # noqa: E731
+        def moves(t, d):
+            if t.shape[d] < 2:
+                return False
+            a, b = t.narrow(d, 1, t.shape[d] - 1), t.narrow(d, 0, t.shape[d] - 1)
+            return bool(((a != b) & ~a.isnan() & ~b.isnan()).any())
+
         if moves(C, 0):
             return ()
         out = []
@@ -606,12 +616,13 @@ class GraphInfo:
         """Tensors whose channels are folded into the batch axis or mixed with positions may only
         be rearranged (reshape, permute, copies) until a reshape separates them again."""
         from srd_fx.rules.elementwise import Identity
-        from srd_fx.rules.shape import Permute, Reshape, Unsqueeze
+        from srd_fx.rules.shape import Fold, GetItem, Permute, Reshape, Unfold, Unsqueeze
         for n in lay.block + lay.inputs + [lay.pre]:
             if self.caxes(n) != () and (n in lay.inputs or all(self.caxes(i) != () for i in self.main_inputs(n))):
                 continue
             r = self.rule.get(n)
-            if n is lay.pre or n in lay.inputs or not isinstance(r, (Reshape, Unsqueeze, Permute, Identity)):
+            if n is lay.pre or n in lay.inputs or not isinstance(r, (Reshape, Unsqueeze, Permute, Identity, Unfold,
+                                                                        Fold, GetItem)):
                 shape = next((self.shape(i) for i in [n] + self.main_inputs(n) if self.caxes(i) == ()), None)
                 self.unsupported(n, f"the tensor {shape} has its channels folded into the batch axis or "
                                     "mixed with positions (after a reshape), and this op is not a reshape or permute "

@@ -988,3 +988,94 @@ def _register_scale_image():
 
 
 _register_scale_image()
+
+
+# ------------------------------------------------------------------ unfold / fold -------------
+def unfold_map(m, x_shape, kernel_size, dilation=1, padding=0, stride=1):
+    """Shadow of ``F.unfold``: the map spread over the channels, unfolded like the tensor (every
+    slot of a window holds its source position's value; padded slots 0)."""
+    return F.unfold(m.expand(x_shape), kernel_size, dilation, padding, stride)
+
+
+def fold_map(m, output_size, kernel_size, dilation=1, padding=0, stride=1):
+    """Shadow of ``F.fold`` on a full-size map (its channel factor replicated): overlapping slots
+    add up (one path each); one channel of the result is the output's map."""
+    return F.fold(m, output_size, kernel_size, dilation, padding, stride)[:, :1]
+
+
+_UNFOLD_ARGS = ("input", "kernel_size", "dilation", "padding", "stride")
+_FOLD_ARGS = ("input", "output_size", "kernel_size", "dilation", "padding", "stride")
+
+
+def unfold_args(b, node):
+    """(kernel_size, dilation, padding, stride) of an F.unfold call or nn.Unfold module."""
+    return _window_args(b, node, _UNFOLD_ARGS)
+
+
+def _window_args(b, node, names):
+    """(kernel_size, dilation, padding, stride) or (output_size, ...) of F.unfold/F.fold or the
+    nn.Unfold/nn.Fold module."""
+    if node.op == "call_module":
+        mod = b.module(node)
+        return tuple(getattr(mod, n) for n in names[1:])
+    defaults = {"dilation": 1, "padding": 0, "stride": 1}
+    return tuple(arg(node, i, n, defaults.get(n)) for i, n in enumerate(names) if i > 0)
+
+
+class Unfold(Rule):
+    """``F.unfold`` / ``nn.Unfold`` (VOLO, TNT): windows cut out of an NCHW map into
+    ``(B, C * k * k, L)``.  The output axis 1 mixes the channels with the offsets inside a window,
+    so the output is unlabelled (a full-size map); a later reshape that separates them gets its
+    labels back (GraphInfo.provenance_layout replays the unfold).  Linear: transposed by autograd."""
+    pointwise = False
+    main_args = (0,)
+
+    def layout(self, b, node):
+        return ()
+
+    def shadow(self, b, node, ms):
+        return b.call(unfold_map, ms[0], b.size_of(node.args[0]), *b.val(_window_args(b, node, _UNFOLD_ARGS)))
+
+    def shadow_T(self, b, node, m):
+        x = node.args[0]
+        return b.vjp_shadow(unfold_map, (b.size_of(x), *b.val(_window_args(b, node, _UNFOLD_ARGS))), m, x)
+
+
+class Fold(Rule):
+    """``F.fold`` / ``nn.Fold`` (VOLO's outlook attention): window slots added back into an NCHW
+    map (overlap-add).  Its input must be unlabelled (slots and channels mixed on axis 1, as
+    ``F.unfold`` makes them); the output is NCHW.  Shadow: the fold of the full-size map (a path
+    per covering window), one channel kept."""
+    pointwise = False
+    main_args = (0,)
+
+    def layout(self, b, node):
+        if b.caxes(node.args[0]) not in ((), (1,)):
+            b.unsupported(node, "F.fold of a tensor whose axis 1 is not the window vector")
+        return (1,)
+
+    def shadow(self, b, node, ms):
+        fn = fold_map if b.caxes(node.args[0]) == () else fold_window_map
+        return b.call(fn, ms[0], *b.val(_window_args(b, node, _FOLD_ARGS)))
+
+    def shadow_T(self, b, node, m):
+        x = node.args[0]
+        fn = fold_map if b.caxes(x) == () else fold_window_map
+        return b.vjp_shadow(fn, tuple(b.val(_window_args(b, node, _FOLD_ARGS))), m, x)
+
+
+def fold_window_map(m, output_size, kernel_size, dilation=1, padding=0, stride=1):
+    """Shadow of ``F.fold`` whose input holds one PFV per window (``(B, C * k * k, L)`` read as L
+    window vectors): each window spreads to the positions it covers (the transpose of the window
+    sum of the matching convolution)."""
+    H, W = (output_size, output_size) if isinstance(output_size, int) else output_size
+    k, d, p, s = (v if isinstance(v, (tuple, list)) else (v, v) for v in (kernel_size, dilation, padding, stride))
+    Ho = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    Wo = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    return ops.window_sum_T(m.reshape(m.shape[0], 1, Ho, Wo), k, s, p, d, (H, W))
+
+
+for t in (F.unfold, nn.Unfold):
+    register_rule(t, Unfold())
+for t in (F.fold, nn.Fold):
+    register_rule(t, Fold())

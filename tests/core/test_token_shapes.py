@@ -170,3 +170,60 @@ def test_channels_mixed_with_positions_are_refused_by_name():
     m = _HeadsMixedIn().eval()
     with pytest.raises(srd_fx.UnsupportedOpError, match="mixed with positions"):
         srd_fx.compile(m, example_input=torch.randn(1, 3, 8, 8), encoder_output="relu_1")
+
+
+# ----------------------------------------------------------------------- F.unfold / F.fold
+def _overlap_add(kernel, stride, padding):
+    """Reference connectivity of ``F.fold(F.unfold(x))`` on an (H, W) grid: every window slot goes
+    back to the position it was cut from, so position i reaches itself once per window covering
+    it (padded slots reach nothing)."""
+    def conn(hw):
+        H, W = hw
+        Ho = (H + 2 * padding - kernel) // stride + 1
+        Wo = (W + 2 * padding - kernel) // stride + 1
+        P = torch.zeros(H * W, H * W, dtype=torch.float64)
+        for oh in range(Ho):
+            for ow in range(Wo):
+                for a in range(kernel):
+                    for b in range(kernel):
+                        h, w = oh * stride - padding + a, ow * stride - padding + b
+                        if 0 <= h < H and 0 <= w < W:
+                            P[h * W + w, h * W + w] += 1.0
+        return P, (H, W)
+    return conn
+
+
+class _UnfoldFold(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        t = torch.nn.functional.unfold(a, 3, padding=1, stride=2)          # (B, 4 * 9, 16)
+        y = torch.nn.functional.fold(t, a.shape[-2:], 3, padding=1, stride=2)
+        return self.fc(torch.relu(self.mix(y)).mean((2, 3)))
+
+
+def test_unfold_then_fold_agrees_with_the_reference():
+    import naive_srd as N
+    torch.manual_seed(0)
+    m = _UnfoldFold().double().eval()
+    f = torch.nn.functional
+    blocks = [
+        N.Block("relu", ["input"], lambda c, x: m.stem(x), [[N.window(3, 1, 1)]], torch.relu),
+        N.Block("relu_1", ["relu"], lambda c, a: m.mix(f.fold(f.unfold(a, 3, padding=1, stride=2), (8, 8), 3,
+                                                             padding=1, stride=2)),
+                [[_overlap_add(3, 2, 1)]], torch.relu),
+    ]
+    net = N.Net(blocks, head=lambda A: m.fc(A.mean((2, 3))))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    R_L = torch.rand(2, 8, 8, dtype=torch.float64) + 0.1
+    out = srd_fx.compile(m, head=lambda A, logits, target: R_L, layers="all")(x)
+    with torch.no_grad():
+        assert torch.equal(out.logits, m(x))
+    for layer, r in N.propagate(net, x, R_L).items():
+        got = out.saliency if layer == "input" else out.relevance[layer]
+        assert (got - r).abs().max().item() <= 1e-8 * R_L.max().item(), layer
