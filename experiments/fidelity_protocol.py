@@ -9,18 +9,21 @@ the digit-scene ResNet and VGG (``srd_fx.eval.train.get_trained``, cached).  Set
 * baseline: 0 (the mean colour after normalisation), the input's minimum (Quantus' "black"), the
   per-image mean (Quantus' "mean");
 * unit: pixel subsets (all channels replaced, Quantus 0.5) or single channel values (Quantus 0.6);
-* input size: 64 (the training size) and 224 (the same test scenes rendered at 224 px; the models
-  are fully convolutional with global pooling, so they run there unchanged);
+* input size: 64 and 224 (the same test scenes rendered at 224 px), each scored on the model trained
+  at that size (``get_trained(size=...)``, cached; ``--train-setting 224:epochs=5`` changes the
+  recipe at one size).  ``--train-size 64`` runs the 64-px models at every size instead (they are
+  fully convolutional with global pooling, so they run at 224 unchanged, but near chance);
 
 plus the three named protocols of ``srd-fx evaluate --fidelity-protocol`` at each size.  Maps are
 computed once per batch and scored under every setting; each setting shares its random subsets and
 forward passes across the methods (``metrics.fidelity_metric``), seeded with ``seed + batch``.
 
 Writes OUT/fidelity_protocol.csv (one row per model, size, setting, method), fidelity_protocol.md
-(the table) and fidelity_protocol.png (Fidelity against subset fraction per method).
+(the table) and fidelity_protocol.png (Fidelity against subset fraction per method); after every
+batch, fidelity_protocol.partial.csv holds the rows of the images scored so far (``--merge`` takes it).
 
     python experiments/fidelity_protocol.py [--models resnet vgg] [--n-images 200] [--nr-runs 100]
-        [--sizes 64 224] [--out results]
+        [--sizes 64 224] [--train-setting [SIZE:]KEY=VALUE ...] [--train-size N] [--out results]
 """
 import argparse
 import csv
@@ -37,7 +40,9 @@ from srd_fx.eval import baselines as B
 from srd_fx.eval import data as D
 from srd_fx.eval import evaluation as E
 from srd_fx.eval import metrics as M
-from srd_fx.eval.train import accuracy, get_trained
+from srd_fx.errors import OptionError
+from srd_fx.eval.train import accuracy, cached_record, get_trained, parse_train_settings
+from srd_fx.eval.train import settings as train_recipe
 
 METHODS = ["InputXGradient", "IntegratedGradients", "GradCAM", "LRP-z+", "SRD-low", "SRD-high", "SRD-input"]
 SHORT = {"InputXGradient": "IxG", "IntegratedGradients": "IG", "GradCAM": "GradCAM", "LRP-z+": "LRP-z+",
@@ -63,12 +68,31 @@ def settings_list(fractions, baselines, units, protocols):
     return out
 
 
+def train_settings(items, size):
+    """The training settings for models trained at ``size``: every ``--train-setting`` item
+    ``KEY=VALUE`` (all sizes) or ``SIZE:KEY=VALUE`` (that size only), as keyword arguments of
+    ``get_trained``.  Raises ``OptionError`` on a malformed item."""
+    chosen = []
+    for it in items or ():
+        head, sep, rest = it.partition(":")
+        if not sep:
+            chosen.append(it)
+        elif not head.isdigit():
+            raise OptionError(f"--train-setting expects [SIZE:]KEY=VALUE with SIZE an integer, got {it!r}")
+        elif int(head) == size:
+            chosen.append(rest)
+    return parse_train_settings(chosen)
+
+
 def run_model(arch, size, args, cells, writer, rows):
-    model, acc64 = get_trained(arch, "relu", size=64, cache_dir=args.cache_dir, progress=False)
+    train_size = args.train_size or size
+    kw = train_settings(args.train_setting, train_size)
+    model, test_acc = get_trained(arch, "relu", size=train_size, cache_dir=args.cache_dir, progress=False, **kw)
+    record = cached_record(arch, "relu", size=train_size, cache_dir=args.cache_dir, **kw)
     images, labels, masks = D.DigitScenes("test", size=size, n=args.n_images, seed=args.seed).tensors(args.n_images)
     acc = accuracy(model, images, labels)  # on the scored images, at this size
-    print(f"{arch} @ {size}: accuracy {acc:.3f} on the {len(images)} scored images (1000 test images at 64 px: "
-          f"{acc64:.3f})", file=sys.stderr, flush=True)
+    print(f"{arch} @ {size}: accuracy {acc:.3f} on the {len(images)} scored images (trained at {train_size} px, "
+          f"{record['settings']['epochs']} epochs: {test_acc:.3f} on its 1000 test images)", file=sys.stderr, flush=True)
     scores = {}  # cell index -> method -> list of per-image scores
     for bi in range(E.n_batches(len(images), args.batch_size)):
         sl = slice(bi * args.batch_size, (bi + 1) * args.batch_size)
@@ -85,7 +109,18 @@ def run_model(arch, size, args, cells, writer, rows):
                 scores.setdefault(ci, {}).setdefault(m, []).extend(np.asarray(s, dtype=np.float64).tolist())
         print(f"  batch {bi}: maps {t_maps:.0f}s, all settings {time.perf_counter() - t0 - t_maps:.0f}s",
               file=sys.stderr, flush=True)
-    c, h, w = images.shape[1:]
+        # the images scored so far, so that a run cut short still leaves its results
+        write_csv(os.path.join(args.out, "fidelity_protocol.partial.csv"),
+                  rows + summarise(arch, size, train_size, record, acc, images.shape, cells, scores, args))
+    for row in summarise(arch, size, train_size, record, acc, images.shape, cells, scores, args):
+        writer.writerow(row)
+        rows.append(row)
+
+
+def summarise(arch, size, train_size, record, acc, shape, cells, scores, args):
+    """One CSV row per cell and method: the mean and standard error of the per-image scores."""
+    out = []
+    c, h, w = shape[1:]
     for ci, (lab, st) in enumerate(cells):
         st = dataclasses.replace(st, fidelity_runs=args.nr_runs)
         k = st.subset_size((1, c, h, w))
@@ -93,13 +128,14 @@ def run_model(arch, size, args, cells, writer, rows):
         for m in METHODS:
             v = np.asarray(scores[ci][m])
             ok = v[np.isfinite(v)]
-            row = dict(model="ResNet" if arch == "resnet" else "VGG", size=size, accuracy=round(acc, 4),
+            row = dict(model="ResNet" if arch == "resnet" else "VGG", size=size, train_size=train_size,
+                       train_epochs=record["settings"]["epochs"], accuracy=round(acc, 4),
                        **lab, subset_size=k, subset_percent=round(100 * k / n_units, 3),
                        method=m, fidelity=round(float(ok.mean()), 5) if len(ok) else float("nan"),
                        sem=round(float(ok.std(ddof=1) / np.sqrt(len(ok))), 5) if len(ok) > 1 else float("nan"),
                        n_images=len(v), n_nan=int((~np.isfinite(v)).sum()), nr_runs=args.nr_runs)
-            writer.writerow(row)
-            rows.append(row)
+            out.append(row)
+    return out
 
 
 def markdown(rows, commands):
@@ -107,19 +143,26 @@ def markdown(rows, commands):
     lines += [f"Command: `{c}`" for c in commands] + ["",
              "`SRD>IxG`: the best SRD variant's Fidelity minus input x gradient's (positive: the paper's ordering).",
              ""]
-    head = "| model | size | setting | unit | baseline | subset | " + " | ".join(SHORT[m] for m in METHODS) + \
-           " | best | SRD>IxG |"
-    sep = "|---|---:|---|---|---|---:|" + "---:|" * len(METHODS) + "---|---:|"
+    models = {}
+    for r in rows:
+        models.setdefault((r["model"], r["size"], r["train_size"], r["n_images"]), (r["train_epochs"], r["accuracy"]))
+    lines += ["| model | input size | trained at (px) | epochs | scored images | accuracy on them |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {m} | {s} | {t} | {e} | {n} | {a:.3f} |" for (m, s, t, n), (e, a) in models.items()]
+    lines.append("")
+    head = "| model | size | trained | images | runs | setting | unit | baseline | subset | " + \
+           " | ".join(SHORT[m] for m in METHODS) + " | best | SRD>IxG |"
+    sep = "|---|---:|---:|---:|---:|---|---|---|---:|" + "---:|" * len(METHODS) + "---|---:|"
     groups = {}
     for r in rows:
-        key = (r["model"], r["size"], r["setting"], r["unit"], r["baseline"], r["fraction"], r["subset_size"],
-               r["subset_percent"])
+        key = (r["model"], r["size"], r["train_size"], r["n_images"], r["nr_runs"], r["setting"], r["unit"],
+               r["baseline"], r["fraction"], r["subset_size"], r["subset_percent"])
         groups.setdefault(key, {})[r["method"]] = r["fidelity"]
     lines += [head, sep]
-    for (model, size, setting, unit, base, frac, k, pct), vals in groups.items():
+    for (model, size, train_size, n, runs, setting, unit, base, frac, k, pct), vals in groups.items():
         best = max(vals, key=lambda m: -np.inf if np.isnan(vals[m]) else vals[m])
         srd = max(vals[m] for m in SRD)
-        lines.append(f"| {model} | {size} | {setting} | {unit} | {base} | {k} ({pct:g} %) | "
+        lines.append(f"| {model} | {size} | {train_size} | {n} | {runs} | {setting} | {unit} | {base} | {k} ({pct:g} %) | "
                      + " | ".join(f"{vals[m]:.3f}" for m in METHODS)
                      + f" | {SHORT[best]} | {srd - vals['InputXGradient']:+.3f} |")
     return "\n".join(lines) + "\n"
@@ -129,30 +172,31 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = sorted({(r["model"], r["size"]) for r in rows if r["setting"] == "sweep"})
+    panels = sorted({(r["model"], r["size"], r["train_size"]) for r in rows if r["setting"] == "sweep"})
     combos = [(u, b) for u in UNITS for b in BASELINES if any(r["unit"] == u and r["baseline"] == b
                                                              and r["setting"] == "sweep" for r in rows)]
     if not panels or not combos:
         return
     fig, axes = plt.subplots(len(panels), len(combos), figsize=(3.2 * len(combos), 2.8 * len(panels)),
                              squeeze=False, sharex=True)
-    for i, (model, size) in enumerate(panels):
+    for i, (model, size, train_size) in enumerate(panels):
         for j, (unit, base) in enumerate(combos):
             ax = axes[i][j]
-            if not any(r["setting"] == "sweep" and (r["model"], r["size"], r["unit"], r["baseline"]) ==
-                       (model, size, unit, base) for r in rows):
+            here = [r for r in rows if r["setting"] == "sweep" and (r["model"], r["size"], r["train_size"]) ==
+                    (model, size, train_size)]
+            if not any((r["unit"], r["baseline"]) == (unit, base) for r in here):
                 ax.axis("off")   # not run at this size
                 continue
             for m in METHODS:
-                pts = sorted((r["fraction"], r["fidelity"]) for r in rows
-                             if r["setting"] == "sweep" and r["model"] == model and r["size"] == size
-                             and r["unit"] == unit and r["baseline"] == base and r["method"] == m)
+                pts = sorted((r["fraction"], r["fidelity"]) for r in here
+                             if r["unit"] == unit and r["baseline"] == base and r["method"] == m)
                 if pts:
                     ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=SHORT[m],
                             ls="-" if m.startswith("SRD") else "--")
             ax.set_xscale("log")
             ax.axhline(0, color="grey", lw=0.5)
-            ax.set_title(f"{model} {size}px: {unit}, baseline {base}", fontsize=8)
+            trained = "" if train_size == size else f" (model of {train_size}px)"
+            ax.set_title(f"{model} {size}px{trained}: {unit}, baseline {base}", fontsize=8)
             if i == len(panels) - 1:
                 ax.set_xlabel("subset (% of units)", fontsize=8)
             if j == 0:
@@ -168,7 +212,11 @@ def read_rows(path):
     rows = []
     with open(path) as f:
         for r in csv.DictReader(f):
-            for k in ("size", "subset_size", "n_images", "n_nan", "nr_runs"):
+            # CSVs written before train_size existed were all scored on the 64-px models (8/12 epochs)
+            r.setdefault("train_size", "64")
+            r.setdefault("train_epochs", str(train_recipe("resnet" if r["model"] == "ResNet" else "vgg", "relu",
+                                                          64)["epochs"]))
+            for k in ("size", "train_size", "train_epochs", "subset_size", "n_images", "n_nan", "nr_runs"):
                 r[k] = int(r[k])
             for k in ("accuracy", "subset_percent", "fidelity", "sem"):
                 r[k] = float(r[k])
@@ -179,8 +227,15 @@ def read_rows(path):
     return rows, commands
 
 
-FIELDS = ["model", "size", "accuracy", "setting", "unit", "baseline", "fraction", "clamp", "subset_size",
+FIELDS = ["model", "size", "train_size", "train_epochs", "accuracy", "setting", "unit", "baseline", "fraction", "clamp", "subset_size",
           "subset_percent", "method", "fidelity", "sem", "n_images", "n_nan", "nr_runs"]
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def merge(paths, out, command=None):
@@ -192,10 +247,7 @@ def merge(paths, out, command=None):
         commands += c
     commands += [command] if command else []
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "fidelity_protocol.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(out, "fidelity_protocol.csv"), rows)
     md = markdown(rows, commands)
     with open(os.path.join(out, "fidelity_protocol.md"), "w") as f:
         f.write(md)
@@ -209,7 +261,8 @@ def main(argv=None):
     p.add_argument("--n-images", type=int, default=200)
     p.add_argument("--nr-runs", type=int, default=100)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
-    p.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
+    p.add_argument("--fractions", type=float, nargs="*", default=FRACTIONS,
+                   help="Subset fractions of the sweep (none: score only the named --protocols).")
     p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
     p.add_argument("--units", nargs="+", default=list(UNITS), choices=list(UNITS))
     p.add_argument("--protocols", nargs="*", default=list(M.FIDELITY_PROTOCOLS), choices=list(M.FIDELITY_PROTOCOLS))
@@ -217,6 +270,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--train-setting", action="append", default=[], metavar="[SIZE:]KEY=VALUE",
+                   help="Training setting of the models (get_trained's keywords), for every size or, with "
+                        "SIZE:, only for the models trained at SIZE px; repeatable.")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="Score every size on the models trained at this size (default: each size on its own).")
     p.add_argument("--out", default="results")
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV",
                    help="Only join the fidelity_protocol.csv files of earlier runs into OUT (no scoring).")
@@ -225,6 +283,11 @@ def main(argv=None):
         merge(args.merge, args.out, "python experiments/fidelity_protocol.py " + " ".join(
             argv if argv is not None else sys.argv[1:]))
         return
+    for size in set(args.sizes) | {args.train_size or 64}:
+        try:
+            train_settings(args.train_setting, size)  # fail on a malformed setting before any work
+        except OptionError as e:
+            p.error(str(e))
     torch.set_num_threads(args.threads)
     command = "python experiments/fidelity_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cells = settings_list(args.fractions, args.baselines, args.units, args.protocols)

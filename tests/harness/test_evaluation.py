@@ -133,6 +133,33 @@ def test_get_trained_caches_on_disk(tmp_path, monkeypatch):
         T.get_trained("resnet", "softsign", cache_dir=str(tmp_path))
 
 
+def test_fine_tuning_starts_from_the_model_of_another_size(tmp_path):
+    """init_size=N: training starts from the (cached) model trained at N px on the same data settings
+    with N's own recipe; the parent is part of the cache key; without init_size the key is unchanged."""
+    data = dict(n_train=64, n_test=16, batch_size=32)
+    assert T.settings("resnet", "relu", 32, init_size=0, **data) == T.settings("resnet", "relu", 32, **data)
+    assert T.parse_train_settings(["init_size=16"]) == {"init_size": 16}
+    parent, _ = T.get_trained("resnet", "relu", size=16, cache_dir=str(tmp_path), progress=False, **data)
+    files = sorted(os.listdir(tmp_path))
+    mtimes = [os.path.getmtime(tmp_path / f) for f in files]
+    # a learning rate so small that the weights cannot move: they must be the parent's
+    kw = dict(epochs=1, lr=1e-12, weight_decay=0.0, init_size=16, **data)
+    child, _ = T.get_trained("resnet", "relu", size=32, cache_dir=str(tmp_path), progress=False, **kw)
+    assert [os.path.getmtime(tmp_path / f) for f in files] == mtimes     # the parent came from the cache
+    assert len(os.listdir(tmp_path)) == 4
+    rec = T.cached_record("resnet", "relu", size=32, cache_dir=str(tmp_path), **kw)
+    assert rec["settings"]["init_from"] == T.cache_key(T.settings("resnet", "relu", 16, **data))
+    scratch = T.train("resnet", "relu", 32, progress=False, **{k: v for k, v in kw.items() if k != "init_size"})[0]
+    convs = [k for k, v in parent.state_dict().items() if k.endswith("weight") and v.dim() == 4]
+    for k in convs:
+        assert torch.allclose(child.state_dict()[k], parent.state_dict()[k], atol=1e-9), k
+        assert not torch.allclose(scratch.state_dict()[k], parent.state_dict()[k], atol=1e-3), k
+    with pytest.raises(ValueError, match="own size"):
+        T.settings("resnet", "relu", 32, init_size=32)
+    with pytest.raises(ValueError, match="VGG"):
+        T.settings("vgg", "relu", 32, init_size=16)
+
+
 def _folder(root, size=48):
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):

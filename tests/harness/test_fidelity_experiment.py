@@ -1,0 +1,96 @@
+"""experiments/fidelity_protocol.py: every input size is scored on the model trained at that size (or,
+with --train-size, on one size's model), with per-size training settings, and the CSV says which."""
+import csv
+import importlib.util
+import math
+import pathlib
+
+import pytest
+
+from srd_fx.errors import OptionError
+from srd_fx.eval import data as D
+from srd_fx.eval.train import accuracy, cached_record, get_trained
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TRAIN = ["--train-setting", "epochs=1", "--train-setting", "n_train=64", "--train-setting", "n_test=16",
+         "--train-setting", "48:seed=1"]
+KW = {32: dict(epochs=1, n_train=64, n_test=16), 48: dict(epochs=1, n_train=64, n_test=16, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def fp():
+    spec = importlib.util.spec_from_file_location("fidelity_protocol", ROOT / "experiments" / "fidelity_protocol.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run(fp, out, cache, *extra):
+    fp.main(["--models", "resnet", "--n-images", "4", "--batch-size", "4", "--nr-runs", "2", "--fractions", "0.05",
+             "--baselines", "zero", "--units", "pixel", "--protocols", "paper", "--cache-dir", str(cache),
+             "--out", str(out), *TRAIN, *extra])
+    return fp.read_rows(str(out / "fidelity_protocol.csv"))[0]
+
+
+def test_train_settings_apply_to_all_sizes_or_one(fp):
+    items = ["seed=3", "32:epochs=1", "48:epochs=2"]
+    assert fp.train_settings(items, 32) == {"seed": 3, "epochs": 1}
+    assert fp.train_settings(items, 64) == {"seed": 3}
+    with pytest.raises(OptionError, match="SIZE an integer"):
+        fp.train_settings(["x:epochs=1"], 32)
+    with pytest.raises(OptionError, match="KEY in"):
+        fp.train_settings(["32:bogus=1"], 32)
+    with pytest.raises(SystemExit):   # checked before any training or scoring
+        fp.main(["--sizes", "32", "--train-setting", "32:epochs=many", "--out", "unused"])
+
+
+def test_each_size_is_scored_on_its_own_model(fp, tmp_path):
+    cache = tmp_path / "cache"
+    rows = run(fp, tmp_path / "native", cache, "--sizes", "32", "48")
+    for size in (32, 48):
+        mine = [r for r in rows if r["size"] == size]
+        assert len(mine) == 2 * len(fp.METHODS)   # one sweep cell and the paper protocol
+        model, _ = get_trained("resnet", "relu", size=size, cache_dir=str(cache), progress=False, **KW[size])
+        images, labels, _ = D.DigitScenes("test", size=size, n=4, seed=0).tensors()
+        assert {(r["train_size"], r["train_epochs"], r["accuracy"]) for r in mine} == \
+            {(size, 1, round(accuracy(model, images, labels), 4))}
+        assert all(math.isfinite(r["fidelity"]) and r["n_images"] == 4 for r in mine)
+        assert cached_record("resnet", "relu", size=size, cache_dir=str(cache), **KW[size])["settings"]["seed"] == \
+            KW[size].get("seed", 0)
+    # the partial CSV, rewritten after every batch, ends equal to the final one
+    assert (tmp_path / "native" / "fidelity_protocol.partial.csv").read_text() == \
+        (tmp_path / "native" / "fidelity_protocol.csv").read_text()
+    n_cached = len(list(cache.iterdir()))
+    assert n_cached == 4   # two models, weights and record each
+
+    # --train-size: the 32-px model on the 48-px scenes; nothing new is trained
+    rows = run(fp, tmp_path / "cross", cache, "--sizes", "48", "--train-size", "32")
+    model, _ = get_trained("resnet", "relu", size=32, cache_dir=str(cache), progress=False, **KW[32])
+    images, labels, _ = D.DigitScenes("test", size=48, n=4, seed=0).tensors()
+    assert {(r["size"], r["train_size"], r["accuracy"]) for r in rows} == \
+        {(48, 32, round(accuracy(model, images, labels), 4))}
+    assert len(list(cache.iterdir())) == n_cached
+
+    # merging keeps the two 48-px runs apart; the table lists each model once
+    fp.merge([str(tmp_path / "native" / "fidelity_protocol.csv"), str(tmp_path / "cross" / "fidelity_protocol.csv")],
+             str(tmp_path / "merged"))
+    md = (tmp_path / "merged" / "fidelity_protocol.md").read_text()
+    assert sum(l.startswith("| ResNet | 48 | 32 | 1 | 4 |") for l in md.splitlines()) == 1
+    assert sum(l.startswith("| ResNet | 48 | 48 | 4 | 2 | paper |") for l in md.splitlines()) == 1
+    assert sum(l.startswith("| ResNet | 48 | 32 | 4 | 2 | paper |") for l in md.splitlines()) == 1
+
+
+def test_csv_without_train_size_reads_as_the_64px_models(fp, tmp_path):
+    """CSVs written before the train_size column were all scored on the standard 64-px models."""
+    path = tmp_path / "fidelity_protocol.csv"
+    fields = [f for f in fp.FIELDS if f not in ("train_size", "train_epochs")]
+    row = dict(model="VGG", size=224, accuracy=0.1, setting="paper", unit="pixel", baseline="zero", fraction="",
+               clamp=True, subset_size=200, subset_percent=0.4, method="SRD-low", fidelity=0.05, sem=0.01,
+               n_images=20, n_nan=0, nr_runs=10)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerow(row)
+    (tmp_path / "fidelity_protocol.md").write_text("Command: `old`\n")
+    rows, commands = fp.read_rows(str(path))
+    assert (rows[0]["train_size"], rows[0]["train_epochs"], commands) == (64, 12, ["old"])
