@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from ..args import add_cache_dir, add_digit_models
+
 NAME = "ablation"
 HELP = ("Ablation of SRD (paper Appendix F): scalar neurons vs PFVs with post-activation vs SRD; maps "
         "side by side and Fidelity / Sparseness on the digit scenes.")
@@ -33,12 +35,8 @@ VARIANTS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", nargs="+", default=["resnet", "vgg"], choices=["resnet", "vgg"],
-                   help="Trained digit-scene architectures to run the ablation on (trained and cached on "
-                        "first use by srd_fx.eval.train.get_trained).")
-    p.add_argument("--act", default="relu", help="Activation of the trained models (relu, elu, leakyrelu, "
-                                                 "silu, gelu, tanh).")
-    p.add_argument("--size", type=int, default=64, help="Side in pixels of the digit scenes.")
+    add_digit_models(p, ["resnet", "vgg"], "Trained digit-scene architectures to run the ablation on (trained and "
+                     "cached on first use by srd_fx.eval.train.get_trained).", "Side in pixels of the digit scenes.")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="Ablation variants to compare (neuron = LRP-0 on scalar neurons, post = PFVs with "
                         "post-activation sharing, srd = the method).")
@@ -50,8 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                              "Sparseness).")
     p.add_argument("--batch-size", type=int, default=50, help="Images per explainer call.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the metrics' random perturbations.")
-    p.add_argument("--cache-dir", default=None, help="Cache directory of the trained models (default: "
-                                                     "$SRD_FX_CACHE or ~/.cache/srd_fx).")
+    add_cache_dir(p)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     p.add_argument("--out", default="srd_fx_results/ablation",
                    help="folder the tables, figures and JSON are written to "

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from ..args import add_cache_dir
+
 NAME = "apop"
 HELP = ("Activation-Pattern-Only Prediction: accuracy with the recorded activation pattern replayed "
         "on zeros / ones / N(0,1), and per-layer binarisation (paper Appendix D).")
@@ -36,8 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                          "models trained on them).")
     g.add_argument("--n", type=int, default=1000, help="Number of test images (digit scenes: the first N "
                                                        "test scenes; ImageFolder: the first N images).")
-    g.add_argument("--cache-dir", default=None, help="Cache directory of the trained models (default: "
-                                                     "$SRD_FX_CACHE or ~/.cache/srd_fx).")
+    add_cache_dir(g)
     u = p.add_argument_group("your own model (instead of the trained ones)")
     u.add_argument("--model", default=None, help="A torchvision or timm model name, e.g. torchvision:resnet50 "
                                                  "or timm:resnet18; needs --weights and --imagefolder.")

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Dict, List, Sequence, Tuple
 
+from ..args import add_cache_dir, add_digit_models
+
 NAME = "attack"
 HELP = ("Targeted explanation manipulation (Dombrowski et al. 2019): SSIM / PCC between the "
         "explanations before and after the attack, per method (paper Sec. 4.3, Fig. 4).")
@@ -37,19 +39,17 @@ FIELDS = ["model", "method", "pair", "index_org", "index_target", "label_org", "
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from srd_fx.methods.robustness import METHODS, PAPER_METHODS
     g = p.add_argument_group("models and data (the evaluation harness: trained digit-scene models)")
-    g.add_argument("--arch", nargs="+", default=["vgg", "resnet"], choices=["resnet", "vgg", "vit", "mixer"],
-                   help="Architectures of the trained digit-scene models to attack (trained and cached on "
-                        "first use by srd_fx.eval.train.get_trained; vit and mixer are the token models).")
-    g.add_argument("--act", default=None, help="Activation of the trained models (relu, elu, leakyrelu, "
-                                               "silu, gelu, tanh; default relu for resnet/vgg, gelu for vit/mixer).")
-    g.add_argument("--size", type=int, default=64, help="Side in pixels of the digit scenes and models.")
+    add_digit_models(g, ["vgg", "resnet"], "Architectures of the trained digit-scene models to attack (trained and "
+                     "cached on first use by srd_fx.eval.train.get_trained; vit and mixer are the token models).",
+                     "Side in pixels of the digit scenes and models.", archs=("resnet", "vgg", "vit", "mixer"),
+                     act_default=None, act_help="Activation of the trained models (relu, elu, leakyrelu, silu, "
+                                                "gelu, tanh; default relu for resnet/vgg, gelu for vit/mixer).")
     g.add_argument("--pool", type=int, default=1000, help="Number of test scenes the random pairs are drawn "
                                                           "from.")
     g.add_argument("--min-accuracy", type=float, default=0.5,
                    help="Refuse to attack a trained model whose test accuracy is below this (an untrained "
                         "model's explanations say nothing about the method); 0 disables the check.")
-    g.add_argument("--cache-dir", default=None, help="Cache directory of the trained models (default: "
-                                                     "$SRD_FX_CACHE or ~/.cache/srd_fx).")
+    add_cache_dir(g)
     a = p.add_argument_group("attack (SPEC.md §6)")
     a.add_argument("--pairs", type=int, default=20, help="Number of random (original, target) image pairs "
                                                          "(the paper uses 100).")

@@ -13,6 +13,8 @@ import shlex
 import sys
 import time
 
+from ..args import add_cache_dir, add_train_settings
+
 NAME = "demo"
 HELP = ("Train (or load from cache) the digit-scenes ResNet, explain held-out scenes with SRD and three "
         "baselines, write a PNG grid with ground-truth outlines and print a metrics table.")
@@ -39,11 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: all but Stability, the slowest).")
     p.add_argument("--seed", type=int, default=0,
                    help="Seed of the held-out scenes and of the metrics' random draws (default: 0).")
-    p.add_argument("--cache-dir", default=None,
-                   help="Where the trained model is cached (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
-    p.add_argument("--train-setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override a training setting (epochs, n_train, n_test, batch_size, lr, weight_decay, "
-                        "seed), e.g. epochs=1 for a smoke test; repeatable. Changes the cache entry.")
+    add_cache_dir(p, "Where the trained model is cached (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
+    add_train_settings(p, "Override a training setting (epochs, n_train, n_test, batch_size, lr, weight_decay, "
+                          "seed), e.g. epochs=1 for a smoke test; repeatable. Changes the cache entry.")
     p.add_argument("--threads", type=int, default=None,
                    help="Number of CPU threads for torch when explaining and scoring (default: torch's choice, "
                         "but 1 when the machine is already busy, i.e. its load average is at least its number "

@@ -11,6 +11,8 @@ import shlex
 import sys
 import time
 
+from ..args import add_cache_dir, add_dist_timeout, add_train_settings
+
 NAME = "evaluate"
 HELP = ("Score SRD (low, high, input resolution) and 14 baseline maps with the paper's metrics; write a "
         "Table-2-style table (methods x metrics), a Table-4-style table (Fidelity across activations) and "
@@ -73,18 +75,15 @@ def add_arguments(p):
                    help="Where the figure of maps goes (default: OUT/fig_maps.png).")
     p.add_argument("--out", default="srd_fx_results",
                    help="Output folder (default: srd_fx_results; the committed results/ are written only when you name them).")
-    p.add_argument("--cache-dir", default=None,
-                   help="Cache of trained digit models (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
-    p.add_argument("--train-setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override a training setting of the digit models (epochs, n_train, n_test, "
-                        "batch_size, lr, weight_decay, seed); repeatable.")
+    add_cache_dir(p, "Cache of trained digit models (default: $SRD_FX_CACHE or ~/.cache/srd_fx).")
+    add_train_settings(p, "Override a training setting of the digit models (epochs, n_train, n_test, "
+                          "batch_size, lr, weight_decay, seed); repeatable.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     p.add_argument("--fresh", action="store_true",
                    help="Discard the scores an interrupted earlier run left in --out (by default a rerun "
                         "resumes from them).")
-    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="Under torchrun: seconds to wait for the rendezvous before giving up (default: 60).")
+    add_dist_timeout(p)
 
 
 ARCH_LABELS = {"resnet": "ResNet", "vgg": "VGG", "vit": "ViT", "mixer": "Mixer"}

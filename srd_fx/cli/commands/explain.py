@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from ..args import add_dist_timeout
+
 NAME = "explain"
 HELP = "Explain images with SRD and write heatmap overlays (PNG) and raw maps (.npy)."
 
@@ -57,8 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="Redo every image of a folder run, even those an earlier run of the same settings "
                         "finished (by default a rerun skips them: it resumes).")
-    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="Under torchrun: seconds to wait for the rendezvous before giving up (default: 60).")
+    add_dist_timeout(p)
 
 
 def _fail(msg: str) -> int:
