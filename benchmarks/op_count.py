@@ -9,7 +9,7 @@ under ``torch.no_grad()``) and one input x gradient as a user runs it for attrib
 ``x.grad * x`` summed over channels) are counted with :class:`srd_fx.eval.dispatch.OpCounter`.
 Counts do not depend on the machine, its load or the weights (random, seed 0).
 
-    PYTHONPATH=$PWD python benchmarks/op_count.py                   # the four models, batch 2, 224
+    PYTHONPATH=$PWD python benchmarks/op_count.py                   # the five models, batch 2, 224
     PYTHONPATH=$PWD python benchmarks/op_count.py --fast            # compile(..., check=False)
     PYTHONPATH=$PWD python benchmarks/op_count.py --models timm:resnet18 --size 64 --top 15
 """
@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from srd_fx.eval.dispatch import OpCounter  # noqa: E402
 
-DEFAULT_MODELS = "torchvision:resnet50,torchvision:vgg16,timm:efficientnet_b0,timm:convnext_tiny"
+DEFAULT_MODELS = ("torchvision:resnet50,torchvision:vgg16,timm:efficientnet_b0,timm:convnext_tiny,"
+                  "timm:vit_small_patch16_224")
 
 
 def count(model, x, *, check=True):

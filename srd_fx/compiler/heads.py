@@ -106,23 +106,33 @@ def _spatial(A, caxes):
     return tuple(d for d in range(1, A.dim()) if d not in caxes)
 
 
-def gradcam(head, A, logits, target, caxes, neuron=False, segments=None):
-    """R^L_i = max(Phi^c_i - mean_c' Phi^c'_i, 0) with Grad-CAM weights (Eq. 4).
+def gradcam(head, A, target, caxes, neuron=False, segments=None):
+    """``(R^L, logits)``: R^L_i = max(Phi^c_i - mean_c' Phi^c'_i, 0) with Grad-CAM weights (Eq. 4),
+    and the logits the head computes from A on the way (the model's own, so the forward pass
+    does not run the head a second time).
 
     One vector-Jacobian product of the head with (onehot(c) - 1/K) gives both terms at once.
     ``segments``: L packs several encoder outputs along axis 1 (``(start, stop)`` each), and the
     Grad-CAM weights are the mean over each one's positions.
     unit="neuron": each neuron k of a position with Phi_i > 0 gets its term alpha_k A_ik (the
     z-rule through Phi's linear combination), so the neuron relevances of i sum to R^L_i."""
-    t = resolve_target(logits, target, check_values=False)
-    K = logits.shape[-1]
-    # one_hot(t) - 1/K, without F.one_hot (which reads t's range back from the device)
-    w = (t[:, None] == torch.arange(K, device=t.device)).to(logits.dtype) - 1.0 / K
     if torch.is_grad_enabled() and A.requires_grad:  # the map will be differentiated (Sec. 4.3)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(head(A), A, w, create_graph=True)
+            logits = head(A)
+        vjp = None
     else:  # torch.func.vjp: no autograd graph of the caller's, and torch.compile traces it whole
-        _, vjp = torch.func.vjp(head, A.detach())
+        logits, vjp = torch.func.vjp(head, A.detach() if A.requires_grad else A)
+    t = resolve_target(logits, target, check_values=False)
+    K = logits.shape[-1]
+    # one_hot(t) - 1/K, without F.one_hot (which reads t's range back from the device); adding 1
+    # at the target gives the same rounding as 1 - 1/K in the logits' dtype.  A class out of range
+    # is clamped here (no device-side assert) and refused by the call's value check.
+    idx = t.clamp(0, K - 1)[:, None]
+    w = torch.full_like(logits, -1.0 / K).scatter_(1, idx, 1.0, reduce="add")
+    if vjp is None:
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(logits, A, w, create_graph=True)
+    else:
         (grad,) = vjp(w)
     sp = _spatial(A, caxes)
     if A.dtype in (torch.float16, torch.bfloat16):  # maps are float32 for half-precision models
@@ -134,8 +144,8 @@ def gradcam(head, A, logits, target, caxes, neuron=False, segments=None):
     terms = alpha * A
     phi = terms.sum(dim=caxes, keepdim=True)
     if neuron:
-        return terms * (phi > 0).to(terms.dtype)
-    return torch.relu(phi)
+        return terms * (phi > 0).to(terms.dtype), logits
+    return torch.relu(phi), logits
 
 
 def ones(A, caxes, neuron=False, logits=None, target=None):

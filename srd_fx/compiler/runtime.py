@@ -81,41 +81,53 @@ def safe_div(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return _ratio(a, d, d == 0)
 
 
-def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float):
+def _add_masked(lost, R: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``lost + R * mask`` in one pass (``R * mask`` when there is no ``lost`` map yet)."""
+    return R * mask if lost is None else torch.addcmul(lost, R, mask)
+
+
+def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float, lost=None):
     """The sharing ratio of a block and the relevance it cannot pass on: ``(s, lost)``.
 
     ``s_j = R_j v_j / ||v_j||^2`` (Eq. 6 folded with Eq. 7) where ``||v_j||^2 > eps``, else 0;
-    ``lost``: the map of R on the PFVs with ``||v_j||^2 <= eps`` (SPEC §2), 0 elsewhere."""
+    ``lost``: the map of R on the PFVs with ``||v_j||^2 <= eps`` (SPEC §2), 0 elsewhere, added to
+    the running lost map ``lost`` of the same shape when one is given."""
     nv2 = sq_norm(v, caxes)
     bad = nv2 <= eps
-    return v * _ratio(R, nv2, bad).to(v.dtype), R * bad
+    return v * _ratio(R, nv2, bad).to(v.dtype), _add_masked(lost, R, bad)
 
 
-def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes, eps: float):
+def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes, eps: float, lost=None):
     """Ablation value="post" (SPEC §5): ``s_j = R_j a_j / <v_j, a_j>``, a = act(v), and the map
     of R on the units with ``|<v_j, a_j>| <= eps`` (they pass nothing on): ``(s, lost)``."""
     va = pfv_dot(v, a, caxes)
     bad = va.abs() <= eps
-    return a * _ratio(R, va, bad).to(a.dtype), R * bad
+    return a * _ratio(R, va, bad).to(a.dtype), _add_masked(lost, R, bad)
 
 
 def bias_share(beta: torch.Tensor, D: torch.Tensor, lost: torch.Tensor):
     """``q = beta / D`` (0 where the receptive field has zero norm, D = 0) and the lost map with
     the bias relevance of those positions added: ``(q, lost)``."""
     zero = D == 0
-    return _ratio(beta, D, zero), lost + beta * zero
+    return _ratio(beta, D, zero), _add_masked(lost, beta, zero)
 
 
-def add_lost(total, lost: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def total_lost(x: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:
     """The per-sample total of lost relevance, ``(B,)`` (B: the batch of the model input ``x``),
-    with one more block's lost map added.  A layer whose positions are folded into the batch axis
-    (windows partitioned into ``(B * windows, ...)``, sample-major as a row-major reshape folds
-    them) has its lost map summed over each sample's windows."""
-    per_sample = lost.sum(dim=tuple(range(1, lost.dim()))) if lost.dim() > 1 else lost
+    from the running lost maps (one per map shape: blocks whose maps have the same shape add into
+    one map, summed once here).  A layer whose positions are folded into the batch axis (windows
+    partitioned into ``(B * windows, ...)``, sample-major as a row-major reshape folds them) has
+    its lost map summed over each sample's windows."""
     B = x.shape[0]
-    if per_sample.shape[0] != B and per_sample.shape[0] % B == 0:
-        per_sample = per_sample.reshape(B, -1).sum(1)
-    return per_sample if total is None else total + per_sample
+    sums = []
+    for m in maps:
+        s = m.sum(dim=tuple(range(1, m.dim()))) if m.dim() > 1 else m
+        if s.shape[0] != B and s.shape[0] % B == 0:
+            s = s.reshape(B, -1).sum(1)
+        sums.append(s)
+    if len(sums) <= 2:
+        return sums[0] if len(sums) == 1 else sums[0] + sums[1]
+    return torch.stack(sums).sum(0)
 
 
 def per_sample(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -143,11 +155,17 @@ def unbroadcast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.sum_to_size(like.shape)
 
 
-def map_like(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
-    """Bring a map to the map shape of ``like`` (sum over broadcast positions)."""
-    target = list(like.shape)
+def _map_target(like, caxes: Axes):
+    """The map shape of ``like`` (a tensor or a shape): its shape with every channel axis 1."""
+    target = list(like.shape if isinstance(like, torch.Tensor) else like)
     for a in caxes:
         target[a] = 1
+    return target
+
+
+def map_like(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
+    """Bring a map to the map shape of ``like`` (sum over broadcast positions)."""
+    target = _map_target(like, caxes)
     if list(m.shape) == target:
         return m
     if m.dim() != len(target):
@@ -160,9 +178,7 @@ def map_like(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
 
 def expand_map(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """Broadcast an output map back onto the positions of an input of shape ``like``."""
-    target = list(like.shape)
-    for a in caxes:
-        target[a] = 1
+    target = _map_target(like, caxes)
     if list(m.shape) == target:
         return m
     # positions of the input that were broadcast (size 1 in the input) received the sum
@@ -229,7 +245,10 @@ def window_sum_T(m: torch.Tensor, kernel, stride, padding, dilation, in_like) ->
         return m
     if nd == 2 and all(v == 1 for v in d) and all(2 * p[i] <= k[i] for i in range(2)) \
             and all((in_size[i] + 2 * p[i] - k[i]) // s[i] + 1 == m.shape[2 + i] for i in range(2)):
-        ref = m.new_empty((m.shape[0], m.shape[1], *in_size))  # the kernel reads only its shape
+        ref = in_like  # the kernel reads only its shape: a map of the input's shape, when given one
+        if not isinstance(ref, torch.Tensor) or ref.shape != (m.shape[0], m.shape[1], *in_size) \
+                or ref.dtype != m.dtype:
+            ref = m.new_empty((m.shape[0], m.shape[1], *in_size))
         return torch.ops.aten.avg_pool2d_backward(m, ref, list(k), list(s), list(p), False, True, 1)
     if nd == 2 and all(v == 1 for v in d):
         # transpose of the window sum = avg-pool backward (divisor 1) over the padded input
@@ -291,6 +310,18 @@ def adaptive_max_pool_record(x: torch.Tensor, output_size):
     nd = x.dim() - 2
     fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[nd]
     return fn(x, output_size, return_indices=True)
+
+
+def max_pool_T(g: torch.Tensor, idx: torch.Tensor, like: torch.Tensor, kernel_size, stride=None, padding=0,
+               dilation=1, ceil_mode=False) -> torch.Tensor:
+    """Transpose of a 2-d max pool with the indices it recorded: the pool's own backward kernel
+    (one op); other ranks and dtypes: :func:`gather_T`."""
+    if like.dim() != 4 or g.dtype != like.dtype:
+        return gather_T(g, idx, like)
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        stride = kernel_size
+    k, s, p, d = (list(_tuple(v, 2)) for v in (kernel_size, stride, padding, dilation))
+    return torch.ops.aten.max_pool2d_with_indices_backward(g, like, k, s, p, d, bool(ceil_mode), idx)
 
 
 def gather_T(g: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,8 @@ def checks_pass(x, sal, R_L, lost, logits, target):
     conserves the relevance (see :func:`check_map`).  False may be a false alarm (a finite input
     whose sum overflows): :func:`explain_failure` then finds nothing and the call goes on."""
     acc = sal.dtype
-    ok = torch.isfinite(x.sum(dtype=acc) + sal.sum())
+    total = x.sum(dtype=acc) + sal.sum()
+    ok = (total - total) == 0  # finite: inf - inf and NaN are NaN (two ops, torch.isfinite takes four)
     if isinstance(target, torch.Tensor):
         ok = ok & ((target >= 0) & (target < logits.shape[-1])).all()
     if logits.dtype in ops.LOW_PRECISION:
@@ -348,6 +349,14 @@ class Builder:
             self._recorded[key] = self.call(ops.pfv_norm, self.val(node), self.caxes(node), name=f"n_{node.name}")
         return self._recorded[key]
 
+    def map_of(self, node):
+        """A twin tensor of the map shape of forward value ``node`` already emitted (its norm or its
+        shadow), else the value itself: what a transpose needs when it reads only the input's size."""
+        for key in ((node, "norm"), (node, "shadow")):
+            if key in self._recorded:
+                return self._recorded[key]
+        return self.val(node)
+
     def set_recorded(self, node, key, twin):
         self._recorded[(node, key)] = twin
 
@@ -455,7 +464,7 @@ class Backward:
     def __init__(self, b: Builder):
         info = b.info
         self.b, self.info = b, info
-        self.lost: Optional[fx.Node] = None  # running per-sample total of the lost relevance
+        self.lost: Dict[object, fx.Node] = {}  # running lost-relevance maps, one per map shape
         self.boundary = {a for lay in info.layers for a in lay.inputs}  # activation outputs, input
         self.interior = {n for lay in info.layers for n in lay.block}
         self.g: Dict[fx.Node, List[fx.Node]] = {}   # pending Lin^T s, summed over blocks
@@ -500,6 +509,7 @@ class Backward:
                 if rule.pointwise and any(b._map_shape(i) != b._map_shape(k) for i in mains):
                     m = b.call(ops.map_like, m, b.val(k), b.caxes(k))
                 self._m[k] = m
+                b.set_recorded(k, "shadow", m)
         return self._m[n]
 
     # -- the sweep -------------------------------------------------------------------------------
@@ -511,7 +521,7 @@ class Backward:
             g_a = _sum(b, gs, "gsum_" + a.name)
             # a new tensor; build_twin drops the flag where another op also reads it
             fresh = g_a.op == "call_function" and (
-                g_a.target in (ops.conv_T, ops.gather_T) or (g_a.target is add_all and len(g_a.args) > 1))
+                g_a.target in (ops.conv_T, ops.gather_T, ops.max_pool_T) or (g_a.target is add_all and len(g_a.args) > 1))
             parts.append(b.call(ops.pfv_dot, b.val(a), g_a, b.caxes(a), name="Rlin_" + a.name,
                                 **({"overwrite_g": True} if fresh else {})))
         qs = self.q.pop(a, None)
@@ -528,10 +538,14 @@ class Backward:
         pre, cax = lay.pre, b.caxes(lay.pre)
         v = b.val(pre)
         b.context = pre
+        # blocks whose maps have the same shape add their lost relevance into one map
+        same = b._map_shape(lay.node) == b._map_shape(pre)
+        key = tuple(b._map_shape(pre)) if same else tag
         if b.value == "post" and not lay.virtual:
-            sl = b.call(ops.sharing_post, R_k, v, b.val(lay.node), cax, b.eps, name="share_" + tag)
+            sl = b.call(ops.sharing_post, R_k, v, b.val(lay.node), cax, b.eps, self.lost.get(key),
+                        name="share_" + tag)
         else:
-            sl = b.call(ops.sharing, R_k, v, cax, b.eps, name="share_" + tag)
+            sl = b.call(ops.sharing, R_k, v, cax, b.eps, self.lost.get(key), name="share_" + tag)
         b.comment(sl, f"block: {_label(lay.node)} <- {', '.join(_label(i) for i in lay.inputs)}")
         s = b.call(operator.getitem, sl, 0, name="s_" + tag)
         lost = b.call(operator.getitem, sl, 1, name="lost_" + tag)
@@ -547,7 +561,7 @@ class Backward:
             ql = b.call(ops.bias_share, beta, D, lost, name="bias_share_" + tag)
             self.q.setdefault(pre, []).append(b.call(operator.getitem, ql, 0, name="q_" + tag))
             lost = b.call(operator.getitem, ql, 1, name="lostb_" + tag)
-        self.lost = b.call(ops.add_lost, self.lost, lost, b.val(self.info.input), name="lost_upto_" + tag)
+        self.lost[key] = lost
 
     def _beta_by_transpose(self, pre, s, cax, tag) -> Optional[fx.Node]:
         """``beta = <F(0), s>`` per position without applying ``pre``'s op to the bias flowing in,
@@ -607,7 +621,7 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
                        b.attr(ref) if ref else None, False, name="x_checked") if check else x
     b.env[info.input] = x_checked
     logits = _record_forward(b, output_selector)                   # 1. forward, recording constants
-    L, R_L = _initial_relevance(b, head, seed, target, logits)     # 2. R at the encoder output L (Eq. 4)
+    L, R_L, logits = _initial_relevance(b, head, seed, target, logits)  # 2. R at L (Eq. 4)
     if seed is None:
         b.comment(R_L, f"initial relevance R_L at the encoder output {_label(L)} (Eq. 4)")
     R_of, lost = _srd_backward(b, L, R_L, x_checked)                # 3. the SRD backward, one sweep
@@ -643,27 +657,29 @@ def _record_forward(b: Builder, output_selector) -> fx.Node:
 
 
 def _initial_relevance(b: Builder, head, seed, target, logits):
-    """(L, R_L): the layer the backward starts from and its relevance (the head's, Eq. 4, or the
-    given seed map)."""
+    """(L, R_L, logits): the layer the backward starts from, its relevance (the head's, Eq. 4, or
+    the given seed map) and the logits (Grad-CAM's head computes them on its way)."""
     info, root = b.info, b.root
     L = info.L
     cax_L = info.caxes(L)
     neuron = b.unit == "neuron"
     if seed is not None:
-        return seed, target
+        return seed, target, logits
     if callable(head) and not isinstance(head, str):
         root.srd_user_head = head
         R_L = b.call(heads.user_head, b.attr("srd_user_head"), b.val(L), logits, target, cax_L, neuron,
                      name="R_L")
     elif head == "gradcam":
         root.srd_head = heads.extract_head(info, root.__dict__.get("srd_output_selector"))
-        R_L = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), logits, target, cax_L, neuron,
-                     *([info.L_segments] if info.L_segments else []), name="R_L")
+        both = b.call(heads.gradcam, b.attr("srd_head"), b.val(L), target, cax_L, neuron,
+                      *([info.L_segments] if info.L_segments else []), name="head")
+        R_L = b.call(operator.getitem, both, 0, name="R_L")
+        logits = b.call(operator.getitem, both, 1, name="logits_head")  # the forward's head is then dead code
     elif head == "ones":
         R_L = b.call(heads.ones, b.val(L), cax_L, neuron, logits, target, name="R_L")
     else:
         raise ValueError(f"head must be 'gradcam', 'ones' or a callable (A, logits, target) -> R, got {head!r}")
-    return L, R_L
+    return L, R_L, logits
 
 
 def _srd_backward(b: Builder, L, R_L, x_checked):
@@ -691,7 +707,8 @@ def _srd_backward(b: Builder, L, R_L, x_checked):
     if R_in is None:
         R_in = b.call(torch.zeros_like, b.call(ops.pfv_norm, x_checked, b.caxes(info.input)))
     R_of[info.input] = R_in
-    return R_of, bw.lost
+    lost = b.call(ops.total_lost, b.val(info.input), *bw.lost.values(), name="lost") if bw.lost else None
+    return R_of, lost
 
 
 def _emit_outputs(b: Builder, names, R_of, L, R_L, lost_total, logits, check, x_checked, target) -> None:
@@ -699,14 +716,18 @@ def _emit_outputs(b: Builder, names, R_of, L, R_L, lost_total, logits, check, x_
     ``check`` the flag of every value check (:func:`checks_pass`)."""
     info = b.info
     b.context = None
+    sal = b.call(ops.position_map, R_of[info.input], (1,), name="saliency")
+    b.comment(sal, "outputs")
     rel = {}
     for key, node in names.items():
         r = R_of.get(node)
         if r is None:
             r = b.call(torch.zeros_like, b.call(ops.pfv_norm, b.val(node), b.caxes(node)))
-        rel[key] = _read_out(b, r, node, "out_" + key.replace(".", "_"))
-    sal = b.call(ops.position_map, R_of[info.input], (1,), name="saliency")
-    b.comment(sal, "outputs")
+        out = _read_out(b, r, node, "out_" + key.replace(".", "_"))
+        if out.target is sal.target and out.args == sal.args and out.kwargs == sal.kwargs:
+            b.g.erase_node(out)  # the input's map is the saliency
+            out = sal
+        rel[key] = out
     ok = b.call(checks_pass, x_checked, sal, R_L, lost_total, logits, target, name="ok") if check else None
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
                 "R_L": _read_out(b, R_L, L, "out_R_L"), "ok": ok})

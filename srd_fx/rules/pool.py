@@ -64,7 +64,7 @@ class MaxPool(_WindowShadow):
         return record_indices(b, node, ops.max_pool_record, k, s, p, d, c)
 
     def transpose(self, b, node, g):
-        return indices_T(b, node, g)
+        return indices_T(b, node, g, ops.max_pool_T, *_pool_params(b, node, "max"))
 
     def bias(self, b, node, zs):
         return indices_bias(b, node, zs[0])
@@ -86,10 +86,15 @@ class AdaptivePool(_Pool):
         size = b.module(node).output_size if node.op == "call_module" else arg(node, 1, "output_size")
         return record_indices(b, node, ops.adaptive_max_pool_record, size)
 
+    @staticmethod
+    def _identity(b, node):
+        """Output as large as the input: every window is one position (torchvision's VGG at 224)."""
+        return tuple(b.shape(node)) == tuple(b.shape(node.args[0]))
+
     def transpose(self, b, node, g):
         if self.variant == "max":
             return indices_T(b, node, g)
-        return b.vjp(node, g)
+        return [g] if self._identity(b, node) else b.vjp(node, g)
 
     def bias(self, b, node, zs):
         if zs[0] is None:
@@ -103,10 +108,10 @@ class AdaptivePool(_Pool):
         return b.call(window_mats, b.val(x), b.val(node))
 
     def shadow(self, b, node, ms):
-        return b.call(ops.separable_apply, ms[0], self._mats(b, node))
+        return ms[0] if self._identity(b, node) else b.call(ops.separable_apply, ms[0], self._mats(b, node))
 
     def shadow_T(self, b, node, m):
-        return [b.call(separable_apply_T, m, self._mats(b, node))]
+        return [m] if self._identity(b, node) else [b.call(separable_apply_T, m, self._mats(b, node))]
 
 
 def window_mats(x, out):

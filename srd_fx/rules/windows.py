@@ -50,4 +50,4 @@ def window_shadow(b, node, m, kernel, stride, padding, dilation, out=None):
 
 def window_shadow_T(b, node, m, kernel, stride, padding, dilation):
     """Transpose of :func:`window_shadow`, as a one-item list."""
-    return [b.call(ops.window_sum_T, m, kernel, stride, padding, dilation, b.val(node.args[0]))]
+    return [b.call(ops.window_sum_T, m, kernel, stride, padding, dilation, b.map_of(node.args[0]))]

@@ -98,7 +98,7 @@ def test_ablation_variants_conserve():
 def test_generated_code_reads_like_an_srd_backward():
     e = srd_fx.compile(tiny(), example_input=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
     code = e.code
-    for piece in ("sharing(", "conv_T(", "pfv_dot(", "gather_T(", "window_sum", "gradcam("):
+    for piece in ("sharing(", "conv_T(", "pfv_dot(", "max_pool_T(", "window_sum", "gradcam("):
         assert piece in code, piece
 
 
