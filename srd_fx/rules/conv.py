@@ -18,15 +18,32 @@ def channel_bias(bias, rank):
     return bias.reshape((1, -1) + (1,) * (rank - 2))
 
 
+def _zero_padded(b, node):
+    """The (transposed) convolution module of ``node``; padding modes other than zeros are refused."""
+    m = b.module(node)
+    if m.padding_mode != "zeros":
+        b.unsupported(node, f"padding_mode={m.padding_mode!r} (only zero padding)")
+    return m
+
+
+def _conv_bias(b, node, zs, has_bias):
+    """A (transposed) convolution's output for the bias flowing in: with none, conv(0) + bias is the
+    bias at every position (zero padding adds nothing); otherwise the op applied to it."""
+    if zs[0] is None:
+        if not has_bias:
+            return None
+        bias = b.param(node, "bias") if node.op == "call_module" else b.val(arg(node, 2, "bias"))
+        return b.call(channel_bias, bias, len(b.shape(node)))
+    return b.apply_with_inputs(node, zs)
+
+
 class Conv(Rule):
     pointwise = False
 
     def spec(self, b, node):
         """(input node, weight twin node, has_bias, stride, padding, dilation, groups, kernel)."""
         if node.op == "call_module":
-            m = b.module(node)
-            if m.padding_mode != "zeros":
-                b.unsupported(node, f"padding_mode={m.padding_mode!r} (only zero padding)")
+            m = _zero_padded(b, node)
             return (node.args[0], b.param(node, "weight"), m.bias is not None, m.stride,
                     m.padding, m.dilation, m.groups, m.kernel_size)
         x = node.args[0]
@@ -118,14 +135,7 @@ class Conv(Rule):
         return window_shadow_T(b, node, m, kernel, stride, padding, dilation)
 
     def bias(self, b, node, zs):
-        has_bias = self.spec(b, node)[2]
-        if zs[0] is None:
-            # conv(0) + bias is the bias at every position (zero padding adds nothing)
-            if not has_bias:
-                return None
-            bias = b.param(node, "bias") if node.op == "call_module" else b.val(arg(node, 2, "bias"))
-            return b.call(channel_bias, bias, len(b.shape(node)))
-        return b.apply_with_inputs(node, zs)
+        return _conv_bias(b, node, zs, self.spec(b, node)[2])
 
 
 class ConvTranspose(Rule):
@@ -141,9 +151,7 @@ class ConvTranspose(Rule):
     def spec(self, b, node):
         """(input node, has_bias, stride, padding, dilation, kernel)."""
         if node.op == "call_module":
-            m = b.module(node)
-            if m.padding_mode != "zeros":
-                b.unsupported(node, f"padding_mode={m.padding_mode!r} (only zero padding)")
+            m = _zero_padded(b, node)
             return node.args[0], m.bias is not None, m.stride, m.padding, m.dilation, m.kernel_size
         w = arg(node, 1, "weight")
         return (node.args[0], arg(node, 2, "bias") is not None, arg(node, 3, "stride", 1),
@@ -163,13 +171,7 @@ class ConvTranspose(Rule):
         return [b.call(ops.window_sum, m, kernel, stride, padding, dilation, b.size_of(x))]
 
     def bias(self, b, node, zs):
-        has_bias = self.spec(b, node)[1]
-        if zs[0] is None:
-            if not has_bias:
-                return None
-            bias = b.param(node, "bias") if node.op == "call_module" else b.val(arg(node, 2, "bias"))
-            return b.call(channel_bias, bias, len(b.shape(node)))
-        return b.apply_with_inputs(node, zs)
+        return _conv_bias(b, node, zs, self.spec(b, node)[1])
 
 
 _conv_t = ConvTranspose()
