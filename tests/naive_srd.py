@@ -309,6 +309,14 @@ def ln_fixed(c: Consts, key: str, x: torch.Tensor, weight, bias, eps: float) -> 
     return y
 
 
+def rms_fixed(c: Consts, key: str, x: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """RMSNorm over the last (channel) axis with the forward pass's mean square recorded: a pure
+    per-position scale (no centring, no bias)."""
+    ms = recorded(c, key + ".ms", lambda: (x * x).mean(-1, keepdim=True))
+    y = x / torch.sqrt(ms + eps)
+    return y if weight is None else y * weight
+
+
 def uniform(c: Consts, key: str, a: torch.Tensor, b: torch.Tensor, op=torch.mul) -> torch.Tensor:
     """A product of two input-dependent factors with no gate (SPEC §8): the linear function
     ``½ (op(a, b̄) + op(ā, b))`` with ``ā, b̄`` recorded on the real forward."""
@@ -823,17 +831,19 @@ def _vit_attention(c: Consts, key: str, attn, x: torch.Tensor) -> torch.Tensor:
     return F.linear((w @ v).transpose(1, 2).reshape(B, N, C), attn.proj.weight, attn.proj.bias)
 
 
-def tiny_vit(fused: bool, patch_bias: bool = True):
+def tiny_vit(fused: bool, patch_bias: bool = True, rms: bool = False):
     """A timm VisionTransformer: 8x8 input, 4x4 patches (4 tokens + a class token), a position
     embedding, one pre-norm block (attention + GELU MLP), final LayerNorm (L = forward_features),
     class-token head.  ``fused``: F.scaled_dot_product_attention, else the manual softmax.
     ``patch_bias=False``: a patch embedding without bias (timm's PE/EVA models), so the class
-    token is the only constant that enters the token sequence's cat."""
+    token is the only constant that enters the token sequence's cat.  ``rms``: every norm is
+    timm's RmsNorm (``F.rms_norm``, weight only) instead of LayerNorm."""
     import timm
     torch.manual_seed(0)
+    extra = dict(norm_layer=timm.layers.RmsNorm) if rms else {}
     m = timm.models.vision_transformer.VisionTransformer(
         img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=8, depth=1, num_heads=2,
-        mlp_ratio=2.0, global_pool="token").double().eval()
+        mlp_ratio=2.0, global_pool="token", **extra).double().eval()
     if not patch_bias:
         m.patch_embed.proj.register_parameter("bias", None)
     with torch.no_grad():
@@ -848,24 +858,28 @@ def tiny_vit(fused: bool, patch_bias: bool = True):
         t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
         return torch.cat([m.cls_token.expand(x.shape[0], -1, -1), t], 1) + m.pos_embed
 
+    def norm(c, key, mod, t):
+        if rms:
+            return rms_fixed(c, key, t, mod.weight, mod.eps)
+        return ln_fixed(c, key, t, mod.weight, mod.bias, mod.eps)
+
     def x1(c, x):
         t = tokens(x)
-        n1 = blk.norm1
-        return t + _vit_attention(c, "attn", blk.attn, ln_fixed(c, "ln1", t, n1.weight, n1.bias, n1.eps))
+        return t + _vit_attention(c, "attn", blk.attn, norm(c, "ln1", blk.norm1, t))
 
     def pre_act(c, x):
-        n2 = blk.norm2
-        return blk.mlp.fc1(ln_fixed(c, "ln2", x1(c, x), n2.weight, n2.bias, n2.eps))
+        return blk.mlp.fc1(norm(c, "ln2", blk.norm2, x1(c, x)))
 
     def L(c, a, x):
         y = x1(c, x) + blk.mlp.fc2(a)
-        return ln_fixed(c, "ln", y, m.norm.weight, m.norm.bias, m.norm.eps)
+        return norm(c, "ln", m.norm, y)
 
     emb = chain(window(4, 4), flat(), prefix(1))
     mix = chain(emb, full(5))
     blocks = [
         Block("blocks_0_mlp_act", ["input"], pre_act, [[emb, mix]], F.gelu),
-        Block("layer_norm_2", ["blocks_0_mlp_act", "input"], L, [[identity()], [emb, mix]]),
+        Block("rms_norm_2" if rms else "layer_norm_2", ["blocks_0_mlp_act", "input"], L,
+              [[identity()], [emb, mix]]),
     ]
     return m, Net(blocks, head=lambda A: m.head(A[:, 0]))
 
@@ -1306,6 +1320,7 @@ TOKEN_NETS = {
     "amax_tokens": amax_net,
     "vit_fused": lambda: tiny_vit(True),
     "vit_no_patch_bias": lambda: tiny_vit(True, patch_bias=False),
+    "vit_rms_norm": lambda: tiny_vit(True, rms=True),
     "maxvit_block": lambda: maxvit_net("block", True),
     "maxvit_grid_manual": lambda: maxvit_net("grid", False),
     "vit_manual": lambda: tiny_vit(False),

@@ -1,7 +1,7 @@
 """Normalisations with statistics taken as constants (SPEC §2, "Gates and data-dependent constants").
 
-BatchNorm (eval): a per-channel scale and shift.  LayerNorm, GroupNorm, ``F.normalize``: the
-statistics of the forward pass are recorded constants, so each is affine per position.
+BatchNorm (eval): a per-channel scale and shift.  LayerNorm, RMSNorm, GroupNorm, ``F.normalize``:
+the statistics of the forward pass are recorded constants, so each is affine per position.
 All keep positions (shadow = identity).  Batch norm in training mode is refused.
 """
 import operator
@@ -81,12 +81,17 @@ def gn_stats(x, groups, eps):
 
 
 def _param(t, x, kind):
-    return t if kind == "ln" else _per_channel(t, x.dim())
+    return _per_channel(t, x.dim()) if kind == "gn" else t
 
 
 def norm_stats(x, kind, size, eps):
     """The statistics (mean, 1/std) of the forward pass, computed once and recorded: the
-    transpose and the bias reuse them, and the normalisation's input need not be kept."""
+    transpose and the bias reuse them, and the normalisation's input need not be kept.
+    RMSNorm ("rms") has no mean (None) and 1/rms; its ``eps=None`` is the dtype's epsilon."""
+    if kind == "rms":
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        dims = tuple(range(x.dim() - size, x.dim()))
+        return None, torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps)
     if kind == "ln":
         if x.dtype in (torch.float32, torch.float64) and not (torch.is_grad_enabled() and x.requires_grad):
             # the layer norm kernel's own statistics (one pass; var_mean is ~2.5x slower on the
@@ -108,7 +113,10 @@ def norm_T_rec(g, inv, kind, weight):
 
 def norm_affine_rec(z, mu, inv, kind, weight, bias):
     """The normalisation with recorded statistics applied to ``z`` (None: zero)."""
-    y = (z - mu) * inv if z is not None else -mu * inv
+    if mu is None:  # RMSNorm: no centring, and so no constant of its own
+        y = z * inv
+    else:
+        y = (z - mu) * inv if z is not None else -mu * inv
     if weight is not None:
         y = y * _param(weight, y, kind)
     if bias is not None:
@@ -117,8 +125,9 @@ def norm_affine_rec(z, mu, inv, kind, weight, bias):
 
 
 class StatNorm(Rule):
-    """LayerNorm (variant "ln", over the last axes) and GroupNorm (variant "gn", over channel
-    groups): affine per position once the forward pass's statistics are constants."""
+    """LayerNorm (variant "ln", over the last axes), RMSNorm ("rms", over the last axes, no
+    mean, no bias) and GroupNorm ("gn", over channel groups): affine per position once the
+    forward pass's statistics are constants."""
     linear = False
 
     def __init__(self, variant):
@@ -128,8 +137,13 @@ class StatNorm(Rule):
         """(input, ndim or groups, weight, bias, eps)."""
         if node.op == "call_module":
             m = b.module(node)
-            n = len(m.normalized_shape) if self.variant == "ln" else m.num_groups
-            return node.args[0], n, b.param(node, "weight"), b.param(node, "bias"), m.eps
+            n = m.num_groups if self.variant == "gn" else len(m.normalized_shape)
+            bias = None if self.variant == "rms" else b.param(node, "bias")
+            return node.args[0], n, b.param(node, "weight"), bias, m.eps
+        if self.variant == "rms":  # F.rms_norm(input, normalized_shape, weight=None, eps=None)
+            shape = arg(node, 1, "normalized_shape")
+            n = 1 if isinstance(shape, int) else len(shape)
+            return node.args[0], n, b.val(arg(node, 2, "weight")), None, arg(node, 3, "eps", None)
         if self.variant == "ln":
             shape = arg(node, 1, "normalized_shape")
             n = 1 if isinstance(shape, int) else len(shape)
@@ -138,13 +152,14 @@ class StatNorm(Rule):
         return node.args[0], n, b.val(arg(node, 2, "weight")), b.val(arg(node, 3, "bias")), arg(node, 4, "eps", 1e-5)
 
     def layout(self, b, node):
-        return b.caxes(node.args[0]) if self.variant == "ln" else (1,)
+        return (1,) if self.variant == "gn" else b.caxes(node.args[0])
 
     def record(self, b, node):
         out = b.copy(node)
         x, n, _, _, eps = self.spec(b, node)
         stats = b.call(norm_stats, b.val(x), self.variant, n, eps, name="stats_" + node.name)
-        b.set_recorded(node, "mu", b.call(operator.getitem, stats, 0, name="mu_" + node.name))
+        if self.variant != "rms":
+            b.set_recorded(node, "mu", b.call(operator.getitem, stats, 0, name="mu_" + node.name))
         b.set_recorded(node, "inv", b.call(operator.getitem, stats, 1, name="inv_" + node.name))
         return out
 
@@ -154,12 +169,17 @@ class StatNorm(Rule):
 
     def bias(self, b, node, zs):
         _, _, w, bias, _ = self.spec(b, node)
-        return b.call(norm_affine_rec, zs[0], b.recorded(node, "mu"), b.recorded(node, "inv"), self.variant,
+        if self.variant == "rms" and zs[0] is None:
+            return None
+        mu = None if self.variant == "rms" else b.recorded(node, "mu")
+        return b.call(norm_affine_rec, zs[0], mu, b.recorded(node, "inv"), self.variant,
                       w, bias)
 
 
 register_rule(nn.LayerNorm, StatNorm("ln"))
 register_rule(F.layer_norm, StatNorm("ln"))
+register_rule(nn.RMSNorm, StatNorm("rms"))
+register_rule(F.rms_norm, StatNorm("rms"))
 register_rule(nn.GroupNorm, StatNorm("gn"))
 register_rule(F.group_norm, StatNorm("gn"))
 
