@@ -155,6 +155,13 @@ def unbroadcast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.sum_to_size(like.shape)
 
 
+def shape_of(like) -> torch.Size:
+    """The shape of ``like``: a tensor, or its shape already (the generated code passes a forward
+    value's shape, not the value, to a backward helper that reads only the shape, so that the
+    value is freed when the forward no longer needs it)."""
+    return like.shape if isinstance(like, torch.Tensor) else torch.Size(like)
+
+
 def _map_target(like, caxes: Axes):
     """The map shape of ``like`` (a tensor or a shape): its shape with every channel axis 1."""
     target = list(like.shape if isinstance(like, torch.Tensor) else like)

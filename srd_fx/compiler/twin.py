@@ -58,10 +58,49 @@ def linear_vjp(g, fn, args, kwargs, mains):
     return [torch.zeros_like(m) if gr is None else gr for m, gr in zip(mains, grads)]
 
 
+def linear_vjp_at_zero(g, fn, args, kwargs, slots, specs):
+    """:func:`linear_vjp` for an op linear in its main inputs, which the generated code passes as
+    ``(shape, dtype, device)`` specs, not as values: ``slots[k]`` lists where main input ``k`` sits in
+    ``args`` (an index) or ``kwargs`` (a name).  The op is replayed on zeros of those specs
+    (broadcast, no memory; dense zeros where the op must write or view them)."""
+    def at(primals):
+        a, kw = list(args), dict(kwargs)
+        for where, p in zip(slots, primals):
+            for w in where:
+                if isinstance(w, int):
+                    a[w] = p
+                else:
+                    kw[w] = p
+        return a, kw
+    # the VJP of a linear op does not depend on the point: zeros, one element broadcast
+    zeros = [g.new_zeros((), dtype=dtype).expand(shape) for shape, dtype, _ in specs]
+    try:
+        a, kw = at(zeros)
+        return linear_vjp(g, fn, a, kw, zeros)
+    except RuntimeError:   # an op that writes into, or views, its input: dense zeros
+        zeros = [z.contiguous() for z in zeros]
+        a, kw = at(zeros)
+        return linear_vjp(g, fn, a, kw, zeros)
+
+
+def _nodes_in(a) -> List[fx.Node]:
+    """The fx nodes inside an argument (a node, or lists/tuples/dicts of them)."""
+    found: List[fx.Node] = []
+    fx.node.map_arg(a, lambda n: found.append(n) or n)
+    return found
+
+
+def tensor_spec(x):
+    """``(shape, dtype, device)`` of a forward value: all that some helpers read of it
+    (:func:`linear_vjp_at_zero`, :func:`zeros1`)."""
+    return x.shape, x.dtype, x.device
+
+
 def shadow_vjp(m, fn, fn_args, like, caxes):
-    """Transpose of a shadow ``fn(map, *fn_args)`` (linear in the map) by autograd."""
+    """Transpose of a shadow ``fn(map, *fn_args)`` (linear in the map) by autograd; ``like``: the
+    input (or its shape) whose map the result is."""
     fn = resolve(fn) if isinstance(fn, str) else fn
-    shape = list(like.shape)
+    shape = list(ops.shape_of(like))
     for a in caxes:
         shape[a] = 1
     with torch.enable_grad():
@@ -71,15 +110,21 @@ def shadow_vjp(m, fn, fn_args, like, caxes):
 
 
 def zeros1(like):
-    """A structurally-zero input materialised with batch size 1 (biases are broadcast)."""
-    return like.new_zeros((1,) + tuple(like.shape[1:]))
+    """A structurally-zero input materialised with batch size 1 (biases are broadcast); ``like``:
+    the input or its :func:`tensor_spec`."""
+    if isinstance(like, torch.Tensor):
+        return like.new_zeros((1,) + tuple(like.shape[1:]))
+    shape, dtype, device = like
+    return torch.zeros((1,) + tuple(shape[1:]), dtype=dtype, device=device)
 
 
 def materialize(z, like):
-    """A bias flowing into an op, broadcast to the op input's shape (batch kept as it is)."""
-    if tuple(z.shape[1:]) == tuple(like.shape[1:]):
+    """A bias flowing into an op, broadcast to the op input's shape (batch kept as it is);
+    ``like``: the input or its shape."""
+    shape = ops.shape_of(like)
+    if tuple(z.shape[1:]) == tuple(shape[1:]):
         return z
-    return z.expand((z.shape[0],) + tuple(like.shape[1:]))
+    return z.expand((z.shape[0],) + tuple(shape[1:]))
 
 
 WRAP_RECIPE = ("wrap it so that forward takes one tensor, e.g.\n"
@@ -378,15 +423,47 @@ class Builder:
             seen.add(i)
         return out
 
-    def vjp(self, node, g):
+    def vjp(self, node, g, at_point=False):
+        """``Lin^T g`` of ``node`` by autograd.  An op linear in its main inputs (the contract of
+        :meth:`Rule.transpose`) is replayed on zeros of their shapes, so the backward does not keep
+        their forward values; ``at_point``: replayed at the recorded values (an op whose VJP
+        depends on them, the uniform product rule)."""
         uniq = list(dict.fromkeys(self.main_inputs(node)))
-        res = self.call(linear_vjp, g, self._callable(node), self.val(node.args), self.val(node.kwargs),
-                        [self.val(i) for i in uniq], name="g_vjp_" + node.name)
+        slots = None if at_point else self._main_slots(node, uniq)
+        if slots is None:
+            res = self.call(linear_vjp, g, self._callable(node), self.val(node.args), self.val(node.kwargs),
+                            [self.val(i) for i in uniq], name="g_vjp_" + node.name)
+        else:
+            drop = lambda a: None if a in uniq else self.env[a]  # noqa: E731
+            res = self.call(linear_vjp_at_zero, g, self._callable(node), fx.node.map_arg(node.args, drop),
+                            fx.node.map_arg(node.kwargs, drop), slots, [self.spec_of(i) for i in uniq],
+                            name="g_vjp_" + node.name)
         got = {i: self.call(operator.getitem, res, k) for k, i in enumerate(uniq)}
         return self.first_occurrence(node, got)
 
+    @staticmethod
+    def _main_slots(node, uniq):
+        """Where each main input sits among the call's arguments (an index or a keyword), or None
+        when one also sits inside a list or tuple (then the values are passed as they are)."""
+        slots = [[] for _ in uniq]
+        for where, a in list(enumerate(node.args)) + list(node.kwargs.items()):
+            if a in uniq:
+                slots[uniq.index(a)].append(where)
+            elif any(i in uniq for i in _nodes_in(a)):
+                return None
+        return slots if all(slots) else None
+
+    def spec_of(self, node):
+        """``(shape, dtype, device)`` of a forward value, taken right after it is computed (see size_of)."""
+        key = (node, "spec")
+        if key not in self._recorded:
+            val = self.val(node)
+            with self.g.inserting_after(val):
+                self._recorded[key] = self.g.call_function(tensor_spec, (val,), name="spec_" + node.name)
+        return self._recorded[key]
+
     def vjp_shadow(self, fn, fn_args, m, x):
-        return [self.call(shadow_vjp, m, fn_name(fn), fn_args, self.val(x), self.caxes(x))]
+        return [self.call(shadow_vjp, m, fn_name(fn), fn_args, self.size_of(x), self.caxes(x))]
 
     def apply_with_inputs(self, node, zs):
         """The op applied to the biases flowing in (zeros where None).  Ops that keep positions
@@ -401,9 +478,9 @@ class Builder:
             if i in sub:
                 continue
             if z is None:
-                sub[i] = self.call(zeros1, self.val(i))
+                sub[i] = self.call(zeros1, self.spec_of(i))
             else:
-                sub[i] = z if pointwise else self.call(materialize, z, self.val(i))
+                sub[i] = z if pointwise else self.call(materialize, z, self.size_of(i))
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: sub.get(a, self.env.get(a)))
         return self.out_of_place(self.g.create_node(node.op, node.target, args, kwargs, name="bias_" + node.name))
 

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..compiler.runtime import shape_of
 from .base import Rule, arg, register_rule
 
 
@@ -49,11 +50,13 @@ def attend(w, v):
 
 
 def attend_T(g, w, v):
-    """Lin^T g of ``v -> w @ v``: ``w^T @ g`` (summed back over shared key/value heads)."""
+    """Lin^T g of ``v -> w @ v``: ``w^T @ g`` (summed back over shared key/value heads); ``v``: the
+    values or their shape."""
     out = torch.matmul(w.transpose(-2, -1), g)
-    if out.shape != v.shape:
-        out = out.sum_to_size(v.shape) if out.dim() == v.dim() and out.shape[-3] == v.shape[-3] else \
-            out.unflatten(-3, (v.shape[-3], -1)).sum(-3)
+    sv = shape_of(v)
+    if out.shape != sv:
+        out = out.sum_to_size(sv) if out.dim() == len(sv) and out.shape[-3] == sv[-3] else \
+            out.unflatten(-3, (sv[-3], -1)).sum(-3)
     return out
 
 
@@ -91,7 +94,8 @@ def layout_axes(b, n):
 
 
 def map_shape(x, caxes):
-    s = list(x.shape)
+    """The map shape of ``x`` (a tensor or its shape): channel axes of size 1."""
+    s = list(shape_of(x))
     for a in caxes:
         s[a] = 1
     return s
@@ -131,7 +135,7 @@ class ScaledDotProductAttention(Rule):
 
     def transpose(self, b, node, g):
         v = self._value(node)
-        return [b.call(attend_T, g, b.recorded(node, "weights"), b.val(v))]
+        return [b.call(attend_T, g, b.recorded(node, "weights"), b.size_of(v))]
 
     def bias(self, b, node, zs):
         if zs[0] is None:
@@ -145,7 +149,7 @@ class ScaledDotProductAttention(Rule):
     def shadow_T(self, b, node, m):
         v = self._value(node)
         return [b.call(attend_map_T, m, b.recorded(node, "weights"),
-                       b.call(map_shape, b.val(v), b.caxes(v)), b.caxes(node))]
+                       b.call(map_shape, b.size_of(v), b.caxes(v)), b.caxes(node))]
 
 
 register_rule(F.scaled_dot_product_attention, ScaledDotProductAttention())

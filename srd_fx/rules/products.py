@@ -140,15 +140,15 @@ class MatMul(Rule):
         side, a, c = self._sides(b, node)
         if side == "left":
             from .shape import matmul_map
-            return b.call(matmul_map, ms[0], b.val(node), b.caxes(node), self._contracted_channel(b, node, side, a))
+            return b.call(matmul_map, ms[0], b.size_of(node), b.caxes(node), self._contracted_channel(b, node, side, a))
         return b.call(const_left_map, ms[0], b.val(c), b.caxes(a))
 
     def shadow_T(self, b, node, m):
         side, a, c = self._sides(b, node)
         if side == "left":
             from .shape import matmul_map_T
-            return [b.call(matmul_map_T, m, b.val(a), b.caxes(a), self._contracted_channel(b, node, side, a))]
-        return [b.call(const_left_map_T, m, b.val(c), b.call(map_shape, b.val(a), b.caxes(a)), b.caxes(a))]
+            return [b.call(matmul_map_T, m, b.size_of(a), b.caxes(a), self._contracted_channel(b, node, side, a))]
+        return [b.call(const_left_map_T, m, b.val(c), b.call(map_shape, b.size_of(a), b.caxes(a)), b.caxes(a))]
 
 
 class UniformProduct(Rule):
@@ -169,7 +169,7 @@ class UniformProduct(Rule):
 
     def transpose(self, b, node, g):
         # the op is bilinear: its VJP at the recorded point gives (g b̄, ā g); the rule takes half
-        return b.vjp(node, b.call(half, g))
+        return b.vjp(node, b.call(half, g), at_point=True)
 
     def bias(self, b, node, zs):
         x, y = _operands(node)

@@ -16,22 +16,25 @@ from ..compiler import runtime as ops
 
 from ..errors import UnsupportedOpError
 from .base import Meta, Rule, arg, register_rule
-from .attention import layout_axes
+from .attention import layout_axes, map_shape
 
 
 # ------------------------------------------------------------------------ runtime -------
 def cat_T(g, dim, xs):
-    sizes = [x.shape[dim] for x in xs]
+    """Lin^T of cat: ``g`` split back into the items (``xs``: the items or their shapes)."""
+    sizes = [ops.shape_of(x)[dim] for x in xs]
     return list(torch.split(g, sizes, dim=dim))
 
 
 def list_bias(zs, xs, dim, how="cat"):
-    """The bias flowing out of a cat/stack: pieces (None = zero) broadcast to a common batch."""
+    """The bias flowing out of a cat/stack: pieces (None = zero) broadcast to a common batch
+    (``xs``: the items' shapes; one piece at least is not None)."""
     B = max((z.shape[0] for z in zs if z is not None), default=1)
+    ref = next(z for z in zs if z is not None)
     parts = []
     for z, x in zip(zs, xs):
-        shape = (B,) + tuple(x.shape[1:])
-        parts.append(x.new_zeros(shape) if z is None else z.expand(shape))
+        shape = (B,) + tuple(ops.shape_of(x)[1:])
+        parts.append(ref.new_zeros(shape) if z is None else z.expand(shape))
     return torch.cat(parts, dim=dim) if how == "cat" else torch.stack(parts, dim=dim)
 
 
@@ -62,12 +65,13 @@ def cat_maps(maps, xs, dim, caxes, channel):
 def cat_maps_T(m, xs, dim, channel):
     if channel:
         return [m for _ in xs]
-    return list(torch.split(m, [x.shape[dim] for x in xs], dim=dim))
+    return list(torch.split(m, [ops.shape_of(x)[dim] for x in xs], dim=dim))
 
 
 def reshape_map(m, out, caxes):
-    """Shadow of a reshape: same positions -> reshape; positions merged into one -> sum."""
-    target = list(out.shape)
+    """Shadow of a reshape: same positions -> reshape; positions merged into one -> sum.  ``out``:
+    the output or its shape (so for the helpers below that take a tensor only for its shape)."""
+    target = list(ops.shape_of(out))
     for a in caxes:
         target[a] = 1
     if m.numel() == math.prod(target):
@@ -82,7 +86,7 @@ def reduce_keep(m, axes):
 
 
 def reshape_map_T(m, x, caxes, absorbed=()):
-    target = list(x.shape)
+    target = list(ops.shape_of(x))
     for a in caxes:
         target[a] = 1
     small = list(target)
@@ -92,11 +96,11 @@ def reshape_map_T(m, x, caxes, absorbed=()):
 
 
 def reshape_bias(z, x, out_shape):
-    return z.expand(x.shape).reshape(out_shape)
+    return z.expand(ops.shape_of(x)).reshape(out_shape)
 
 
 def reshape_T(g, x):
-    return g.reshape(x.shape)
+    return g.reshape(ops.shape_of(x))
 
 
 def normalise_index(idx, rank):
@@ -118,7 +122,7 @@ def index_map(m, idx, caxes):
 
 
 def index_map_T(m, x, idx, caxes):
-    shape = list(x.shape)
+    shape = list(ops.shape_of(x))
     for a in caxes:
         shape[a] = 1
     out = m.new_zeros(shape)
@@ -136,10 +140,12 @@ def split_item(x, how, size_or_n, dim, i):
 
 
 def split_item_T(g, x, how, size_or_n, dim, i):
+    shape = ops.shape_of(x)
     if how == "unbind":
-        out = g.new_zeros(x.shape)
+        out = g.new_zeros(shape)
         out.select(dim, i).copy_(g)
         return out
+    x = torch.empty(shape, device="meta")  # the sizes of the parts, as torch splits them
     parts = torch.split(x, size_or_n, dim) if how == "split" else torch.chunk(x, size_or_n, dim)
     start = sum(p.shape[dim] for p in parts[:i])
     pad = [0, 0] * (x.dim() - dim % x.dim() - 1) + [start, x.shape[dim] - start - g.shape[dim]]
@@ -167,9 +173,9 @@ def pad_map_T(m, x, pad, caxes):
 
 
 def interp_maps(m, x, out, mode, align_corners):
-    nd = x.dim() - 2
-    return [ops.interp_support(x.shape[2 + i], out.shape[2 + i], mode, align_corners, None, m)
-            for i in range(nd)]
+    sx, so = ops.shape_of(x), ops.shape_of(out)
+    return [ops.interp_support(sx[2 + i], so[2 + i], mode, align_corners, None, m)
+            for i in range(len(sx) - 2)]
 
 
 def interp_map(m, x, out, mode, align_corners):
@@ -207,7 +213,7 @@ class _ListOp(Rule):
             return None
         by = dict(zip(b.main_inputs(node), zs))
         pieces = [by.get(x) if x in mains else b.val(x) for x in xs]
-        return b.call(list_bias, pieces, [b.val(x) for x in xs], dim, self.how)
+        return b.call(list_bias, pieces, [b.size_of(x) for x in xs], dim, self.how)
 
 
 class Cat(_ListOp):
@@ -219,7 +225,7 @@ class Cat(_ListOp):
 
     def transpose(self, b, node, g):
         xs, dim = self._spec(b, node)
-        return self._route(b, node, b.call(cat_T, g, dim, [b.val(x) for x in xs], name="g_split"), xs)
+        return self._route(b, node, b.call(cat_T, g, dim, [b.size_of(x) for x in xs], name="g_split"), xs)
 
     def shadow(self, b, node, ms):
         xs, dim = self._spec(b, node)
@@ -230,7 +236,7 @@ class Cat(_ListOp):
     def shadow_T(self, b, node, m):
         xs, dim = self._spec(b, node)
         channel = dim in b.caxes(node)
-        return self._route(b, node, b.call(cat_maps_T, m, [b.val(x) for x in xs], dim, channel), xs)
+        return self._route(b, node, b.call(cat_maps_T, m, [b.size_of(x) for x in xs], dim, channel), xs)
 
 
 def _row_major_groups(si, so):
@@ -388,7 +394,7 @@ class Reshape(Rule):
             return True
 
     def transpose(self, b, node, g):
-        return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
+        return [b.call(reshape_T, g, b.size_of(b.main_inputs(node)[0]))]
 
     def _full_map_spec(self, b, node):
         fn = "method:" + node.target if node.op == "call_method" else fn_name_of(node.target)
@@ -399,20 +405,20 @@ class Reshape(Rule):
             return b.call(rearranged_map, ms[0], *self._full_map_spec(b, node))
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
         m = b.call(reduce_keep, ms[0], absorbed) if absorbed else ms[0]
-        return b.call(reshape_map, m, b.val(node), b.caxes(node))
+        return b.call(reshape_map, m, b.size_of(node), b.caxes(node))
 
     def shadow_T(self, b, node, m):
         x = b.main_inputs(node)[0]
         if self._by_elements(b, node):
             return b.vjp_shadow(rearranged_map, self._full_map_spec(b, node), m, x)
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
-        return [b.call(reshape_map_T, m, b.val(x), b.caxes(x), absorbed)]
+        return [b.call(reshape_map_T, m, b.size_of(x), b.caxes(x), absorbed)]
 
     def bias(self, b, node, zs):
         # the bias flowing in may have batch 1; the reshape's sizes name the real batch (B, N, ...)
         if zs[0] is None:
             return None
-        return b.call(reshape_bias, zs[0], b.val(b.main_inputs(node)[0]), b.size_of(node))
+        return b.call(reshape_bias, zs[0], b.size_of(b.main_inputs(node)[0]), b.size_of(node))
 
     def is_global_reduction(self, b, node):
         x = b.main_inputs(node)[0]
@@ -552,7 +558,7 @@ class GetItem(Rule):
         sp = self._split(node)
         if sp:
             x, how, size, dim, i = sp
-            return [b.call(split_item_T, g, b.val(x), how, size, dim, i)]
+            return [b.call(split_item_T, g, b.size_of(x), how, size, dim, i)]
         return b.vjp(node, g)
 
     def shadow(self, b, node, ms):
@@ -571,32 +577,27 @@ class GetItem(Rule):
             x, how, size, dim, i = sp
             if dim % len(b.shape(x)) in b.caxes(x):
                 return [b.call(torch.unsqueeze, m, dim % len(b.shape(x)))] if how == "unbind" else [m]
-            return [b.call(split_item_T, m, b.call(ops_map_zeros, b.val(x), b.caxes(x)), how, size, dim, i)]
+            return [b.call(split_item_T, m, b.call(map_shape, b.size_of(x), b.caxes(x)), how, size, dim, i)]
         x = node.args[0]
-        return [b.call(index_map_T, m, b.val(x), b.val(node.args[1]), b.caxes(x))]
+        return [b.call(index_map_T, m, b.size_of(x), b.val(node.args[1]), b.caxes(x))]
 
     def bias(self, b, node, zs):
         if zs[0] is None:
             return None
         sp = self._split(node)
-        z = b.call(materialize, zs[0], b.val(sp[0] if sp else node.args[0]))
+        z = b.call(materialize, zs[0], b.size_of(sp[0] if sp else node.args[0]))
         if sp:
             x, how, size, dim, i = sp
             return b.call(split_item, z, how, size, dim, i)
         return b.call(operator.getitem, z, b.val(node.args[1]))
 
 
-def ops_map_zeros(x, caxes):
-    shape = list(x.shape)
-    for a in caxes:
-        shape[a] = 1
-    return x.new_zeros(shape)
-
-
 def materialize(z, like):
-    """Broadcast a bias tensor (possibly batch 1 / spatially constant) to ``like``'s shape."""
-    return z.expand(z.shape[0] if z.shape[0] == 1 else like.shape[0], *like.shape[1:]) \
-        if z.dim() == like.dim() else z.expand(like.shape)
+    """Broadcast a bias tensor (possibly batch 1 / spatially constant) to ``like``'s shape
+    (``like``: a tensor or its shape)."""
+    shape = ops.shape_of(like)
+    return z.expand(z.shape[0] if z.shape[0] == 1 else shape[0], *shape[1:]) \
+        if z.dim() == len(shape) else z.expand(shape)
 
 
 class Pad(Rule):
@@ -624,7 +625,7 @@ class Pad(Rule):
         x = b.main_inputs(node)[0]
         if mode != "constant":
             return b.vjp_shadow(pad_map, (pad, b.caxes(node), mode), m, x)
-        return [b.call(pad_map_T, m, b.val(x), pad, b.caxes(x))]
+        return [b.call(pad_map_T, m, b.size_of(x), pad, b.caxes(x))]
 
 
 class Interpolate(Rule):
@@ -641,11 +642,11 @@ class Interpolate(Rule):
 
     def shadow(self, b, node, ms):
         mode, ac = self._spec(b, node)
-        return b.call(interp_map, ms[0], b.val(node.args[0]), b.val(node), mode, ac)
+        return b.call(interp_map, ms[0], b.size_of(node.args[0]), b.size_of(node), mode, ac)
 
     def shadow_T(self, b, node, m):
         mode, ac = self._spec(b, node)
-        return [b.call(interp_map_T, m, b.val(node.args[0]), b.val(node), mode, ac)]
+        return [b.call(interp_map_T, m, b.size_of(node.args[0]), b.size_of(node), mode, ac)]
 
 
 class Unsqueeze(Rule):
@@ -672,14 +673,14 @@ class Unsqueeze(Rule):
         return tuple(kept.index(c) for c in ci if c in kept) or (len(so) - 1,)
 
     def transpose(self, b, node, g):
-        return [b.call(reshape_T, g, b.val(b.main_inputs(node)[0]))]
+        return [b.call(reshape_T, g, b.size_of(b.main_inputs(node)[0]))]
 
     def shadow(self, b, node, ms):
-        return b.call(reshape_map, ms[0], b.val(node), b.caxes(node))
+        return b.call(reshape_map, ms[0], b.size_of(node), b.caxes(node))
 
     def shadow_T(self, b, node, m):
         x = b.main_inputs(node)[0]
-        return [b.call(reshape_map_T, m, b.val(x), b.caxes(x))]
+        return [b.call(reshape_map_T, m, b.size_of(x), b.caxes(x))]
 
 
 def _dims_of(d, rank):
@@ -688,7 +689,7 @@ def _dims_of(d, rank):
 
 
 def matmul_map(m, out, caxes, channel):
-    target = list(out.shape)
+    target = list(ops.shape_of(out))
     for a in caxes:
         target[a] = 1
     if channel:
@@ -697,7 +698,7 @@ def matmul_map(m, out, caxes, channel):
 
 
 def matmul_map_T(m, a, caxes, channel):
-    target = list(a.shape)
+    target = list(ops.shape_of(a))
     for c in caxes:
         target[c] = 1
     if channel:
@@ -766,7 +767,7 @@ def rearranged_map(m, fn, x_shape, caxes_out, args, kwargs):
 
 def rearranged_bias(z, fn, x, args, kwargs):
     from ..compiler.runtime import _call
-    return _call(fn, [z.expand(x.shape), *args], kwargs)
+    return _call(fn, [z.expand(ops.shape_of(x)), *args], kwargs)
 
 
 class Rearrange(Rule):
@@ -787,7 +788,7 @@ class Rearrange(Rule):
     def bias(self, b, node, zs):
         if zs[0] is None:
             return None
-        return b.call(rearranged_bias, zs[0], self._fn(node), b.val(node.args[0]), b.val(node.args[1:]),
+        return b.call(rearranged_bias, zs[0], self._fn(node), b.size_of(node.args[0]), b.val(node.args[1:]),
                       b.val(node.kwargs))
 
     def shadow(self, b, node, ms):
@@ -858,7 +859,7 @@ class Expand(Rule):
         if zs[0] is None:
             return None
         return b.call(rearranged_bias, zs[0], "method:" + node.target if node.op == "call_method" else
-                      fn_name_of(node.target), b.val(node.args[0]), b.val(node.args[1:]), b.val(node.kwargs))
+                      fn_name_of(node.target), b.size_of(node.args[0]), b.val(node.args[1:]), b.val(node.kwargs))
 
 
 def fn_name_of(f):
