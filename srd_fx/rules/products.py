@@ -19,6 +19,7 @@ import operator
 
 import torch
 
+from ..compiler.runtime import shape_of
 from .base import Rule, arg, register_rule
 from .attention import attend_map, attend_map_T, layout_axes, map_shape
 
@@ -82,6 +83,19 @@ def const_left_map_T(m, c, like_map, channel_axes):
     return attend_map_T(m, c, like_map, channel_axes)
 
 
+def matmul_const_T(g, c, a, side):
+    """Lin^T g of ``a -> a @ c`` (``side`` "left") or ``a -> c @ a`` ("right"), both of rank >= 2:
+    ``g @ c^T`` or ``c^T @ g``, summed back over the axes ``a`` (its shape) was broadcast along."""
+    ct = c.transpose(-2, -1)
+    out = torch.matmul(g, ct) if side == "left" else torch.matmul(ct, g)
+    shape = shape_of(a)
+    if out.shape == shape:
+        return out
+    if out.dim() > len(shape):
+        out = out.sum(dim=tuple(range(out.dim() - len(shape))))
+    return out.sum_to_size(shape)
+
+
 def pow_T(g, x, p):
     return g * x.pow(p - 1)
 
@@ -120,6 +134,13 @@ class MatMul(Rule):
         if x in mains:
             return "left", x, y
         return "right", y, x
+
+    def transpose(self, b, node, g):
+        # the constant's (gate's) transpose applied to g, without replaying the product on zeros
+        side, a, c = self._sides(b, node)
+        if a is c or not b.is_tensor(c) or len(b.shape(a)) < 2 or len(b.shape(c)) < 2:
+            return b.vjp(node, g)
+        return [b.call(matmul_const_T, g, b.val(c), b.size_of(a), side)]
 
     def layout(self, b, node):
         side, a, c = self._sides(b, node)
