@@ -21,6 +21,9 @@ from .trace import ENCODER_TAG, encoder_items, encoder_node
 # ops that only re-view a tensor: a gate stays a gate through them
 _VIEWS = {"view", "reshape", "expand", "expand_as", "contiguous", "flatten", "unsqueeze", "squeeze",
           "to", "type_as", "float"}
+# methods whose tensor arguments after ``self`` lend only metadata (dtype, device, shape):
+# ``lam.type_as(q)`` is a constant when ``lam`` is, whatever ``q`` is
+_META_ONLY_ARGS = {"type_as", "to", "expand_as", "view_as", "reshape_as"}
 _METADATA = (torch.dtype, torch.device, torch.Size, int, float, bool, str, type(None))
 _RESAMPLES = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
 _REDUCTIONS = {"var", "std", "mean", "sum", "norm", "amax", "amin", "vector_norm", "var_mean", "std_mean"}
@@ -144,9 +147,11 @@ class GraphInfo:
         ``x.shape``, ``x.size(2)``) does not carry input values: ``tau.to(x.dtype)`` is a constant."""
         dep = {}
         for n in self.nodes:
+            ins = n.all_input_nodes
+            if n.op == "call_method" and n.target in _META_ONLY_ARGS and isinstance(n.args[0], fx.Node):
+                ins = [n.args[0]]
             dep[n] = n.op == "placeholder" or any(dep.get(i, False) and n.meta.get("type") not in _METADATA
-                                                  and i.meta.get("type") not in _METADATA
-                                                  for i in n.all_input_nodes)
+                                                  and i.meta.get("type") not in _METADATA for i in ins)
         return dep
 
     def _split_source(self, node):

@@ -161,3 +161,30 @@ def test_torchvision_stochastic_depth_is_the_identity_in_eval():
     e = srd_fx.compile(m, example_input=x[:1])
     _balanced(e, x)
     assert "stochastic_depth" in e.code
+
+
+class _LambdaScale(nn.Module):
+    """``x * exp(lam).type_as(x)`` (timm's DiffAttention computes its lambda like this)."""
+
+    def __init__(self, meta_only: bool):
+        super().__init__()
+        self.lam = nn.Parameter(torch.full((8, 1, 1), 0.3))
+        self.meta_only = meta_only
+
+    def forward(self, x):
+        lam = self.lam.exp()
+        return x * (lam.type_as(x) if self.meta_only else lam)
+
+
+def test_type_as_lends_only_the_dtype():
+    """``type_as(q)`` takes only q's dtype: a parameter expression cast that way stays a constant
+    of the block (a scale), so the explainer equals the one without the cast, map for map."""
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    outs = []
+    for meta_only in (True, False):
+        m = _randomise(Net(_LambdaScale(meta_only)))
+        e = srd_fx.compile(m, layers="all", example_input=x[:1])
+        outs.append(_balanced(e, x))
+    assert outs[0].relevance.keys() == outs[1].relevance.keys()
+    for k in outs[0].relevance:
+        torch.testing.assert_close(outs[0].relevance[k], outs[1].relevance[k], rtol=1e-12, atol=0)
