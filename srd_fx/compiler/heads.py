@@ -122,12 +122,15 @@ def gradcam(head, A, target, caxes, neuron=False, segments=None):
         vjp = None
     else:  # torch.func.vjp: no autograd graph of the caller's, and torch.compile traces it whole
         logits, vjp = torch.func.vjp(head, A.detach() if A.requires_grad else A)
-    t = resolve_target(logits, target, check_values=False)
     K = logits.shape[-1]
     # one_hot(t) - 1/K, without F.one_hot (which reads t's range back from the device); adding 1
     # at the target gives the same rounding as 1 - 1/K in the logits' dtype.  A class out of range
-    # is clamped here (no device-side assert) and refused by the call's value check.
-    idx = t.clamp(0, K - 1)[:, None]
+    # is clamped here (no device-side assert) and refused by the call's value check; the
+    # predicted class (no target) is in range.
+    if target is None:
+        idx = logits.argmax(dim=-1, keepdim=True)
+    else:
+        idx = resolve_target(logits, target, check_values=False).clamp(0, K - 1)[:, None]
     w = torch.full_like(logits, -1.0 / K).scatter_(1, idx, 1.0, reduce="add")
     if vjp is None:
         with torch.enable_grad():

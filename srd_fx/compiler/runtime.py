@@ -22,6 +22,29 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in LOW_PRECISION else t
 
 
+def shape_args(*positions: int, sizes: bool = False):
+    """Mark the positional arguments that a function reads only for their shape, dtype and
+    device.  The compiler may pass a stand-in there (:func:`like`, or a tensor of the same shape,
+    dtype and device): the forward value itself is then freed after the forward pass.
+    ``sizes``: the function reads only the shape there, and also takes a ``torch.Size``."""
+    def mark(fn):
+        fn.srd_shape_args = positions
+        fn.srd_sizes_ok = sizes
+        return fn
+    return mark
+
+
+def like(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in for ``x`` where only its shape, dtype and device are read: every stride 0, so
+    it holds one element, not ``x``'s memory."""
+    return torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
+
+
+def _stand_in(x: torch.Tensor) -> bool:
+    """True for a tensor with no memory of its own per element (:func:`like`, an expanded scalar)."""
+    return x.dim() > 0 and x.numel() > 1 and all(s == 0 for s in x.stride())
+
+
 # ------------------------------------------------------------------ PFV algebra ------------
 def sq_norm(v: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """||v_j||^2 per position j (a map).  No channel axes: per neuron (unit="neuron")."""
@@ -33,15 +56,20 @@ def sq_norm(v: torch.Tensor, caxes: Axes) -> torch.Tensor:
     return (v * v).sum(dim=caxes, keepdim=True)
 
 
-def pfv_norm(x: torch.Tensor, caxes: Axes) -> torch.Tensor:
-    """||x_i|| per position i, with a zero (not NaN) gradient where the norm is zero."""
+def pfv_norm(x: torch.Tensor, caxes: Axes, overwrite: bool = False) -> torch.Tensor:
+    """||x_i|| per position i, with a zero (not NaN) gradient where the norm is zero.
+
+    ``overwrite``: this is the last read of ``x`` and nothing else holds its memory (the
+    generated code says so): the squares are formed in ``x`` itself, not in a new tensor, unless
+    a graph is being recorded."""
     if not caxes:
         return _acc(x).abs()
     if x.dtype in LOW_PRECISION:
         return torch.linalg.vector_norm(x, 2, dim=caxes, keepdim=True, dtype=torch.float32)
     if x.requires_grad and torch.is_grad_enabled():
         return torch.linalg.vector_norm(x, 2, dim=caxes, keepdim=True)  # its gradient at 0 is 0
-    return (x * x).sum(dim=caxes, keepdim=True).sqrt_()  # no graph: the faster sum of squares
+    sq = x.mul_(x) if overwrite else x * x
+    return sq.sum(dim=caxes, keepdim=True).sqrt_()  # no graph: the faster sum of squares
 
 
 def pfv_dot(x: torch.Tensor, g: torch.Tensor, caxes: Axes, overwrite_g: bool = False) -> torch.Tensor:
@@ -86,15 +114,20 @@ def _add_masked(lost, R: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return R * mask if lost is None else torch.addcmul(lost, R, mask)
 
 
-def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float, lost=None):
+def sharing(R: torch.Tensor, v: torch.Tensor, caxes: Axes, eps: float, lost=None, overwrite_v: bool = False):
     """The sharing ratio of a block and the relevance it cannot pass on: ``(s, lost)``.
 
     ``s_j = R_j v_j / ||v_j||^2`` (Eq. 6 folded with Eq. 7) where ``||v_j||^2 > eps``, else 0;
     ``lost``: the map of R on the PFVs with ``||v_j||^2 <= eps`` (SPEC §2), 0 elsewhere, added to
-    the running lost map ``lost`` of the same shape when one is given."""
+    the running lost map ``lost`` of the same shape when one is given.  ``overwrite_v``: this is
+    the last read of ``v`` and nothing else holds its memory: ``s`` is formed in ``v`` itself
+    (unless a graph is being recorded)."""
     nv2 = sq_norm(v, caxes)
     bad = nv2 <= eps
-    return v * _ratio(R, nv2, bad).to(v.dtype), _add_masked(lost, R, bad)
+    ratio = _ratio(R, nv2, bad).to(v.dtype)
+    inplace = overwrite_v and ratio.dtype == v.dtype and torch.broadcast_shapes(ratio.shape, v.shape) == v.shape \
+        and not (torch.is_grad_enabled() and (v.requires_grad or ratio.requires_grad))
+    return v.mul_(ratio) if inplace else v * ratio, _add_masked(lost, R, bad)
 
 
 def sharing_post(R: torch.Tensor, v: torch.Tensor, a: torch.Tensor, caxes: Axes, eps: float, lost=None):
@@ -130,6 +163,7 @@ def total_lost(x: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:
     return torch.stack(sums).sum(0)
 
 
+@shape_args(1)
 def per_sample(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The map of a layer whose windows are folded into the batch axis, ``(B * windows, ...)``,
     as ``(B, windows x window positions)``: a sample's windows are consecutive (sample-major)."""
@@ -148,6 +182,7 @@ def position_map(r: torch.Tensor, caxes: Axes) -> torch.Tensor:
     return out.unsqueeze(1) if out.dim() == 1 else out
 
 
+@shape_args(1)
 def unbroadcast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum a gradient back to the shape of an input that was broadcast."""
     if g.shape == like.shape:
@@ -170,6 +205,7 @@ def _map_target(like, caxes: Axes):
     return target
 
 
+@shape_args(1)
 def map_like(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """Bring a map to the map shape of ``like`` (sum over broadcast positions)."""
     target = _map_target(like, caxes)
@@ -183,6 +219,7 @@ def map_like(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
         return m.expand(target)
 
 
+@shape_args(1)
 def expand_map(m: torch.Tensor, like: torch.Tensor, caxes: Axes) -> torch.Tensor:
     """Broadcast an output map back onto the positions of an input of shape ``like``."""
     target = _map_target(like, caxes)
@@ -216,6 +253,7 @@ def _spatial(like, nd: int) -> Tuple[int, ...]:
     return tuple((like.shape if isinstance(like, torch.Tensor) else like)[-nd:])
 
 
+@shape_args(5, sizes=True)
 def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, out_like) -> torch.Tensor:
     """Shadow of a sliding-window op: sum of the input map over each output window.
 
@@ -243,6 +281,7 @@ def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, out_like) -> 
     return out[sl]
 
 
+@shape_args(5)
 def window_sum_T(m: torch.Tensor, kernel, stride, padding, dilation, in_like) -> torch.Tensor:
     """Transpose of :func:`window_sum`: scatter each output value back over its window."""
     nd = m.dim() - 2
@@ -319,6 +358,7 @@ def adaptive_max_pool_record(x: torch.Tensor, output_size):
     return fn(x, output_size, return_indices=True)
 
 
+@shape_args(2)
 def max_pool_T(g: torch.Tensor, idx: torch.Tensor, like: torch.Tensor, kernel_size, stride=None, padding=0,
                dilation=1, ceil_mode=False) -> torch.Tensor:
     """Transpose of a 2-d max pool with the indices it recorded: the pool's own backward kernel
@@ -331,6 +371,7 @@ def max_pool_T(g: torch.Tensor, idx: torch.Tensor, like: torch.Tensor, kernel_si
     return torch.ops.aten.max_pool2d_with_indices_backward(g, like, k, s, p, d, bool(ceil_mode), idx)
 
 
+@shape_args(2)
 def gather_T(g: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Transpose of a max-pool with fixed indices: scatter-add (windows may overlap)."""
     B, C = like.shape[:2]
@@ -348,6 +389,7 @@ def gather(z: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tens
 
 
 # --------------------------------------------------------------------- linear algebra ------
+@shape_args(1, sizes=True)
 def conv_T(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
            groups: int, scale=None) -> torch.Tensor:
     """Transpose of a convolution: conv_transpose with the output padding that restores x's size.
@@ -360,7 +402,8 @@ def conv_T(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, paddi
             weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1)).to(weight.dtype)
         else:
             g = g * scale
-    nd = x.dim() - 2
+    size = shape_of(x)  # x: the convolution's input, its stand-in or its shape
+    nd = len(size) - 2
     s, d = _tuple(stride, nd), _tuple(dilation, nd)
     k = weight.shape[2:]
     if isinstance(padding, str):
@@ -369,8 +412,8 @@ def conv_T(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, paddi
     op = []
     for i in range(nd):
         full = (g.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + 1
-        op.append(x.shape[2 + i] - full)
-    if nd == 2 and x.dtype in (torch.float32, torch.float64):
+        op.append(size[2 + i] - full)
+    if nd == 2 and isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and not _stand_in(x):
         # the convolution's own input-gradient kernel: faster than conv_transpose on CPU (it
         # takes one dtype: g may be half precision under autocast)
         g, weight = g.to(x.dtype), weight.to(x.dtype)
@@ -399,6 +442,7 @@ def same_padding(x: torch.Tensor, kernel, stride, dilation) -> Tuple[int, ...]:
 
 
 # ------------------------------------------------------------ TF 'SAME' (timm) ----------
+@shape_args(1, 5)
 def same_window_sum(m, x, kernel, stride, dilation, out_like):
     """Shadow of a timm '...Same' conv/pool: dynamic SAME padding, then the window sum."""
     return window_sum(F.pad(m, same_padding(x, kernel, stride, dilation)), kernel, stride, 0,
@@ -449,6 +493,7 @@ def torch_same_pads(x, kernel, dilation):
     return tuple(pads)
 
 
+@shape_args(5)
 def padded_window_sum(m, pads, kernel, stride, dilation, out_like):
     """Window sum after explicit (possibly asymmetric) zero padding."""
     return window_sum(F.pad(m, list(pads)), kernel, stride, 0, dilation, out_like)

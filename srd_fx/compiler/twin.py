@@ -15,8 +15,10 @@ emitted once per op.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import math
 import operator
 from typing import Dict, List, Optional
 
@@ -109,6 +111,7 @@ def shadow_vjp(m, fn, fn_args, like, caxes):
     return gr
 
 
+@ops.shape_args(0)
 def zeros1(like):
     """A structurally-zero input materialised with batch size 1 (biases are broadcast); ``like``:
     the input or its :func:`tensor_spec`."""
@@ -118,6 +121,7 @@ def zeros1(like):
     return torch.zeros((1,) + tuple(shape[1:]), dtype=dtype, device=device)
 
 
+@ops.shape_args(1, sizes=True)
 def materialize(z, like):
     """A bias flowing into an op, broadcast to the op input's shape (batch kept as it is);
     ``like``: the input or its shape."""
@@ -276,6 +280,7 @@ class Builder:
         self._attrs: Dict[str, fx.Node] = {}
         self.context: Optional[fx.Node] = None      # the op whose rule is emitting (names temporaries)
         self.comments: Dict[str, List[str]] = {}    # node name -> comment lines of the generated code
+        self.forward_nodes: Optional[set] = None     # the forward pass's twin nodes (set after it is emitted)
 
     # -- facts (delegated to the analysis) ---------------------------------------------------
     def shape(self, n):
@@ -388,11 +393,20 @@ class Builder:
         return self._recorded[key]
 
     def norm_of(self, node):
-        """||x|| per position of a forward value, emitted once however many blocks consume it."""
+        """||x|| per position of a forward value, emitted once however many blocks consume it.
+        Computed right after the value in the forward pass: the backward then holds the map (one
+        channel), not the tensor, wherever it needs only the norm."""
         key = (node, "norm")
         if key not in self._recorded:
-            self._recorded[key] = self.call(ops.pfv_norm, self.val(node), self.caxes(node), name=f"n_{node.name}")
+            val = self.val(node)
+            where = self.g.inserting_after(val) if self.in_forward(val) else contextlib.nullcontext()
+            with where:
+                self._recorded[key] = self.call(ops.pfv_norm, val, self.caxes(node), name=f"n_{node.name}")
         return self._recorded[key]
+
+    def in_forward(self, n) -> bool:
+        """True for a twin node of the forward pass (emitted before the head), once it is recorded."""
+        return self.forward_nodes is not None and isinstance(n, fx.Node) and n in self.forward_nodes
 
     def map_of(self, node):
         """A twin tensor of the map shape of forward value ``node`` already emitted (its norm or its
@@ -698,12 +712,15 @@ def build_twin(info: GraphInfo, root: nn.Module, *, head="gradcam", layers=("inp
                        b.attr(ref) if ref else None, False, name="x_checked") if check else x
     b.env[info.input] = x_checked
     logits = _record_forward(b, output_selector)                   # 1. forward, recording constants
+    b.forward_nodes = set(b.g.nodes)
     L, R_L, logits = _initial_relevance(b, head, seed, target, logits)  # 2. R at L (Eq. 4)
     if seed is None:
         b.comment(R_L, f"initial relevance R_L at the encoder output {_label(L)} (Eq. 4)")
     R_of, lost = _srd_backward(b, L, R_L, x_checked)                # 3. the SRD backward, one sweep
     names = resolve_layers(info, layers)                            # 4. outputs
     _emit_outputs(b, names, R_of, L, R_L, lost, logits, check, x_checked, target)
+    _release_forward_values(b)
+    _reuse_buffers(b)
     return _graph_module(b), names
 
 
@@ -808,6 +825,170 @@ def _emit_outputs(b: Builder, names, R_of, L, R_L, lost_total, logits, check, x_
     ok = b.call(checks_pass, x_checked, sal, R_L, lost_total, logits, target, name="ok") if check else None
     b.g.output({"logits": logits, "saliency": sal, "relevance": rel, "lost": lost_total,
                 "R_L": _read_out(b, R_L, L, "out_R_L"), "ok": ok})
+
+
+# ----------------------------------------------------------------------- memory -------------
+def _shape_positions(u: fx.Node, t: fx.Node):
+    """The positions of ``u``'s arguments that hold ``t``, if ``u`` reads it only for its shape,
+    dtype and device (``ops.shape_args``); None if ``u`` reads its values."""
+    shape_only = getattr(u.target, "srd_shape_args", ()) if u.op == "call_function" else ()
+    pos = [k for k, a in enumerate(u.args) if a is t]
+    if not pos or any(k not in shape_only for k in pos):
+        return None
+    seen: List[fx.Node] = []
+    fx.node.map_arg((u.args, u.kwargs), seen.append)
+    return pos if seen.count(t) == len(pos) else None  # also in a list or a keyword: values read
+
+
+def _release_forward_values(b: Builder) -> None:
+    """Free forward values that the backward would otherwise hold from the forward pass on:
+
+    * an activation output ``a = act(v)`` that the backward reads, if it is one of the largest
+      (at least half the size of the largest activation output): the backward keeps ``v`` (its
+      block's sharing ratio reads it), so ``a`` is computed again from ``v`` just before its first
+      use in the backward, and where it is read for its shape alone, ``v`` stands in for it.
+      Smaller ones are kept: each recomputation is one more op (a kernel launch on a GPU), and
+      where the resolution falls stage by stage the backward reads, and frees, the small ones
+      early, before it reaches the largest tensors (the trade-off is measured in docs/benchmarks.md);
+    * any other forward value that the backward reads only for its shape (a transpose's output
+      size): a stand-in of no memory (:func:`ops.like`) taken right after it is computed.
+
+    Norms of forward values are already taken in the forward pass (``Builder.norm_of``)."""
+    g, info = b.g, b.info
+    order = {n: k for k, n in enumerate(g.nodes)}
+    end = max(order[n] for n in b.forward_nodes if n in order)
+
+    def late_users(t):
+        return sorted((u for u in t.users if order.get(u, len(order)) > end), key=lambda u: order.get(u, len(order)))
+
+    def swap(u, t, new, positions):
+        args = list(u.args)
+        for k in positions:
+            args[k] = new
+        u.args = tuple(args)
+
+    sizes = {lay.node: math.prod(info.shape(lay.node)) for lay in info.layers if not lay.virtual}
+    largest = max(sizes.values(), default=0)
+    for lay in info.layers:
+        x, v = b.env.get(lay.node), b.env.get(lay.pre)
+        if 2 * sizes.get(lay.node, 0) < largest:
+            continue  # small: freed by the backward before it reaches the largest tensors (its peak)
+        if lay.virtual or lay.node is info.L or not isinstance(x, fx.Node) or not isinstance(v, fx.Node) \
+                or order.get(x, len(order)) > end or x.op not in ("call_module", "call_function", "call_method") \
+                or v not in x.all_input_nodes or any(a is not v and a.op != "get_attr" for a in x.all_input_nodes) \
+                or info.shape(lay.node) != info.shape(lay.pre) or "softmax" in str(getattr(info.rule.get(lay.node), "name", "")):
+            continue
+        reads = []
+        for u in late_users(x):
+            pos = _shape_positions(u, x)
+            if pos is None:
+                reads.append(u)
+            else:
+                swap(u, x, v, pos)
+        if reads:
+            with g.inserting_before(reads[0]):
+                again = g.create_node(x.op, x.target, x.args, x.kwargs, name=x.name + "_again")
+            for u in reads:
+                u.replace_input_with(x, again)
+    order = {n: k for k, n in enumerate(g.nodes)}
+    for t in [n for n in g.nodes if order[n] <= end]:
+        if t.op not in ("call_module", "call_function", "call_method") \
+                or (t.op == "call_function" and t.target in (getattr, ops.like, tensor_spec)):  # not tensors
+            continue
+        late = late_users(t)
+        found = [(u, _shape_positions(u, t)) for u in late]
+        if not late or any(p is None for _, p in found):
+            continue
+        with g.inserting_after(t):  # its shape where that is all they read (no op), else a tensor stand-in
+            if all(getattr(u.target, "srd_sizes_ok", False) for u in late):
+                stand_in = g.call_function(getattr, (t, "shape"), name="size_" + t.name)
+            else:
+                stand_in = g.call_function(ops.like, (t,), name="like_" + t.name)
+        for u, pos in found:
+            swap(u, t, stand_in, pos)
+
+
+# ops whose output is a new tensor (never a view or the input itself), for the in-place reuse below
+_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                  nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                  nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Hardtanh, nn.Mish,
+                  nn.Sigmoid, nn.Tanh)
+_FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, torch.add,
+                    torch.sub, torch.mul, torch.div, torch.matmul, torch.relu, torch.sigmoid, torch.tanh,
+                    torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
+                    torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                    torch.nn.functional.linear, torch.nn.functional.layer_norm, torch.nn.functional.batch_norm,
+                    ops.pfv_norm, ops.like, getattr}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "tanh", "mean", "sum"}
+
+
+def _fresh(b: Builder, n: fx.Node) -> bool:
+    """True when ``n``'s output is a new tensor (or not a tensor): it shares no memory with its inputs."""
+    if n.op == "call_module":
+        mod = b.root.get_submodule(n.target)
+        return isinstance(mod, _FRESH_MODULES) and not getattr(mod, "inplace", False) \
+            and not (mod._forward_hooks or mod._forward_pre_hooks)
+    if n.op == "call_function":
+        if n.target is operator.getitem:  # an output of a recording op that returns (value, indices)
+            return isinstance(n.args[0], fx.Node) and n.args[0].op == "call_function" \
+                and n.args[0].target in (ops.max_pool_record, ops.adaptive_max_pool_record)
+        return n.target in _FRESH_FUNCTIONS and not n.kwargs.get("inplace", False)
+    return n.op == "call_method" and n.target in _FRESH_METHODS
+
+
+def _last_reader(b: Builder, t: fx.Node, order, skip: fx.Node) -> Optional[fx.Node]:
+    """The last node other than ``skip`` that reads ``t``'s memory (``t``'s users, and those of
+    every node that may share it: views, identities, unknown ops); ``t`` itself when there is none.
+    None if ``t`` is not a new tensor that the generated code owns (an input, a view, a graph
+    output, the output of a module with hooks)."""
+    if not _fresh(b, t):
+        return None
+    last, seen, todo = t, {t}, [t]
+    while todo:
+        k = todo.pop()
+        for u in k.users:
+            if u.op == "output":
+                return None
+            if u is skip:
+                continue
+            last = max(last, u, key=order.get)
+            if u not in seen and not _fresh(b, u):
+                seen.add(u)
+                todo.append(u)
+    return last
+
+
+def _reuse_buffers(b: Builder) -> None:
+    """Write results into memory the generated code owns where nothing reads it afterwards (the
+    values are the same; fewer new tensors means a lower peak and fewer page faults on the CPU):
+
+    * the norm of a forward value is taken after the value's last read in the forward pass, in
+      the value's own memory (``pfv_norm(..., overwrite=True)``), when the backward no longer
+      reads the value (see :func:`_release_forward_values`);
+    * a block's sharing ratio ``s = v R / ||v||^2`` is formed in ``v`` when the sharing is the
+      last read of ``v`` (``sharing(..., overwrite_v=True)``)."""
+    g = b.g
+    order = {n: k for k, n in enumerate(g.nodes)}
+    end = max(order[n] for n in b.forward_nodes if n in order)
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target not in (ops.pfv_norm, ops.sharing):
+            continue
+        t = n.args[0] if n.target is ops.pfv_norm else n.args[1]
+        if not isinstance(t, fx.Node):
+            continue
+        last = _last_reader(b, t, order, skip=n)
+        if last is None:
+            continue
+        if n.target is ops.sharing:
+            if order[last] < order[n]:
+                n.kwargs = {**n.kwargs, "overwrite_v": True}
+            continue
+        if order[last] > end or any(order[u] <= order[last] for u in n.users):
+            continue  # read in the backward, or the norm is needed before the value's last read
+        if order[last] > order[n]:
+            last.append(n)  # the norm moves after the value's last read
+            order = {m: k for k, m in enumerate(g.nodes)}
+        n.kwargs = {**n.kwargs, "overwrite": True}
 
 
 def _graph_module(b: Builder) -> fx.GraphModule:

@@ -10,6 +10,7 @@ the ones autograd runs during a backward pass started inside the block.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 
 import torch
@@ -53,3 +54,39 @@ class OpCounter(TorchDispatchMode):
     @property
     def syncs(self) -> int:
         return sum(self.sync_counts.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor memory that ops create while active and that are still alive, and its
+    peak (``peak``, above what existed before): every new storage an op returns is counted until
+    it is freed (a storage shared by views, or written in place, is counted once).  Independent of
+    the allocator and of the machine, so a test can bound it; it does not see memory that a kernel
+    allocates and frees inside itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen = set()
+
+    def _free(self, key, nbytes):
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def _track(self, t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            key = id(st)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, st.nbytes())
+        elif isinstance(t, (tuple, list)):
+            for v in t:
+                self._track(v)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._track(out)
+        return out

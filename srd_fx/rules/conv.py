@@ -280,6 +280,7 @@ def cond_bias(routing, bias):
     return (routing @ bias)[:, :, None, None]
 
 
+@ops.shape_args(1)
 def materialize_batch(z, like):
     return z.expand(like.shape)
 

@@ -154,6 +154,7 @@ def reduce_map(m, dims, keepdim):
     return m.sum(dim=dims, keepdim=keepdim) if dims else m
 
 
+@ops.shape_args(3)
 def reduce_map_T(m, dims, keepdim, like, caxes):
     if not keepdim:
         for d in sorted(dims):

@@ -68,6 +68,7 @@ def cat_maps_T(m, xs, dim, channel):
     return list(torch.split(m, [ops.shape_of(x)[dim] for x in xs], dim=dim))
 
 
+@ops.shape_args(1)
 def reshape_map(m, out, caxes):
     """Shadow of a reshape: same positions -> reshape; positions merged into one -> sum.  ``out``:
     the output or its shape (so for the helpers below that take a tensor only for its shape)."""
@@ -85,6 +86,7 @@ def reduce_keep(m, axes):
     return m.sum(dim=tuple(axes), keepdim=True)
 
 
+@ops.shape_args(1)
 def reshape_map_T(m, x, caxes, absorbed=()):
     target = list(ops.shape_of(x))
     for a in caxes:
@@ -95,10 +97,12 @@ def reshape_map_T(m, x, caxes, absorbed=()):
     return m.reshape(small).expand(target) if absorbed else m.reshape(target)
 
 
+@ops.shape_args(1)
 def reshape_bias(z, x, out_shape):
     return z.expand(ops.shape_of(x)).reshape(out_shape)
 
 
+@ops.shape_args(1)
 def reshape_T(g, x):
     return g.reshape(ops.shape_of(x))
 
@@ -121,6 +125,7 @@ def index_map(m, idx, caxes):
     return m[idx]
 
 
+@ops.shape_args(1)
 def index_map_T(m, x, idx, caxes):
     shape = list(ops.shape_of(x))
     for a in caxes:
