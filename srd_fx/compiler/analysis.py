@@ -78,6 +78,9 @@ class _Marked:
     def caxes(self, n):
         return self._axes if n is self._x else self._info.caxes(n)
 
+    def provenance_layout(self, node, absorb=False):
+        return self._info.provenance_layout(node, caxes=self.caxes, absorb=absorb)
+
     def __getattr__(self, name):
         return getattr(self._info, name)
 
@@ -113,6 +116,8 @@ class GraphInfo:
         self.gates: Dict[fx.Node, fx.Node] = {}
         self._find_gates()
         self.caxes_: Dict[fx.Node, Tuple[int, ...]] = {self.input: (1,)}
+        self.folded: set = set()     # nodes whose batch axis holds channels (provenance_layout)
+        self.absorbs: set = set()    # reshapes that merge positions into channels (provenance_layout)
         self.L_segments = None
         if encoder_output is None:
             self._pack_encoder_outputs()
@@ -380,20 +385,42 @@ class GraphInfo:
             elif r is None or r.kind == "activation" or not self.main_inputs(n):
                 ins = self.main_inputs(n)
                 self.caxes_[n] = self.caxes(ins[0]) if ins else (1,)
+                self._carry_fold(n, r)
             else:
                 self.caxes_[n] = tuple(r.layout(self, n))
+                self._carry_fold(n, r)
         return self.caxes_[n]
 
-    def provenance_layout(self, node) -> Tuple[int, ...]:
+    def _carry_fold(self, n, r):
+        """An op on a tensor with heads folded into the batch axis that keeps the batch axis (a
+        matrix product, a convolution, an element-wise op, a split) gives a folded tensor too;
+        reshapes decide for themselves (provenance_layout)."""
+        from srd_fx.rules.shape import Permute, Reshape
+        if n in self.folded or isinstance(r, Reshape) or not self.is_tensor(n):
+            return
+        if isinstance(r, Permute) and r._perm(self, n)[0] != 0:
+            return
+        if any(i in self.folded and self.shape(i)[0] == self.shape(n)[0] for i in self.main_inputs(n)):
+            self.folded.add(n)
+
+    def provenance_layout(self, node, caxes=None, absorb=False) -> Tuple[int, ...]:
         """Channel axes of ``node`` found from where its elements come from, for a chain of
         reshapes and permutes that passed through tensors with channels folded into the batch
-        axis or mixed with positions (MobileViT's patches, MViTv2's heads): the chain is replayed
-        on the channel and the position index of every element of its last labelled source.  An
-        axis along which only the channel index changes is a channel axis, one along which only
-        the position index changes a position axis.  ``()`` (unlabelled: maps are kept at full
-        size, spread over the channels) when some axis mixes both or the batch axis holds channels."""
-        from srd_fx.rules.elementwise import Identity
-        from srd_fx.rules.shape import Permute, Reshape, Unfold, Unsqueeze, unfold_args
+        axis or mixed with positions (MobileViT's patches, MViTv2's and BoTNet's heads): the chain
+        is replayed on the channel and the position index of every element of its last labelled
+        source.  An axis along which only the channel index changes is a channel axis, one along
+        which only the position index changes a position axis.  ``()`` (unlabelled: maps are kept
+        at full size, spread over the channels) when some axis mixes both, or the batch axis
+        holds channels and positions.  When the batch axis holds channels only (attention heads
+        folded into it) and every other axis is pure, the node is *folded* (``self.folded``): its
+        channel axes are those of the other axes, and its maps have one row per batch row (head),
+        as if each were a sample.  ``absorb``: an axis that mixes channels and positions is a
+        channel axis that *absorbs* those positions (TNT's pixel tokens merged into their patch's
+        PFV, ``(B * N, 16, C) -> (B, N, 16 * C)``), provided a position axis is left; the node is
+        then recorded in ``self.absorbs``.  ``caxes``: the labelling to start from (default: the
+        analysis's own; only that one records folded and absorbing nodes)."""
+        own = caxes is None
+        caxes = self.caxes if caxes is None else caxes
         chain, n = [], node
         while True:
             ins = self.main_inputs(n)
@@ -401,45 +428,86 @@ class GraphInfo:
                 return ()
             chain.append(n)
             n = ins[0]
-            if self.caxes(n) != ():
+            if caxes(n) != () and n not in self.folded and n not in self.absorbs:
                 break
             if len(chain) > 64:
                 return ()
-        shape, ca = self.shape(n), self.caxes(n)
+        shape, ca = self.shape(n), caxes(n)
+        # the trace runs on one sample: the batch axis of the source holds positions folded into it
         pos = [1 if d in ca else s for d, s in enumerate(shape)]
         ch = [s if d in ca else 1 for d, s in enumerate(shape)]
         # float indices: slots that unfold pads hold NaN (no element), ignored below
         P = torch.arange(math.prod(pos), dtype=torch.float64).reshape(pos).expand(shape)
         C = torch.arange(math.prod(ch), dtype=torch.float64).reshape(ch).expand(shape)
         for m in reversed(chain):
-            r = self.rule.get(m)
-            if isinstance(r, Unfold):
-                args = unfold_args(self, m)
-                P, C = (torch.nn.functional.unfold(t + 1, *args) for t in (P, C))
-                P, C = (t.masked_fill(t == 0, float("nan")) - 1 for t in (P, C))
-            elif isinstance(r, (Reshape, Unsqueeze)):
-                P, C = P.reshape(self.shape(m)), C.reshape(self.shape(m))
-            elif isinstance(r, Permute):
-                p = r._perm(self, m)
-                P, C = P.permute(p), C.permute(p)
-            elif not (isinstance(r, Identity) and self.shape(m) == tuple(P.shape)):
+            P, C = self._replay(m, P, C)
+            if P is None:
                 return ()
+
         def moves(t, d):
             if t.shape[d] < 2:
                 return False
             a, b = t.narrow(d, 1, t.shape[d] - 1), t.narrow(d, 0, t.shape[d] - 1)
             return bool(((a != b) & ~a.isnan() & ~b.isnan()).any())
 
-        if moves(C, 0):
-            return ()
-        out = []
+        out, mixed, positions = [], False, False
         for d in range(1, P.dim()):
             mp, mc = moves(P, d), moves(C, d)
-            if mp and mc:
+            if mp and mc and not absorb:
                 return ()
+            mixed |= mp and mc
+            positions |= mp and not mc
             if mc:
                 out.append(d)
+        if mixed and not positions:
+            return ()
+        if moves(C, 0):
+            if moves(P, 0) or mixed:
+                return ()
+            if own:
+                self.folded.add(node)
+        if mixed and own:
+            self.absorbs.add(node)
         return tuple(out)
+
+    def _replay(self, m, P, C):
+        """One step of :meth:`provenance_layout`: the position and channel indices ``P``, ``C`` of
+        ``m``'s main input carried to ``m``'s output, or (None, None) when ``m`` is not an op the
+        replay knows.  Rearrangements move the indices; another op that keeps the batch axis (a
+        matrix product with a gate, a convolution on heads folded into the batch) gets fresh
+        indices from its own layout, keeping each batch row's channel and position part."""
+        from srd_fx.rules.elementwise import Identity
+        from srd_fx.rules.shape import GetItem, Permute, Reshape, TensorUnfold, Unfold, Unsqueeze, unfold_args
+        r = self.rule.get(m)
+        out_shape = self.shape(m)
+        if isinstance(r, Unfold):
+            args = unfold_args(self, m)
+            P, C = (torch.nn.functional.unfold(t + 1, *args) for t in (P, C))
+            return tuple(t.masked_fill(t == 0, float("nan")) - 1 for t in (P, C))
+        if isinstance(r, TensorUnfold):
+            return tuple(t.unfold(*r.spec(m, t.dim())) for t in (P, C))
+        if isinstance(r, (Reshape, Unsqueeze)):
+            return P.reshape(out_shape), C.reshape(out_shape)
+        if isinstance(r, Permute):
+            p = r._perm(self, m)
+            return P.permute(p), C.permute(p)
+        if isinstance(r, Identity) and out_shape == tuple(P.shape):
+            return P, C
+        if isinstance(r, GetItem) and r._split(m):
+            x, how, size, dim, i = r._split(m)
+            from srd_fx.rules.shape import split_item
+            return split_item(P, how, size, dim, i), split_item(C, how, size, dim, i)
+        if r is None or r.kind == "meta" or P.dim() == 0 or out_shape[0] != P.shape[0] or self.caxes(m) == ():
+            return None, None
+        # a new tensor with the same batch rows: each row keeps its channel and position part
+        row = lambda t: torch.nan_to_num(t.flatten(1), nan=-1.0).amax(1)   # noqa: E731
+        ca = self.caxes(m)
+        pos = [1 if d in ca or d == 0 else s for d, s in enumerate(out_shape)]
+        ch = [s if d in ca else 1 for d, s in enumerate(out_shape)]
+        lead = (-1,) + (1,) * (len(out_shape) - 1)
+        newP = row(P).reshape(lead) * math.prod(pos) + torch.arange(math.prod(pos), dtype=torch.float64).reshape(pos)
+        newC = row(C).reshape(lead) * math.prod(ch) + torch.arange(math.prod(ch), dtype=torch.float64).reshape(ch)
+        return newP.expand(out_shape), newC.expand(out_shape)
 
     # ------------------------------------------------------------------ read-out orientation
     def origin(self, n) -> Tuple[Optional[int], ...]:
@@ -623,6 +691,11 @@ class GraphInfo:
         from srd_fx.rules.elementwise import Identity
         from srd_fx.rules.shape import Fold, GetItem, Permute, Reshape, Unfold, Unsqueeze
         for n in lay.block + lay.inputs + [lay.pre]:
+            if (n is lay.pre or n in lay.inputs) and n in self.folded:
+                self.unsupported(n, f"activation layer at a tensor {self.shape(n)} whose batch axis holds channels "
+                                    "(attention heads folded into it): its PFVs are split across batch rows, so it "
+                                    "is no activation layer of SRD. Reshape the heads back into the channel axis "
+                                    "before the nonlinearity, or register a rule for the module that holds it")
             if self.caxes(n) != () and (n in lay.inputs or all(self.caxes(i) != () for i in self.main_inputs(n))):
                 continue
             r = self.rule.get(n)

@@ -1067,11 +1067,13 @@ def fold_constants(gm: fx.GraphModule) -> None:
     recipe.output(tuple(env[n] for n in folded))
     holder = nn.Module()
     gm.add_module("srd_const", holder)
-    reads = {}
+    reads, buf = {}, {}
     for n in folded:
-        holder.register_buffer(n.name, value[n].detach(), persistent=False)
+        # a node named like a Module attribute (``to``, ``float``) gets a buffer name of its own
+        buf[n] = n.name if not hasattr(holder, n.name) else f"{n.name}_const"
+        holder.register_buffer(buf[n], value[n].detach(), persistent=False)
         with g.inserting_before(n):
-            reads[n.name] = g.get_attr(f"srd_const.{n.name}")
+            reads[n.name] = g.get_attr(f"srd_const.{buf[n]}")
         n.replace_all_uses_with(reads[n.name])
     for n in reversed(list(g.nodes)):  # the folded sub-graph, now unused
         if n in value and not n.users:
@@ -1080,7 +1082,7 @@ def fold_constants(gm: fx.GraphModule) -> None:
         n.name = name
         g._graph_namespace._rename_object(n, name)
     sources = sorted({n.target for n in need if n.op == "get_attr"})
-    gm._srd_const = dict(recipe=recipe, names=[n.name for n in folded], sources=sources,
+    gm._srd_const = dict(recipe=recipe, names=[buf[n] for n in folded], sources=sources,
                          sig=_signature(gm, sources))
 
 

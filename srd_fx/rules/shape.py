@@ -294,6 +294,28 @@ def _exact_plan(si, so, ci):
     return tuple(sorted(out_c)), ()
 
 
+def _absorbing_plan(si, so, ci):
+    """Positions merged into channels read from the row-major grouping (see
+    :func:`_row_major_groups`): a group made of position axes only stays positions; a group that
+    holds a channel axis becomes channels and *absorbs* its position axes (NaFlexViT's patchify
+    ``(B, nh, nw, ph, pw, C) -> (B, nh * nw, ph * pw * C)``: a patch token's PFV holds every pixel of
+    the patch).  None when the sizes do not group, the batch axis is grouped with a channel, or no
+    position axis is left."""
+    groups = _row_major_groups(si, so)
+    if groups is None:
+        return None
+    out_c, absorbed = [], []
+    for gi, go in groups:
+        if any(d in ci for d in gi):
+            if 0 in gi or 0 in go:
+                return None
+            out_c += go
+            absorbed += [d for d in gi if d not in ci]
+    if not out_c or not any(so[d] > 1 for d in range(1, len(so)) if d not in out_c):
+        return None     # nothing merged, or every position merged into one PFV inside a block
+    return tuple(sorted(out_c)), tuple(sorted(absorbed))
+
+
 class Reshape(Rule):
     """flatten / view / reshape.
 
@@ -363,36 +385,43 @@ class Reshape(Rule):
             for k in range(len(P) - 1, 0, -1):
                 if rest[:k] == psz[:k] and len(rest) > k:
                     return tuple(range(1 + k, len(so))), tuple(P[k:])
+        absorbing = _absorbing_plan(si, so, ci)
+        if absorbing is not None:
+            return absorbing
         info.unsupported(node, f"reshape {tuple(si)} -> {tuple(so)} mixes channels and positions in a way "
                                "srd_fx cannot map; register a rule for this module")
 
     def layout(self, b, node):
+        # where every element comes from says exactly which axes are channels and which are
+        # positions (sizes alone are ambiguous: a channel count equal to a grid size, a patch
+        # axis of size 1, MobileViTv2's (B, C, 1, 2, 1, 2) patch split)
         x = b.main_inputs(node)[0]
-        if b.caxes(x) == ():            # an unlabelled input: labels come back where they can
-            return b.provenance_layout(node)
-        if b.shape(x)[0] != b.shape(node)[0]:
-            # the batch axis changes: where every element comes from says exactly which axes are
-            # channels (sizes alone are ambiguous when a channel count equals a grid size)
-            return b.provenance_layout(node)
+        found = b.provenance_layout(node)
+        if found == () and node.users and all(isinstance(b.rule.get(u), Reshape) for u in node.users):
+            return ()   # mixed, but only reshaped again: the next reshape reads its labels from the elements
+        if found != () or b.caxes(x) == () or x in b.folded or b.shape(x)[0] != b.shape(node)[0]:
+            # an unlabelled result: channels folded into the batch axis or mixed with positions
+            # (MobileViT's unfold to patches, MViTv2's head merge) until a later reshape separates
+            # them; unless positions merge into channels with positions left (TNT's pixels into
+            # their patch token): those are absorbed
+            return found or b.provenance_layout(node, absorb=True)
         try:
+            # positions merged into channels (a flatten to (B, F), space-to-depth): the size plan
+            # says which positions are absorbed
             return self._plan(b, node)[0]
         except UnsupportedOpError:
-            # channels folded into the batch axis or mixed with positions (MobileViT's unfold to
-            # patches, MViTv2's head merge): unlabelled until a later reshape separates them again
-            return b.provenance_layout(node)
+            return found
 
     def _by_elements(self, b, node):
         """The shadow follows the elements (the op on the map spread over the channels) when either
-        side is unlabelled, or the batch axis changes and the size-based plan disagrees with the
-        labels found from the elements.  unit="neuron" maps are full size anyway."""
+        side is unlabelled, or the size-based plan disagrees with the labels found from the
+        elements.  unit="neuron" maps are full size anyway."""
         if b.unit == "neuron":
             return False
         info = b.info
         x = info.main_inputs(node)[0]
-        if info.caxes(node) == () or info.caxes(x) == ():
+        if info.caxes(node) == () or info.caxes(x) == () or x in info.folded or node in info.folded:
             return True
-        if info.shape(x)[0] == info.shape(node)[0]:
-            return False
         try:
             return self._plan(info, node)[0] != info.caxes(node)
         except UnsupportedOpError:
@@ -402,10 +431,16 @@ class Reshape(Rule):
         return [b.call(reshape_T, g, b.size_of(b.main_inputs(node)[0]))]
 
     def _full_map_spec(self, b, node):
-        fn = "method:" + node.target if node.op == "call_method" else fn_name_of(node.target)
+        # a view of the expanded (non-contiguous) map may not exist: reshape it
+        fn = "method:" + {"view": "reshape"}.get(node.target, node.target) if node.op == "call_method" \
+            else fn_name_of(node.target)
         return fn, b.size_of(b.main_inputs(node)[0]), b.caxes(node), b.val(node.args[1:]), b.val(node.kwargs)
 
     def shadow(self, b, node, ms):
+        if b.unit != "neuron" and node in b.info.absorbs:   # each output PFV sums the PFVs it absorbs
+            x = b.main_inputs(node)[0]
+            return b.call(absorbed_map, ms[0], *self._full_map_spec(b, node)[:2], b.caxes(x),
+                          *self._full_map_spec(b, node)[2:])
         if self._by_elements(b, node):   # the op itself on the map spread over the channels
             return b.call(rearranged_map, ms[0], *self._full_map_spec(b, node))
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
@@ -414,6 +449,9 @@ class Reshape(Rule):
 
     def shadow_T(self, b, node, m):
         x = b.main_inputs(node)[0]
+        if b.unit != "neuron" and node in b.info.absorbs:
+            fn, size, cout, args, kwargs = self._full_map_spec(b, node)
+            return b.vjp_shadow(absorbed_map, (fn, size, b.caxes(x), cout, args, kwargs), m, x)
         if self._by_elements(b, node):
             return b.vjp_shadow(rearranged_map, self._full_map_spec(b, node), m, x)
         absorbed = self._plan(b.info, node)[1] if b.unit != "neuron" else ()
@@ -770,6 +808,18 @@ def rearranged_map(m, fn, x_shape, caxes_out, args, kwargs):
     return out[idx]
 
 
+def absorbed_map(m, fn, x_shape, caxes_in, caxes_out, args, kwargs):
+    """Shadow of a reshape that merges positions into channels (an absorbing reshape): each input
+    PFV's map is put at channel 0 of its PFV (zeros elsewhere), the reshape is applied, and every
+    output PFV sums what landed in it (the maps of all the PFVs it absorbed)."""
+    from ..compiler.runtime import _call
+    pad = []
+    for d in reversed(range(len(x_shape))):
+        pad += [0, x_shape[d] - m.shape[d]] if d in caxes_in else [0, 0]
+    out = _call(fn, [F.pad(m, pad), *args], kwargs)
+    return out.sum(dim=tuple(caxes_out), keepdim=True) if caxes_out else out
+
+
 def rearranged_bias(z, fn, x, args, kwargs):
     from ..compiler.runtime import _call
     return _call(fn, [z.expand(ops.shape_of(x)), *args], kwargs)
@@ -1085,3 +1135,44 @@ for t in (F.unfold, nn.Unfold):
     register_rule(t, Unfold())
 for t in (F.fold, nn.Fold):
     register_rule(t, Fold())
+
+
+# ------------------------------------------------------------------ Tensor.unfold -------------
+def tensor_unfold_map(m, dim, size, step, channel):
+    """Shadow of ``x.unfold(dim, size, step)``: along a position axis the map is unfolded like the
+    tensor (each window slot is its source position); along a channel axis the PFVs stay where
+    they are (a new channel axis of size 1 is added)."""
+    return m.unsqueeze(-1) if channel else m.unfold(dim, size, step)
+
+
+class TensorUnfold(Rule):
+    """``Tensor.unfold(dim, size, step)`` (HaloNet's overlapping key/value windows): windows of
+    ``size`` slots every ``step`` along ``dim``, the slots as a new last axis.  A gather: linear,
+    transposed by autograd (overlapping slots add up).  Along a position axis both the window
+    index and the new slot axis are positions; along a channel axis both are channels."""
+    pointwise = False
+    main_args = (0,)
+
+    def spec(self, node, rank):
+        """(dim, size, step) with ``dim`` non-negative for an input of rank ``rank``."""
+        d = arg(node, 1, "dimension")
+        return d % rank, arg(node, 2, "size"), arg(node, 3, "step")
+
+    def _channel(self, b, node):
+        x = node.args[0]
+        return self.spec(node, len(b.shape(x)))[0] in layout_axes(b, x)
+
+    def layout(self, b, node):
+        ci = b.caxes(node.args[0])
+        return tuple(ci) + ((len(b.shape(node)) - 1,) if self._channel(b, node) else ())
+
+    def shadow(self, b, node, ms):
+        x = node.args[0]
+        return b.call(tensor_unfold_map, ms[0], *self.spec(node, len(b.shape(x))), self._channel(b, node))
+
+    def shadow_T(self, b, node, m):
+        x = node.args[0]
+        return b.vjp_shadow(tensor_unfold_map, (*self.spec(node, len(b.shape(x))), self._channel(b, node)), m, x)
+
+
+register_rule("method:unfold", TensorUnfold())
