@@ -213,7 +213,9 @@ class GraphInfo:
         for _ in range(8):
             if not isinstance(p, fx.Node) or r is None or r.kind != "affine":
                 return False
-            deps = [a for a in p.all_input_nodes if self.dep.get(a) and self.is_tensor(a)]
+            # the inputs that carry relevance: a division by a statistic of the weights (ConViT's
+            # renormalised mix of two softmaxes, attn / attn.sum(-1)) follows the numerator
+            deps = list(dict.fromkeys(self.main_inputs(p)))
             if len(deps) != 1:
                 return False
             p = self._producer(deps[0])

@@ -220,11 +220,15 @@ def _meta_tracer(device=None):
     return ShapeAwareTracer()
 
 
-def _meta_trace(model: nn.Module, shape, dtype, device=None) -> fx.GraphModule:
+def _meta_trace(model: nn.Module, shape, dtype, device=None, proxy_buffers=False) -> fx.GraphModule:
     import copy
     import inspect
     import warnings
     mt = _meta_tracer(torch.device("meta"))
+    # buffers read as graph nodes, not baked into constants (ConViT's cached relative indices,
+    # expanded and projected in the forward: a constant computed from a buffer of the meta copy
+    # would exist on the copy only)
+    mt.proxy_buffer_attributes = proxy_buffers
     name = next(iter(inspect.signature(model.forward).parameters))
     # trace a copy on the meta device (leaf modules then run on shapes only); the graph's
     # targets are qualified names, so it is bound to the real model after
@@ -238,6 +242,7 @@ def _meta_trace(model: nn.Module, shape, dtype, device=None) -> fx.GraphModule:
     if missing:
         raise _MissingConstant(missing)
     gm = fx.GraphModule(model, graph, type(model).__name__)
+    gm.meta["srd_proxy_buffers"] = proxy_buffers
     for n in gm.graph.nodes:  # meta values are not wanted downstream
         n.meta.pop("tensor_meta", None)
     return gm
@@ -260,13 +265,17 @@ def _has_attr(model, target):
 def _meta_trace_warm(model: nn.Module, example: torch.Tensor, shape):
     """:func:`_meta_trace`; a forward that fills a tensor cache on its first call for this input
     size (ConViT's relative indices) is run once on the example first, so the trace reads the
-    cache as an attribute of the model."""
+    cache as an attribute of the model; if the trace still computes constants from buffers of its
+    meta copy, it is repeated with buffers as graph nodes."""
     try:
         return _meta_trace(model, shape, example.dtype, example.device)
     except _MissingConstant:
         with torch.no_grad():
             model(torch.zeros(shape, dtype=example.dtype, device=example.device))
+    try:
         return _meta_trace(model, shape, example.dtype, example.device)
+    except _MissingConstant:
+        return _meta_trace(model, shape, example.dtype, example.device, proxy_buffers=True)
 
 
 def _specialised_trace(model: nn.Module, example: torch.Tensor) -> Optional[fx.GraphModule]:
@@ -283,7 +292,7 @@ def _specialised_trace(model: nn.Module, example: torch.Tensor) -> Optional[fx.G
     gm.meta["srd_specialised"] = shape
     if other is not None:
         try:
-            gm2 = _meta_trace(model, other, example.dtype, example.device)
+            gm2 = _meta_trace(model, other, example.dtype, example.device, gm.meta["srd_proxy_buffers"])
         except Exception:
             gm2 = None
         if gm2 is not None and gm2.code == gm.code:

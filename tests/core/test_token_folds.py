@@ -1,6 +1,7 @@
 """Attention with its heads folded into the batch axis (timm's BoTNet, HaloNet and MViTv2 blocks),
 ``Tensor.unfold`` windows, patch splits with axes of size 1 (MobileViTv2), positions merged into
-channels (NaFlexViT's patchify of the input, TNT's pixels merged into their patch), each against the
+channels (NaFlexViT's patchify of the input, TNT's pixels merged into their patch), ConViT's
+renormalised mix of two softmaxes with a cached buffer, each against the
 pair-by-pair reference (tests/naive_srd.py): relevance layer by layer to 1e-8 of the scale of R
 (float64), the model's own logits, conservation with ``lost``."""
 import pytest
@@ -243,7 +244,57 @@ def _pixel_tokens_net():
     return m, N.Net(blocks, head=lambda A: m.head(A.mean(1)))
 
 
-NETS = {"bottleneck_attn": _bottleneck_net, "halo_attn": _halo_net, "patch_split": _patch_split_net,
+class _MixedGate(nn.Module):
+    """ConViT's gated positional self-attention: the weights mix a softmax of q k^T with a softmax
+    of a projection of cached relative indices (a buffer the forward fills for the token count),
+    and are renormalised in place (``attn /= attn.sum(-1)``): still a gate, relevance to v only."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 4, 2, 2)
+        self.qk = nn.Linear(4, 8)
+        self.v = nn.Linear(4, 4)
+        self.pos = nn.Linear(3, 1)
+        self.gating = nn.Parameter(torch.tensor(0.3))
+        self.register_buffer("rel", torch.zeros(1, 1, 1, 3), persistent=False)
+        self.head = nn.Linear(4, 5)
+
+    @staticmethod
+    def rel_indices(n):
+        i = torch.arange(n, dtype=torch.float64)
+        d = i.view(1, -1) - i.view(-1, 1)
+        return torch.stack([d, d.abs(), d * d], -1).unsqueeze(0)
+
+    def weights(self, t):
+        if self.rel.shape[1] != t.shape[1]:
+            self.rel = self.rel_indices(t.shape[1]).to(t.dtype)
+        q, k = self.qk(t).chunk(2, dim=-1)
+        patch = (q @ k.transpose(-2, -1)).softmax(-1)
+        pos = self.pos(self.rel.expand(t.shape[0], -1, -1, -1)).squeeze(-1).softmax(-1)
+        g = torch.sigmoid(self.gating)
+        attn = (1.0 - g) * patch + g * pos
+        attn /= attn.sum(dim=-1).unsqueeze(-1)
+        return attn
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(torch.relu(t + self.weights(t) @ self.v(t)).mean(1))
+
+
+def _mixed_gate_net():
+    torch.manual_seed(0)
+    m = _randomise(_MixedGate().double().eval())
+
+    def pre(c, x):
+        t = m.patch(x).flatten(2).transpose(1, 2)
+        return t + N.recorded(c, "attn", lambda: m.weights(t)) @ m.v(t)
+
+    emb = N.chain(N.window(2, 2), N.flat())
+    blocks = [N.Block("relu", ["input"], pre, [[emb, N.chain(emb, N.full(16))]], torch.relu)]
+    return m, N.Net(blocks, head=lambda A: m.head(A.mean(1)))
+
+
+NETS = {"mixed_gate": _mixed_gate_net, "bottleneck_attn": _bottleneck_net, "halo_attn": _halo_net, "patch_split": _patch_split_net,
         "patchify": _patchify_net, "pixel_tokens": _pixel_tokens_net}
 
 
