@@ -186,9 +186,10 @@ def method_label(name: str) -> str:
         return name
 
 
-def table2_rows(results: Mapping[str, Scores], metrics: Sequence[str] = M.METRIC_NAMES):
-    """(header, rows of (method, [mean per model x metric]), column directions)."""
-    summaries = {label: summarise(sc) for label, sc in results.items()}
+def table2_rows(results: Mapping[str, Scores], metrics: Sequence[str] = M.METRIC_NAMES, summarised: bool = False):
+    """(header, rows of (method, [mean per model x metric]), column directions); ``summarised``:
+    ``results`` are already :func:`summarise` outputs (e.g. from :func:`read_results_csv`)."""
+    summaries = dict(results) if summarised else {label: summarise(sc) for label, sc in results.items()}
     methods = list(dict.fromkeys(m for sc in results.values() for m in sc))
     header, cols, higher = [], [], []
     for label, summ in summaries.items():
@@ -204,10 +205,10 @@ TOKEN_NOTE = ("Token models (ViT, Mixer): † the encoder output's patch tokens,
 
 
 def table2_markdown(results: Mapping[str, Scores], metrics: Sequence[str] = M.METRIC_NAMES,
-                    n_images: Optional[int] = None, note: str = "") -> str:
+                    n_images: Optional[int] = None, note: str = "", summarised: bool = False) -> str:
     """A Table-2-style markdown table: methods x (model, metric) means; best bold, second underlined;
-    ``note``: a sentence appended to the caption."""
-    methods, header, cols, higher = table2_rows(results, metrics)
+    ``note``: a sentence appended to the caption; ``summarised``: as :func:`table2_rows`."""
+    methods, header, cols, higher = table2_rows(results, metrics, summarised)
     ranks = [_ranks(c, h) for c, h in zip(cols, higher)]
     models = list(results)
     lines = ["| Method | " + " | ".join(f"{lab} {METRIC_LABELS[k]}{'↑' if M.HIGHER_IS_BETTER[k] else '↓'}"
@@ -241,8 +242,10 @@ def table4_markdown(results: Mapping[str, Scores], accuracies: Optional[Mapping[
     return "\n".join(lines) + "\n"
 
 
-def results_csv(results: Mapping[str, Scores], accuracies: Optional[Mapping[str, float]] = None) -> str:
-    """Long-format CSV: model, test_accuracy, method, resolution, metric, mean, sem, n, n_nan."""
+def results_csv(results: Mapping[str, Scores], accuracies: Optional[Mapping[str, float]] = None,
+                summarised: bool = False) -> str:
+    """Long-format CSV: model, test_accuracy, method, resolution, metric, mean, sem, n, n_nan;
+    ``summarised``: as :func:`table2_rows`."""
     import csv
     import io
     buf = io.StringIO()
@@ -250,12 +253,26 @@ def results_csv(results: Mapping[str, Scores], accuracies: Optional[Mapping[str,
     w.writerow(["model", "test_accuracy", "method", "resolution", "metric", "mean", "sem", "n", "n_nan"])
     for label, sc in results.items():
         acc = accuracies.get(label, "") if accuracies else ""
-        for meth, d in summarise(sc).items():
+        for meth, d in (sc if summarised else summarise(sc)).items():
             res = B.METHODS[meth].resolution if meth in B.METHODS else ""
             for k, v in d.items():
                 w.writerow([label, acc if acc == "" else f"{acc:.4f}", meth, res, k, f"{v['mean']:.6f}",
                             f"{v['sem']:.6f}", v["n"], v["n_nan"]])
     return buf.getvalue()
+
+
+def read_results_csv(text: str):
+    """Inverse of :func:`results_csv`: ``({model: {method: {metric: {"mean", "sem", "n", "n_nan"}}}},
+    {model: test accuracy})`` (summaries for ``table2_markdown(..., summarised=True)``)."""
+    import csv
+    import io
+    summaries, accuracies = {}, {}
+    for row in csv.DictReader(io.StringIO(text)):
+        d = summaries.setdefault(row["model"], {}).setdefault(row["method"], {})
+        d[row["metric"]] = dict(mean=float(row["mean"]), sem=float(row["sem"]), n=int(row["n"]), n_nan=int(row["n_nan"]))
+        if row["test_accuracy"]:
+            accuracies[row["model"]] = float(row["test_accuracy"])
+    return summaries, accuracies
 
 
 def ranks_of(results: Mapping[str, Scores], method_prefix: str = "SRD", metrics: Sequence[str] = M.METRIC_NAMES):

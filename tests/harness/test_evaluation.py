@@ -85,6 +85,23 @@ def test_table2_marks_best_and_second_per_column():
     assert ranks[("m1", "Pointing")]["rank"] == 2
 
 
+def test_table2_merges_a_csv_of_other_models():
+    """`evaluate --merge-table2`: a table rebuilt from an earlier run's CSV (models with other
+    methods, e.g. the CNNs) plus this run's scores equals the table of both runs scored at once."""
+    rng = np.random.default_rng(0)
+    cnn = {m: {k: rng.random(4) for k in M.METRIC_NAMES} for m in ("Saliency", "GradCAM", "SRD-input")}
+    vit = {m: {k: rng.random(4) for k in M.METRIC_NAMES} for m in ("AttnLRP", "SRD-input")}
+    both = E.table2_markdown({"ResNet (ReLU)": cnn, "ViT (GELU)": vit}, n_images=4)
+    old, acc = E.read_results_csv(E.results_csv({"ResNet (ReLU)": cnn}, {"ResNet (ReLU)": 0.877}))
+    assert acc == {"ResNet (ReLU)": 0.877}
+    merged = {**old, "ViT (GELU)": E.summarise(vit)}
+    assert E.table2_markdown(merged, n_images=4, summarised=True) == both
+    assert "| AttnLRP | - | - | - | - | - |" in both  # a method the CNN run did not score
+    again = E.results_csv(merged, {"ResNet (ReLU)": 0.877}, summarised=True)
+    assert E.read_results_csv(again)[0] == E.read_results_csv(
+        E.results_csv({"ResNet (ReLU)": cnn, "ViT (GELU)": vit}, {"ResNet (ReLU)": 0.877}))[0]
+
+
 def test_table4_and_csv():
     res = {"ReLU": _fake()["m1"], "ELU": {k: {m: -v for m, v in d.items()} for k, d in _fake()["m1"].items()}}
     md = E.table4_markdown(res, {"ReLU": 0.9, "ELU": 0.85})

@@ -183,11 +183,17 @@ def test_lxt_on_timm_vit_matches_lxts_documented_torchvision_vit(variant):
 
 def test_evaluate_end_to_end_on_a_tiny_vit(tmp_path, monkeypatch):
     """`srd-fx evaluate --models vit:gelu` on four scenes: a trained (one epoch, tiny) ViT, every
-    token method, every metric, the table written."""
+    token method, every metric, the table written; with --merge-table2 next to the columns of an
+    earlier run's CSV (a CNN's), which keep their values."""
     from srd_fx.cli import main
+    from srd_fx.eval import evaluation as E
     monkeypatch.setenv("SRD_FX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    rc = main(["evaluate", "--models", "vit:gelu", "--table4-models", "none", "--n-images", "4",
+    out.mkdir()
+    earlier = {"ResNet (ReLU)": {"GradCAM": {k: [0.25, 0.75] for k in ("Pointing", "Attribution", "Sparseness",
+                                                                          "Fidelity", "Stability")}}}
+    (out / "table2.csv").write_text(E.results_csv(earlier, {"ResNet (ReLU)": 0.877}))
+    rc = main(["evaluate", "--merge-table2", "--models", "vit:gelu", "--table4-models", "none", "--n-images", "4",
                "--batch-size", "4", "--size", str(SMALL), "--fidelity-runs", "3", "--stability-samples", "2",
                "--figure-images", "2", "--no-progress", "--out", str(out),
                "--train-setting", "epochs=1", "--train-setting", "n_train=16", "--train-setting", "n_test=8"])
@@ -200,6 +206,10 @@ def test_evaluate_end_to_end_on_a_tiny_vit(tmp_path, monkeypatch):
     assert (out / "fig_maps.png").exists()
     run = json.loads((out / "run.json").read_text())
     assert run["table2"]["tables"]["table2"]["models"] == ["vit:gelu"]
+    assert run["table2"]["tables"]["table2"]["merged_models"] == ["ResNet (ReLU)"]
+    assert table.splitlines()[0].startswith("| Method | ResNet (ReLU) Poi.↑")
+    kept = [r for r in csv if r.startswith("ResNet (ReLU),0.8770,GradCAM,")]
+    assert len(kept) == 5 and all(",0.500000," in r for r in kept)
 
 
 def test_attack_runs_on_a_tiny_vit_for_srd_attnlrp_and_input_x_gradient():

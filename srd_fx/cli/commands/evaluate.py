@@ -80,6 +80,10 @@ def add_arguments(p):
                           "batch_size, lr, weight_decay, seed); repeatable.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    p.add_argument("--merge-table2", action="store_true",
+                   help="Keep the models of OUT/table2.csv that this run does not score: table2.md/.csv get "
+                        "their columns (means as that file has them) next to this run's, and run.json keeps "
+                        "that run's record under table2's 'merged' (e.g. the token models next to the CNNs).")
     p.add_argument("--fresh", action="store_true",
                    help="Discard the scores an interrupted earlier run left in --out (by default a rerun "
                         "resumes from them).")
@@ -323,9 +327,18 @@ def _run(args, world) -> int:
         if world.is_main:
             record["tables"]["table2"] = dict(models=t2_specs, metrics=metrics, seconds=round(time.perf_counter() - t0, 1))
             note = E.TOKEN_NOTE if any(is_token_model(get(s)) for s in t2_specs) else ""
-            md = E.table2_markdown(res2, metrics, n_images=len(images), note=note)
+            summ, acc2 = {k: E.summarise(v) for k, v in res2.items()}, dict(accuracies)
+            old_path = os.path.join(args.out, "table2.csv")
+            if args.merge_table2 and os.path.exists(old_path):
+                with open(old_path) as f:
+                    old, old_acc = E.read_results_csv(f.read())
+                kept = {k: v for k, v in old.items() if k not in summ}
+                summ = {**kept, **summ}
+                acc2 = {**{k: old_acc[k] for k in kept if k in old_acc}, **acc2}
+                record["tables"]["table2"]["merged_models"] = list(kept)
+            md = E.table2_markdown(summ, metrics, n_images=len(images), note=note, summarised=True)
             _write(args.out, "table2.md", md, written)
-            _write(args.out, "table2.csv", E.results_csv(res2, accuracies), written)
+            _write(args.out, "table2.csv", E.results_csv(summ, acc2, summarised=True), written)
             print(md)
     if t4_specs:
         t0 = time.perf_counter()
@@ -365,6 +378,9 @@ def _run(args, world) -> int:
         except (OSError, ValueError):
             runs = {}
     for table in record["tables"] or {"figure": None}:
+        if table == "table2" and record["tables"]["table2"].get("merged_models") and "table2" in runs:
+            prev = runs["table2"]
+            record = dict(record, merged=prev.get("merged", []) + [{k: v for k, v in prev.items() if k != "merged"}])
         runs[table] = record
     _write(args.out, "run.json", json.dumps(runs, indent=1, default=str) + "\n", written)
     if resumed[0]:
