@@ -23,7 +23,8 @@ Writes OUT/fidelity_protocol.csv (one row per model, size, setting, method), fid
 batch, fidelity_protocol.partial.csv holds the rows of the images scored so far (``--merge`` takes it).
 
     python experiments/fidelity_protocol.py [--models resnet vgg] [--n-images 200] [--nr-runs 100]
-        [--sizes 64 224] [--train-setting [SIZE:]KEY=VALUE ...] [--train-size N] [--out results]
+        [--sizes 64 224] [--center UNIT:BASELINE:FRACTION] [--train-setting [SIZE:]KEY=VALUE ...]
+        [--train-size N] [--out results]
 """
 import argparse
 import csv
@@ -53,10 +54,40 @@ UNITS = {"pixel": True, "channel": False}
 SRD = ("SRD-low", "SRD-high", "SRD-input")
 
 
-def settings_list(fractions, baselines, units, protocols):
-    """(label dict, MetricSettings) for every sweep cell and every named protocol."""
+def design_cells(fractions, baselines, units, center=None):
+    """The (unit, baseline, fraction) sweep cells: the full factorial of the given levels, or with
+    ``center`` = (unit, baseline, fraction) a one-factor-at-a-time design: the center, then every
+    other level of each axis with the other two axes held at the center's levels (every level of
+    every axis visited, 1 + (levels - 1) summed over the axes cells instead of their product)."""
+    if center is None:
+        return list(itertools.product(units, baselines, fractions))
+    cu, cb, cf = center
+    cells = [center]
+    cells += [(cu, cb, f) for f in fractions if f != cf]
+    cells += [(cu, b, cf) for b in baselines if b != cb]
+    cells += [(u, cb, cf) for u in units if u != cu]
+    return cells
+
+
+def parse_center(text):
+    """``UNIT:BASELINE:FRACTION`` (e.g. ``pixel:zero:0.0045``) as a (unit, baseline, fraction) cell;
+    raises ``OptionError`` otherwise."""
+    parts = text.split(":")
+    try:
+        unit, base, frac = parts
+        frac = float(frac)
+    except ValueError:
+        raise OptionError(f"--center expects UNIT:BASELINE:FRACTION, e.g. pixel:zero:0.0045, got {text!r}") from None
+    if unit not in UNITS or base not in BASELINES or not 0 < frac <= 1:
+        raise OptionError(f"--center {text!r}: UNIT in {list(UNITS)}, BASELINE in {list(BASELINES)}, "
+                          f"FRACTION in (0, 1]")
+    return unit, base, frac
+
+
+def settings_list(fractions, baselines, units, protocols, center=None):
+    """(label dict, MetricSettings) for every sweep cell (:func:`design_cells`) and every named protocol."""
     out = []
-    for unit, base, frac in itertools.product(units, baselines, fractions):
+    for unit, base, frac in design_cells(fractions, baselines, units, center):
         st = dataclasses.replace(M.MetricSettings(), fidelity_pixels=UNITS[unit], fidelity_baseline=BASELINES[base],
                                  fidelity_fraction=frac, fidelity_clamp=True, fidelity_normalise=False)
         out.append((dict(setting="sweep", unit=unit, baseline=base, fraction=frac, clamp=True), st))
@@ -88,6 +119,9 @@ def run_model(arch, size, args, cells, writer, rows):
     train_size = args.train_size or size
     kw = train_settings(args.train_setting, train_size)
     model, test_acc = get_trained(arch, "relu", size=train_size, cache_dir=args.cache_dir, progress=False, **kw)
+    # channels-last weights: on CPU the convolutions run about 3x (VGG) / 2x (ResNet) faster at 224 px
+    # with the same logits up to float rounding (inputs stay in the default layout)
+    model = model.to(memory_format=torch.channels_last)
     record = cached_record(arch, "relu", size=train_size, cache_dir=args.cache_dir, **kw)
     images, labels, masks = D.DigitScenes("test", size=size, n=args.n_images, seed=args.seed).tensors(args.n_images)
     acc = accuracy(model, images, labels)  # on the scored images, at this size
@@ -265,6 +299,9 @@ def main(argv=None):
                    help="Subset fractions of the sweep (none: score only the named --protocols).")
     p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
     p.add_argument("--units", nargs="+", default=list(UNITS), choices=list(UNITS))
+    p.add_argument("--center", default=None, metavar="UNIT:BASELINE:FRACTION",
+                   help="One-factor-at-a-time design around this cell (e.g. pixel:zero:0.0045) instead of the "
+                        "full factorial of --fractions x --baselines x --units.")
     p.add_argument("--protocols", nargs="*", default=list(M.FIDELITY_PROTOCOLS), choices=list(M.FIDELITY_PROTOCOLS))
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -288,9 +325,13 @@ def main(argv=None):
             train_settings(args.train_setting, size)  # fail on a malformed setting before any work
         except OptionError as e:
             p.error(str(e))
+    try:
+        center = parse_center(args.center) if args.center else None
+    except OptionError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
     command = "python experiments/fidelity_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    cells = settings_list(args.fractions, args.baselines, args.units, args.protocols)
+    cells = settings_list(args.fractions, args.baselines, args.units, args.protocols, center)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "fidelity_protocol.csv")
     rows = []

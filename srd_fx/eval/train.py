@@ -40,6 +40,11 @@ DEFAULTS = dict(epochs=8, n_train=6000, n_test=1000, batch_size=64, lr=5e-3, wei
 #: ``seed + FRESH_SEED_STEP * epoch``; the test scenes and the train accuracy stay the seed's)
 OPTIONAL = dict(init_size=0, warmup_steps=0, distill=0.0, fresh_scenes=0)
 FRESH_SEED_STEP = 1_000_003
+#: what ``init_size`` copies from the parent, per architecture: the whole ResNet (global pooling makes
+#: every weight size-independent); the VGG's ``features`` only, since its classifier's first linear
+#: sees the flattened last feature map, whose length depends on the input size, so the classifier
+#: starts from its seeded random initialisation
+INIT_PARTS = {"resnet": "", "vgg": "features."}
 #: the settings a parent model (``init_size``) shares with the model fine-tuned from it
 DATA_SETTINGS = ("n_train", "n_test", "batch_size", "seed")
 
@@ -108,10 +113,10 @@ def settings(arch: str = "resnet", act: str = "relu", size: int = 64, **train_kw
     if init_size:
         if init_size == int(size):
             raise ValueError(f"init_size={init_size} is the model's own size: fine-tune from another size")
-        if arch != "resnet":
-            raise ValueError(f"init_size needs a model whose weights do not depend on the input size (the "
-                             f"ResNet); the {arch}'s do (the VGG's flatten + linear classifier, the token "
-                             f"models' position embeddings), so train it from scratch")
+        if arch not in INIT_PARTS:
+            raise ValueError(f"init_size needs a model whose convolutional weights do not depend on the input "
+                             f"size (the ResNet, or the VGG's features); the {arch}'s do (the token models' "
+                             f"position embeddings), so train it from scratch")
         # the parent's cache key, so that a retrained parent means a new fine-tuned model
         s["init_size"] = init_size
         s["init_from"] = cache_key(parent_settings(arch, act, init_size, s))
@@ -243,7 +248,10 @@ def _train(s: dict, progress: bool, parent: Optional[nn.Module] = None,
     xte, yte, _ = D.DigitScenes("test", size=s["size"], n=s["n_test"], seed=s["seed"]).tensors(progress=progress)
     model = build(s["arch"], s["act"], num_classes=10, size=s["size"])
     if parent is not None:
-        model.load_state_dict(parent.state_dict())
+        prefix = INIT_PARTS[s["arch"]]
+        copied = {k: v for k, v in parent.state_dict().items() if k.startswith(prefix)}
+        missing, unexpected = model.load_state_dict(copied, strict=False)
+        assert not unexpected and all(not k.startswith(prefix) for k in missing), (missing, unexpected)
     distill = FeatureDistillation(model, teacher, model.embed_dim) if teacher is not None else None
     params = list(model.parameters()) + (list(distill.proj.parameters()) if distill is not None else [])
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=s["weight_decay"])

@@ -173,8 +173,27 @@ def test_fine_tuning_starts_from_the_model_of_another_size(tmp_path):
         assert not torch.allclose(scratch.state_dict()[k], parent.state_dict()[k], atol=1e-3), k
     with pytest.raises(ValueError, match="own size"):
         T.settings("resnet", "relu", 32, init_size=32)
-    with pytest.raises(ValueError, match="VGG"):
-        T.settings("vgg", "relu", 32, init_size=16)
+    with pytest.raises(ValueError, match="position embeddings"):
+        T.settings("vit", "gelu", 32, init_size=16)
+
+
+def test_vgg_fine_tuning_copies_the_features_and_starts_a_fresh_classifier(tmp_path):
+    """init_size=N for the VGG: its convolutions start from the N-px model's; its classifier, whose first
+    linear depends on the input size, starts from the same seeded initialisation as training from scratch."""
+    data = dict(n_train=64, n_test=16, batch_size=32)
+    parent, _ = T.get_trained("vgg", "relu", size=16, cache_dir=str(tmp_path), progress=False, **data)
+    kw = dict(epochs=1, lr=1e-12, weight_decay=0.0, **data)   # too small a learning rate to move a weight
+    child, _ = T.get_trained("vgg", "relu", size=32, cache_dir=str(tmp_path), progress=False, init_size=16, **kw)
+    scratch = T.train("vgg", "relu", 32, progress=False, **kw)[0]
+    sp, sc, ss = parent.state_dict(), child.state_dict(), scratch.state_dict()
+    assert sc["classifier.1.weight"].shape != sp["classifier.1.weight"].shape
+    for k in sc:
+        if k.startswith("features."):
+            assert torch.allclose(sc[k], sp[k], atol=1e-9), k
+            if sc[k].dim() == 4:   # the convolutions' weights: scratch training starts elsewhere
+                assert not torch.allclose(ss[k], sp[k], atol=1e-3), k
+        else:
+            assert torch.allclose(sc[k], ss[k], atol=1e-9), k
 
 
 def _folder(root, size=48):

@@ -94,3 +94,23 @@ def test_csv_without_train_size_reads_as_the_64px_models(fp, tmp_path):
     (tmp_path / "fidelity_protocol.md").write_text("Command: `old`\n")
     rows, commands = fp.read_rows(str(path))
     assert (rows[0]["train_size"], rows[0]["train_epochs"], commands) == (64, 12, ["old"])
+
+
+def test_one_factor_at_a_time_design_visits_every_level_once(fp):
+    """--center: the center cell plus, per axis, each other level with the other axes at the center's;
+    without it, the full factorial."""
+    fr, bs, us = fp.FRACTIONS, list(fp.BASELINES), list(fp.UNITS)
+    center = fp.parse_center("pixel:zero:0.0045")
+    cells = fp.design_cells(fr, bs, us, center)
+    assert cells[0] == center and len(set(cells)) == len(cells) == 1 + (len(fr) - 1) + (len(bs) - 1) + (len(us) - 1)
+    assert all(sum(a != b for a, b in zip(c, center)) == 1 for c in cells[1:])
+    for axis, levels in enumerate((us, bs, fr)):
+        assert {c[axis] for c in cells} == set(levels)
+    assert sorted(fp.design_cells(fr, bs, us)) == sorted((u, b, f) for u in us for b in bs for f in fr)
+    labels = [lab for lab, _ in fp.settings_list(fr, bs, us, ["paper"], center)]
+    assert [(l["unit"], l["baseline"], l["fraction"]) for l in labels[:-1]] == cells and labels[-1]["setting"] == "paper"
+    for bad in ("pixel:zero", "pixel:black:0.01", "voxel:zero:0.01", "pixel:zero:2"):
+        with pytest.raises(OptionError, match="--center"):
+            fp.parse_center(bad)
+    with pytest.raises(SystemExit):   # refused before any training or scoring
+        fp.main(["--center", "pixel:zero", "--out", "unused"])
