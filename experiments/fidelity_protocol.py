@@ -199,25 +199,64 @@ def markdown(rows, commands):
         lines.append(f"| {model} | {size} | {train_size} | {n} | {runs} | {setting} | {unit} | {base} | {k} ({pct:g} %) | "
                      + " | ".join(f"{vals[m]:.3f}" for m in METHODS)
                      + f" | {SHORT[best]} | {srd - vals['InputXGradient']:+.3f} |")
+    lines += side_by_side(rows)
     return "\n".join(lines) + "\n"
+
+
+def side_by_side(rows):
+    """Markdown lines comparing, per model, each sweep cell scored at two input sizes: IxG, IG, the
+    best SRD map and the first method at each size (of each size's largest run: most images, then most
+    runs)."""
+    sizes = sorted({r["size"] for r in rows})
+    if len(sizes) < 2:
+        return []
+    small, large = sizes[0], sizes[-1]
+    cells = {}  # (model, size, unit, baseline, fraction) -> (n_images, nr_runs, {method: fidelity})
+    for r in rows:
+        if r["setting"] != "sweep" or r["train_size"] != r["size"]:
+            continue
+        key = (r["model"], r["size"], r["unit"], r["baseline"], r["fraction"])
+        n = (r["n_images"], r["nr_runs"])
+        if key not in cells or n > cells[key][:2]:
+            cells[key] = (*n, {})
+        if n == cells[key][:2]:
+            cells[key][2][r["method"]] = r["fidelity"]
+
+    def summary(vals):
+        srd = max(SRD, key=lambda m: vals[m])
+        first = max(vals, key=lambda m: -np.inf if np.isnan(vals[m]) else vals[m])
+        return f"{vals['InputXGradient']:.3f} | {vals['IntegratedGradients']:.3f} | {vals[srd]:.3f} ({srd[4:]}) | {SHORT[first]}"
+
+    out = ["", f"Side by side: the sweep cells scored at both {small} and {large} px (each on the model trained at "
+                f"that size); `images/runs` of each size's run.", "",
+           f"| model | unit | baseline | subset | {small} px images/runs | IxG | IG | best SRD | first "
+           f"| {large} px images/runs | IxG | IG | best SRD | first |",
+           "|---|---|---|---:|---|---:|---:|---:|---|---|---:|---:|---:|---|"]
+    for (model, size, unit, base, frac), (n, runs, vals) in cells.items():
+        other = cells.get((model, small, unit, base, frac))
+        if size != large or other is None or len(vals) < len(METHODS) or len(other[2]) < len(METHODS):
+            continue
+        out.append(f"| {model} | {unit} | {base} | {100 * frac:g} % | {other[0]}/{other[1]} | {summary(other[2])} "
+                   f"| {n}/{runs} | {summary(vals)} |")
+    return out
 
 
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = sorted({(r["model"], r["size"], r["train_size"]) for r in rows if r["setting"] == "sweep"})
+    panels = sorted({(r["model"], r["size"], r["train_size"], r["n_images"]) for r in rows if r["setting"] == "sweep"})
     combos = [(u, b) for u in UNITS for b in BASELINES if any(r["unit"] == u and r["baseline"] == b
                                                              and r["setting"] == "sweep" for r in rows)]
     if not panels or not combos:
         return
     fig, axes = plt.subplots(len(panels), len(combos), figsize=(3.2 * len(combos), 2.8 * len(panels)),
                              squeeze=False, sharex=True)
-    for i, (model, size, train_size) in enumerate(panels):
+    for i, (model, size, train_size, n_images) in enumerate(panels):
         for j, (unit, base) in enumerate(combos):
             ax = axes[i][j]
-            here = [r for r in rows if r["setting"] == "sweep" and (r["model"], r["size"], r["train_size"]) ==
-                    (model, size, train_size)]
+            here = [r for r in rows if r["setting"] == "sweep" and (r["model"], r["size"], r["train_size"],
+                                                                    r["n_images"]) == (model, size, train_size, n_images)]
             if not any((r["unit"], r["baseline"]) == (unit, base) for r in here):
                 ax.axis("off")   # not run at this size
                 continue
@@ -230,7 +269,7 @@ def plot(rows, path):
             ax.set_xscale("log")
             ax.axhline(0, color="grey", lw=0.5)
             trained = "" if train_size == size else f" (model of {train_size}px)"
-            ax.set_title(f"{model} {size}px{trained}: {unit}, baseline {base}", fontsize=8)
+            ax.set_title(f"{model} {size}px{trained}, {n_images} img: {unit}, baseline {base}", fontsize=7)
             if i == len(panels) - 1:
                 ax.set_xlabel("subset (% of units)", fontsize=8)
             if j == 0:

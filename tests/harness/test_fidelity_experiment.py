@@ -60,6 +60,14 @@ def test_each_size_is_scored_on_its_own_model(fp, tmp_path):
     # the partial CSV, rewritten after every batch, ends equal to the final one
     assert (tmp_path / "native" / "fidelity_protocol.partial.csv").read_text() == \
         (tmp_path / "native" / "fidelity_protocol.csv").read_text()
+    # the side-by-side table: the sweep cell at 32 and at 48 px, each size's own numbers
+    ixg = {r["size"]: r["fidelity"] for r in rows if r["setting"] == "sweep" and r["method"] == "InputXGradient"}
+    side = [l for l in (tmp_path / "native" / "fidelity_protocol.md").read_text().splitlines()
+            if l.startswith("| ResNet | pixel | zero | 5 % |")]
+    assert len(side) == 1
+    cols = [c.strip() for c in side[0].split("|")]
+    assert (cols[5], cols[10]) == ("4/2", "4/2")
+    assert float(cols[6]) == pytest.approx(ixg[32], abs=5e-4) and float(cols[11]) == pytest.approx(ixg[48], abs=5e-4)
     n_cached = len(list(cache.iterdir()))
     assert n_cached == 4   # two models, weights and record each
 
