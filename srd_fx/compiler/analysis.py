@@ -435,6 +435,10 @@ class GraphInfo:
             if len(chain) > 64:
                 return ()
         shape, ca = self.shape(n), caxes(n)
+        if 0 in ca:
+            # a permute put a channel axis in front (SAM's qkv.permute(2, 0, 3, 1, 4)): where the
+            # samples go is not in the replay (the trace has one), so nothing is read from it
+            return ()
         # the trace runs on one sample: the batch axis of the source holds positions folded into it
         pos = [1 if d in ca else s for d, s in enumerate(shape)]
         ch = [s if d in ca else 1 for d, s in enumerate(shape)]

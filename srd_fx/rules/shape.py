@@ -576,6 +576,8 @@ class GetItem(Rule):
         x = sp[0] if sp else node.args[0]
         ci = b.caxes(x)
         if sp and sp[1] == "unbind":
+            if ci == ():
+                return ()       # an item of an unlabelled tensor is unlabelled
             d = sp[3] % len(b.shape(x))
             return tuple(c - (c > d) for c in ci if c != d) or (len(b.shape(node)) - 1,)
         if sp:
