@@ -1,3 +1,6 @@
+import importlib.util
+import pathlib
+
 import pytest
 import torch
 
@@ -115,3 +118,12 @@ def assert_zoo_pass(rec, name, min_layers):
     assert m["conservation_rel_err"] <= runner.CONSERVATION_TOL
     assert m["batch_rel_err"] <= runner.BATCH_TOL
     assert m["n_maps"] >= 3 and rec["n_layers"] >= min_layers
+
+
+def experiment_module(name):
+    """The script ``experiments/<name>.py`` imported as a module (experiments/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,17 +1,15 @@
 """experiments/fidelity_protocol.py: every input size is scored on the model trained at that size (or,
 with --train-size, on one size's model), with per-size training settings, and the CSV says which."""
 import csv
-import importlib.util
 import math
-import pathlib
 
 import pytest
 
+from conftest import experiment_module
 from srd_fx.errors import OptionError
 from srd_fx.eval import data as D
 from srd_fx.eval.train import accuracy, cached_record, get_trained
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = ["--train-setting", "epochs=1", "--train-setting", "n_train=64", "--train-setting", "n_test=16",
          "--train-setting", "48:seed=1"]
 KW = {32: dict(epochs=1, n_train=64, n_test=16), 48: dict(epochs=1, n_train=64, n_test=16, seed=1)}
@@ -19,10 +17,7 @@ KW = {32: dict(epochs=1, n_train=64, n_test=16), 48: dict(epochs=1, n_train=64, 
 
 @pytest.fixture(scope="module")
 def fp():
-    spec = importlib.util.spec_from_file_location("fidelity_protocol", ROOT / "experiments" / "fidelity_protocol.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_module("fidelity_protocol")
 
 
 def run(fp, out, cache, *extra):

@@ -1,21 +1,15 @@
 """experiments/token_training_probe.py: its attention diagnostic is the entropy of the class token's
 attention weights as timm's own (unfused) attention computes them."""
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from conftest import experiment_module
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("token_training_probe", ROOT / "experiments" / "token_training_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_module("token_training_probe")
 
 
 def timm_cls_entropy(model, x):
