@@ -2,7 +2,8 @@
 
 Measured in bytes, not seconds: a ``TorchDispatchMode`` counts the tensor storages that the ops of
 one call allocate and still hold (each storage once, however many views share it; parameters,
-buffers and the input are not counted), and keeps the largest total.  The allocation sequence of a
+buffers and the input are not counted), and keeps the largest total
+(:class:`srd_fx.eval.dispatch.LiveBytes`, the counter the CNN memory test uses too).  The allocation sequence of a
 call does not depend on the machine's speed or load, so the bound is not a timing.
 
 What this catches: the SRD backward keeping forward values alive that it reads only for their shape
@@ -12,46 +13,17 @@ inputs as the point of the VJP.  Before the fix the tiny ViT below needed 1.57x 
 1.73x input x gradient's peak; the full-size models 1.58x (ViT-S) and 2.11x (Swin-T).
 """
 import gc
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import srd_fx
+from srd_fx.eval.dispatch import LiveBytes
 
 timm = pytest.importorskip("timm")
 
 #: the issue's target: SRD's peak memory at most 1.5x input x gradient's
 PEAK_RATIO = 1.5
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages allocated under the mode and still alive, and their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key == 0 or key in self.live or key in ins:   # empty, counted, or a view of an input
-                continue
-            self.live[key] = st.nbytes()
-            self.now += st.nbytes()
-            weakref.finalize(st, self._free, key)
-        self.peak = max(self.peak, self.now)
-        return out
-
-    def _free(self, key):
-        self.now -= self.live.pop(key)
 
 
 def peak_bytes(fn):
