@@ -22,9 +22,14 @@ Writes OUT/fidelity_protocol.csv (one row per model, size, setting, method), fid
 (the table) and fidelity_protocol.png (Fidelity against subset fraction per method); after every
 batch, fidelity_protocol.partial.csv holds the rows of the images scored so far (``--merge`` takes it).
 
+``--images A:B`` scores only images A..B-1 of the seeded set of ``--n-images`` (A a multiple of
+``--batch-size``), with the batch numbers, hence the random subsets, that a run over all of them
+gives those images; ``--merge`` joins the rows of one cell scored on adjacent image ranges (A:B and
+B:C) into one row over A:C, so a long run can be completed or split across processes.
+
     python experiments/fidelity_protocol.py [--models resnet vgg] [--n-images 200] [--nr-runs 100]
         [--sizes 64 224] [--center UNIT:BASELINE:FRACTION] [--train-setting [SIZE:]KEY=VALUE ...]
-        [--train-size N] [--out results]
+        [--train-size N] [--images A:B] [--out results]
 """
 import argparse
 import csv
@@ -99,6 +104,23 @@ def settings_list(fractions, baselines, units, protocols, center=None):
     return out
 
 
+def parse_images(text, n_images, batch_size):
+    """``A:B`` (either side may be empty) as the image range (first, stop) scored out of ``n_images``;
+    ``None`` is all of them.  Raises ``OptionError`` unless 0 <= A < B <= n_images and A is a
+    multiple of ``batch_size`` (so the batches, and their seeds, are those of a run over all images)."""
+    if text is None:
+        return 0, n_images
+    head, sep, tail = text.partition(":")
+    try:
+        first, stop = int(head or 0), int(tail or n_images)
+    except ValueError:
+        first = stop = None
+    if not sep or first is None or not 0 <= first < stop <= n_images or first % batch_size:
+        raise OptionError(f"--images expects A:B with 0 <= A < B <= --n-images ({n_images}) and A a multiple of "
+                          f"--batch-size ({batch_size}), got {text!r}")
+    return first, stop
+
+
 def train_settings(items, size):
     """The training settings for models trained at ``size``: every ``--train-setting`` item
     ``KEY=VALUE`` (all sizes) or ``SIZE:KEY=VALUE`` (that size only), as keyword arguments of
@@ -124,14 +146,20 @@ def run_model(arch, size, args, cells, writer, rows):
     model = model.to(memory_format=torch.channels_last)
     record = cached_record(arch, "relu", size=train_size, cache_dir=args.cache_dir, **kw)
     images, labels, masks = D.DigitScenes("test", size=size, n=args.n_images, seed=args.seed).tensors(args.n_images)
-    acc = accuracy(model, images, labels)  # on the scored images, at this size
-    print(f"{arch} @ {size}: accuracy {acc:.3f} on the {len(images)} scored images (trained at {train_size} px, "
-          f"{record['settings']['epochs']} epochs: {test_acc:.3f} on its 1000 test images)", file=sys.stderr, flush=True)
+    first, stop = parse_images(args.images, len(images), args.batch_size)
+    acc = accuracy(model, images[first:stop], labels[first:stop])  # on the scored images, at this size
+    print(f"{arch} @ {size}: accuracy {acc:.3f} on the {stop - first} scored images {first}:{stop} (trained at "
+          f"{train_size} px, {record['settings']['epochs']} epochs: {test_acc:.3f} on its 1000 test images)",
+          file=sys.stderr, flush=True)
     scores = {}  # cell index -> method -> list of per-image scores
-    for bi in range(E.n_batches(len(images), args.batch_size)):
-        sl = slice(bi * args.batch_size, (bi + 1) * args.batch_size)
+    correct = 0  # of the images scored so far
+    # batch numbers (and seeds) as in a run over all images; the last batch may stop early at `stop`
+    for bi in range(first // args.batch_size, E.n_batches(stop, args.batch_size)):
+        sl = slice(bi * args.batch_size, min((bi + 1) * args.batch_size, stop))
         x, y = D.normalize(images[sl]), labels[sl].long()
         t0 = time.perf_counter()
+        with torch.no_grad():
+            correct += int((model(x).argmax(1) == y).sum())
         raw = {m: B.get_method(m)(model, x, y) for m in METHODS}
         maps = {c: {m: M.prepare(r, x.shape[-2:], clamp=c) for m, r in raw.items()} for c in (True, False)}
         t_maps = time.perf_counter() - t0
@@ -144,15 +172,17 @@ def run_model(arch, size, args, cells, writer, rows):
         print(f"  batch {bi}: maps {t_maps:.0f}s, all settings {time.perf_counter() - t0 - t_maps:.0f}s",
               file=sys.stderr, flush=True)
         # the images scored so far, so that a run cut short still leaves its results
+        acc = correct / (sl.stop - first)
         write_csv(os.path.join(args.out, "fidelity_protocol.partial.csv"),
-                  rows + summarise(arch, size, train_size, record, acc, images.shape, cells, scores, args))
-    for row in summarise(arch, size, train_size, record, acc, images.shape, cells, scores, args):
+                  rows + summarise(arch, size, train_size, record, acc, images.shape, cells, scores, args, first))
+    for row in summarise(arch, size, train_size, record, acc, images.shape, cells, scores, args, first):
         writer.writerow(row)
         rows.append(row)
 
 
-def summarise(arch, size, train_size, record, acc, shape, cells, scores, args):
-    """One CSV row per cell and method: the mean and standard error of the per-image scores."""
+def summarise(arch, size, train_size, record, acc, shape, cells, scores, args, first=0):
+    """One CSV row per cell and method: the mean and standard error of the per-image scores (of the
+    images ``first``, ``first + 1``, ... scored so far; ``acc`` is the accuracy on them)."""
     out = []
     c, h, w = shape[1:]
     for ci, (lab, st) in enumerate(cells):
@@ -167,7 +197,8 @@ def summarise(arch, size, train_size, record, acc, shape, cells, scores, args):
                        **lab, subset_size=k, subset_percent=round(100 * k / n_units, 3),
                        method=m, fidelity=round(float(ok.mean()), 5) if len(ok) else float("nan"),
                        sem=round(float(ok.std(ddof=1) / np.sqrt(len(ok))), 5) if len(ok) > 1 else float("nan"),
-                       n_images=len(v), n_nan=int((~np.isfinite(v)).sum()), nr_runs=args.nr_runs)
+                       n_images=len(v), first_image=first, n_nan=int((~np.isfinite(v)).sum()),
+                       nr_runs=args.nr_runs)
             out.append(row)
     return out
 
@@ -289,7 +320,9 @@ def read_rows(path):
             r.setdefault("train_size", "64")
             r.setdefault("train_epochs", str(train_recipe("resnet" if r["model"] == "ResNet" else "vgg", "relu",
                                                           64)["epochs"]))
-            for k in ("size", "train_size", "train_epochs", "subset_size", "n_images", "n_nan", "nr_runs"):
+            r["first_image"] = r.get("first_image") or "0"   # written before image ranges: from image 0
+            for k in ("size", "train_size", "train_epochs", "subset_size", "n_images", "first_image", "n_nan",
+                      "nr_runs"):
                 r[k] = int(r[k])
             for k in ("accuracy", "subset_percent", "fidelity", "sem"):
                 r[k] = float(r[k])
@@ -301,7 +334,50 @@ def read_rows(path):
 
 
 FIELDS = ["model", "size", "train_size", "train_epochs", "accuracy", "setting", "unit", "baseline", "fraction", "clamp", "subset_size",
-          "subset_percent", "method", "fidelity", "sem", "n_images", "n_nan", "nr_runs"]
+          "subset_percent", "method", "fidelity", "sem", "n_images", "first_image", "n_nan", "nr_runs"]
+#: the columns that vary between image ranges of one cell; the others identify the cell
+PER_RANGE = ("accuracy", "fidelity", "sem", "n_images", "first_image", "n_nan")
+
+
+def pool(parts):
+    """Mean and standard error of the union of groups of scores given as (count, mean, standard error)."""
+    parts = [(k, m, 0.0 if k == 1 else s) for k, m, s in parts if k > 0]
+    n = sum(k for k, _, _ in parts)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(k * m for k, m, _ in parts) / n
+    # squared deviations from the joint mean: each group's own (from its standard error) plus its offset
+    ss = sum((k - 1) * k * s ** 2 + k * (m - mean) ** 2 for k, m, s in parts)
+    return mean, float(np.sqrt(ss / (n - 1) / n)) if n > 1 else float("nan")
+
+
+def join_ranges(rows):
+    """Rows of one cell scored on adjacent image ranges (``first_image`` A with ``n_images`` n, and
+    ``first_image`` A + n) joined into one row over both: the mean and standard error of the union of
+    their per-image scores (from each part's count, mean and standard error: exact up to the CSV's
+    rounding), the accuracy weighted by image count.  Other rows are kept as they are, in order.
+    The CSV does not record ``--batch-size`` or ``--seed``: join only ranges scored with the same ones
+    (then the joined row is what one run over A:C gives)."""
+    rows = [dict(r) for r in rows]
+    cell = lambda r: tuple((k, r[k]) for k in FIELDS if k not in PER_RANGE)
+    joined = True
+    while joined:
+        joined = False
+        ends = {(cell(r), r["first_image"] + r["n_images"]): i for i, r in enumerate(rows)}
+        for j, r in enumerate(rows):
+            i = ends.get((cell(r), r["first_image"]))
+            if i is None or i == j or r["first_image"] == 0:
+                continue
+            a, b = rows[i], r
+            mean, sem = pool([(p["n_images"] - p["n_nan"], p["fidelity"], p["sem"]) for p in (a, b)])
+            a.update(fidelity=round(mean, 5), sem=round(sem, 5),
+                     accuracy=round((a["n_images"] * a["accuracy"] + b["n_images"] * b["accuracy"])
+                                    / (a["n_images"] + b["n_images"]), 4),
+                     n_images=a["n_images"] + b["n_images"], n_nan=a["n_nan"] + b["n_nan"])
+            del rows[j]
+            joined = True
+            break
+    return rows
 
 
 def write_csv(path, rows):
@@ -312,12 +388,14 @@ def write_csv(path, rows):
 
 
 def merge(paths, out, command=None):
-    """Join the CSVs of several runs (e.g. one per model) into OUT's csv, table and plot."""
+    """Join the CSVs of several runs (e.g. one per model, or one cell's adjacent image ranges:
+    :func:`join_ranges`) into OUT's csv, table and plot."""
     rows, commands = [], []
     for p in paths:
         r, c = read_rows(p)
         rows += r
         commands += c
+    rows = join_ranges(rows)
     commands += [command] if command else []
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "fidelity_protocol.csv"), rows)
@@ -343,6 +421,10 @@ def main(argv=None):
                         "full factorial of --fractions x --baselines x --units.")
     p.add_argument("--protocols", nargs="*", default=list(M.FIDELITY_PROTOCOLS), choices=list(M.FIDELITY_PROTOCOLS))
     p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--images", default=None, metavar="A:B",
+                   help="Score only images A..B-1 of the --n-images (A a multiple of --batch-size; the random "
+                        "subsets are those of a run over all of them); --merge joins adjacent ranges (scored "
+                        "with the same --batch-size and --seed).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=None)
@@ -366,6 +448,7 @@ def main(argv=None):
             p.error(str(e))
     try:
         center = parse_center(args.center) if args.center else None
+        parse_images(args.images, args.n_images, args.batch_size)
     except OptionError as e:
         p.error(str(e))
     torch.set_num_threads(args.threads)

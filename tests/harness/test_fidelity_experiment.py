@@ -3,6 +3,7 @@ with --train-size, on one size's model), with per-size training settings, and th
 import csv
 import math
 
+import numpy as np
 import pytest
 
 from conftest import experiment_module
@@ -117,3 +118,49 @@ def test_one_factor_at_a_time_design_visits_every_level_once(fp):
             fp.parse_center(bad)
     with pytest.raises(SystemExit):   # refused before any training or scoring
         fp.main(["--center", "pixel:zero", "--out", "unused"])
+
+
+def test_image_ranges_score_as_one_run_and_merge_into_it(fp, tmp_path):
+    """--images A:B scores those images with the batches (and random subsets) of a run over all of them:
+    two adjacent ranges merged give the whole run's rows (mean and standard error up to the CSV's
+    rounding, accuracy and image count exactly); a range off the batch grid is refused."""
+    cache = tmp_path / "cache"
+    args = ("--sizes", "32", "--n-images", "8", "--fractions", "0.05", "0.2")
+    full = run(fp, tmp_path / "full", cache, *args)
+    head = run(fp, tmp_path / "head", cache, *args, "--images", ":4")
+    tail = run(fp, tmp_path / "tail", cache, *args, "--images", "4:")
+    assert {r["first_image"] for r in full + head} == {0} and {r["first_image"] for r in tail} == {4}
+    assert {r["n_images"] for r in head + tail} == {4}
+    model, _ = get_trained("resnet", "relu", size=32, cache_dir=str(cache), progress=False, **KW[32])
+    images, labels, _ = D.DigitScenes("test", size=32, n=8, seed=0).tensors()
+    assert {r["accuracy"] for r in tail} == {round(accuracy(model, images[4:], labels[4:]), 4)}
+    fp.merge([str(tmp_path / "head" / "fidelity_protocol.csv"), str(tmp_path / "tail" / "fidelity_protocol.csv")],
+             str(tmp_path / "merged"))
+    merged = fp.read_rows(str(tmp_path / "merged" / "fidelity_protocol.csv"))[0]
+    assert len(merged) == len(full) == 3 * len(fp.METHODS)
+    key = lambda r: (r["setting"], r["fraction"], r["method"])
+    by = {key(r): r for r in merged}
+    for r in full:
+        m = by[key(r)]
+        assert (m["n_images"], m["first_image"], m["accuracy"], m["n_nan"]) == \
+            (r["n_images"], 0, r["accuracy"], r["n_nan"])
+        assert m["fidelity"] == pytest.approx(r["fidelity"], abs=2e-5) and m["sem"] == pytest.approx(r["sem"], abs=2e-5)
+    # the ranges differ in their scores (the pooling is not a copy of one part)
+    assert any(h["fidelity"] != t["fidelity"] for h, t in zip(head, tail))
+    # overlapping or non-adjacent ranges stay apart
+    kept = fp.join_ranges(full + tail)
+    assert len(kept) == len(full) + len(tail)
+    for bad in ("2:6", "4:4", "0:9", "x:4", "4"):
+        with pytest.raises(OptionError, match="--images"):
+            fp.parse_images(bad, 8, 4)
+
+
+def test_pooled_mean_and_standard_error_match_numpy():
+    fp_ = experiment_module("fidelity_protocol")
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=k) for k in (1, 5, 12)]
+    stats = [(len(p), p.mean(), p.std(ddof=1) / np.sqrt(len(p)) if len(p) > 1 else float("nan")) for p in parts]
+    allv = np.concatenate(parts)
+    mean, sem = fp_.pool(stats + [(0, float("nan"), float("nan"))])
+    assert mean == pytest.approx(allv.mean(), rel=1e-12)
+    assert sem == pytest.approx(allv.std(ddof=1) / np.sqrt(len(allv)), rel=1e-12)
