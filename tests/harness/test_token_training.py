@@ -5,30 +5,32 @@ import torch
 import torch.nn.functional as F
 
 from srd_fx.eval import train as T
-from srd_fx.eval.models import small_resnet, small_vit
+from srd_fx.eval.models import small_mixer, small_resnet, small_vit
 
 DATA = dict(n_train=16, n_test=8)
 
 
-def test_recipe_options_are_in_the_cache_key_only_when_on():
+@pytest.mark.parametrize("arch", ["vit", "mixer"])
+def test_recipe_options_are_in_the_cache_key_only_when_on(arch):
     assert T.settings("resnet", "relu", 32, distill=0, warmup_steps=0, fresh_scenes=0) == T.settings("resnet", "relu", 32)
-    vit = T.settings("vit", "gelu", 32, **DATA)
-    assert vit["distill"] > 0 and vit["warmup_steps"] > 0 and vit["fresh_scenes"] == 1
+    tok = T.settings(arch, "gelu", 32, **DATA)
+    assert tok["distill"] > 0 and tok["warmup_steps"] > 0 and tok["fresh_scenes"] == 1
     # the teacher is the ReLU ResNet on the same scenes, and a different teacher is a different key
-    assert vit["distill_from"] == T.cache_key(T.settings("resnet", "relu", 32, **DATA, seed=0))
-    assert T.settings("vit", "gelu", 32, **DATA, seed=1)["distill_from"] != vit["distill_from"]
-    off = T.settings("vit", "gelu", 32, **DATA, distill=0)
+    assert tok["distill_from"] == T.cache_key(T.settings("resnet", "relu", 32, **DATA, seed=0))
+    assert T.settings(arch, "gelu", 32, **DATA, seed=1)["distill_from"] != tok["distill_from"]
+    off = T.settings(arch, "gelu", 32, **DATA, distill=0)
     assert "distill" not in off and "distill_from" not in off
     with pytest.raises(ValueError, match="token models"):
         T.settings("resnet", "relu", 32, distill=1)
 
 
-def test_feature_distillation_loss_equals_timm_intermediates():
+@pytest.mark.parametrize("make_student", [small_vit, small_mixer], ids=["vit", "mixer"])
+def test_feature_distillation_loss_equals_timm_intermediates(make_student):
     """The loss read from forward hooks equals the same loss computed from timm's own
-    ``forward_intermediates`` of student (blocks 1 and 3, patch tokens as a grid) and teacher
-    (its layer2 and layer4 outputs)."""
+    ``forward_intermediates`` of student (blocks 1 and 3, patch tokens as a grid: the ViT's without
+    its class token, all of the Mixer's) and teacher (its layer2 and layer4 outputs)."""
     torch.manual_seed(0)
-    student, teacher = small_vit(size=32).eval(), small_resnet().eval()
+    student, teacher = make_student(size=32).eval(), small_resnet().eval()
     x = torch.randn(3, 3, 32, 32)
     fd = T.FeatureDistillation(student, teacher, student.embed_dim)
     with torch.no_grad():
