@@ -9,6 +9,7 @@ the softplus copy), it also reports the worst case over the two attacks run for 
 
     python experiments/attack_paired.py results/attack_vgg/pairs.csv results/attack_resnet/pairs.csv \
         --out results/attack_paired.md
+    python experiments/attack_paired.py results/attack_vit/pairs.csv --out results/attack_vit/paired.md
 """
 import argparse
 import csv
@@ -19,7 +20,7 @@ from scipy.stats import wilcoxon
 LABEL = {"gradient": "Gradient", "input_x_gradient": "Input×Gradient", "guided_backprop": "Guided Backprop",
          "integrated_gradients": "Integrated Gradients", "lrp_zplus": "LRP z+",
          "lrp_zplus_relu": "LRP z+ (ReLU-attacked)", "lrp_worst": "LRP z+ (worse of the two attacks)",
-         "srd": "SRD", "srd_softplus": "SRD (softplus-attacked)", "srd_worst": "SRD (worse of the two attacks)"}
+         "attnlrp": "AttnLRP (LXT)", "srd": "SRD", "srd_softplus": "SRD (softplus-attacked)", "srd_worst": "SRD (worse of the two attacks)"}
 
 
 def table(d: dict, ref: str, others, title: str) -> list:
