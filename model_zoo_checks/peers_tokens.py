@@ -121,7 +121,14 @@ def map_worker(name: str, method: str) -> Dict:
             attr = out.saliency
             r_out = float(out.R_L.sum()) - float(out.lost.sum())
         else:
-            attr = setup(method, model, x1, t).run().detach()
+            # keep the Bench until the call is done: dropping it at once lets the garbage collector
+            # finalise its context managers (LXT's patches, zennit's composite) before ``run`` runs,
+            # and the map silently becomes plain input x gradient
+            bench = setup(method, model, x1, t)
+            try:
+                attr = bench.run().detach()
+            finally:
+                bench.close()
             with torch.no_grad():
                 r_out = float(model(x1)[0, t[0]])
     except Exception as e:  # a method that fails on a model: a result

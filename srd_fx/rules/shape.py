@@ -79,7 +79,7 @@ def reshape_map(m, out, caxes):
         return m.reshape(target)
     if math.prod(target[1:]) == 1:  # every position flows into the single output PFV
         return m.sum(dim=tuple(range(1, m.dim()))).reshape(target)
-    raise ValueError(f"reshape {tuple(m.shape)} -> {tuple(out.shape)} mixes channels and positions")
+    raise ValueError(f"reshape of the map {tuple(m.shape)} -> {tuple(target)} mixes channels and positions")
 
 
 def reduce_keep(m, axes):
@@ -107,10 +107,23 @@ def reshape_T(g, x):
     return g.reshape(ops.shape_of(x))
 
 
+def _is_array_index(i):
+    """An integer-array index entry: a tensor, a list of ints, or (while tracing) a graph node."""
+    return isinstance(i, (torch.Tensor, list, torch.fx.Node))
+
+
 def normalise_index(idx, rank):
+    """``idx`` as a tuple of one entry per axis (ints, slices and at most one 1-D integer array, which
+    selects positions or channels along its axis and keeps that axis in place)."""
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(i is None or isinstance(i, torch.Tensor) or isinstance(i, (list, bool)) for i in idx):
-        raise ValueError("advanced indexing is not supported inside a block")
+    if any(i is None or isinstance(i, bool) for i in idx):
+        raise UnsupportedOpError("indexing with None or a bool inside a block is not supported; "
+                                 "use unsqueeze / torch.where outside the explained part")
+    arrays = [i for i in idx if _is_array_index(i)]
+    if len(arrays) > 1 or any(isinstance(i, torch.Tensor) and (i.dtype == torch.bool or i.dim() != 1)
+                              for i in arrays):
+        raise UnsupportedOpError("advanced indexing inside a block is supported only with one 1-D integer "
+                                 "index (x[:, :, perm]); this index has several or a mask or a multi-dimensional one")
     n_ell = sum(i is Ellipsis for i in idx)
     if n_ell:
         k = idx.index(Ellipsis)
@@ -119,10 +132,14 @@ def normalise_index(idx, rank):
     return idx + (slice(None),) * (rank - len(idx))
 
 
+def _map_index(idx, caxes):
+    """The index of a one-channel map: an int on a channel axis picks the map's single entry, any
+    other entry on a channel axis keeps it (size 1); position axes are indexed as the tensor is."""
+    return tuple((0 if isinstance(i, int) else slice(None)) if d in caxes else i for d, i in enumerate(idx))
+
+
 def index_map(m, idx, caxes):
-    idx = normalise_index(idx, m.dim())
-    idx = tuple((0 if isinstance(i, int) else slice(None)) if d in caxes else i for d, i in enumerate(idx))
-    return m[idx]
+    return m[_map_index(normalise_index(idx, m.dim()), caxes)]
 
 
 @ops.shape_args(1)
@@ -131,9 +148,16 @@ def index_map_T(m, x, idx, caxes):
     for a in caxes:
         shape[a] = 1
     out = m.new_zeros(shape)
-    idx = normalise_index(idx, len(shape))
-    idx = tuple((0 if isinstance(i, int) else slice(None)) if d in caxes else i for d, i in enumerate(idx))
-    out[idx] = m
+    idx = _map_index(normalise_index(idx, len(shape)), caxes)
+    arr = [d for d, i in enumerate(idx) if _is_array_index(i)]
+    if not arr:
+        out[idx] = m
+        return out
+    # an integer array along a position axis may repeat positions: their map entries add up
+    d = arr[0]
+    view = out[tuple(slice(None) if k == d else i for k, i in enumerate(idx))]
+    dv = d - sum(isinstance(i, int) for i in idx[:d])
+    view.index_add_(dv, torch.as_tensor(idx[d], device=m.device), m)
     return out
 
 
