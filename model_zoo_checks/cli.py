@@ -250,7 +250,12 @@ def _run(args) -> int:
           f"(jobs={args.jobs}, timeout={args.timeout:.0f}s, fingerprint {fp})", file=sys.stderr)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
+    cmd = "python -m model_zoo_checks " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+        if sys.argv and "model_zoo_checks" in " ".join(sys.argv[:1] + sys.argv[1:2]) else "python -m model_zoo_checks --all"
+    run_stamp = dict(command=cmd, started=time.strftime("%Y-%m-%d %H:%M"))
+
     def on_record(rec):
+        rec["run"] = run_stamp      # which run produced the record (REPORT.md lists the runs)
         append_cache(rec, srd_cache)
         if writer is not None:
             writer.add(rec)
@@ -283,8 +288,6 @@ def _run(args) -> int:
         meta["compile_benchmarks"] = {} if args.report_only or args.no_compile_benchmark else {
             COMPILE_BENCHMARKS[g]: compile_benchmark(COMPILE_BENCHMARKS[g]) for g in groups_of(args)
             if g in COMPILE_BENCHMARKS}
-        cmd = "python -m model_zoo_checks " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
-            if sys.argv and "model_zoo_checks" in " ".join(sys.argv[:1] + sys.argv[1:2]) else "python -m model_zoo_checks --all"
         report_dir.mkdir(parents=True, exist_ok=True)
         # the records of this selection are merged over the ones already in report_dir's report.json
         write_report(names, {n: cache[n] for n in names if n in cache}, fingerprint=fp, command=cmd,

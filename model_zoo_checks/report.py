@@ -197,6 +197,37 @@ def _compile_line(model: str, b: Dict) -> str:
             f"(target: under 2 s; measured {b.get('measured', '?')}).")
 
 
+def _runs_section(w, records: Dict[str, Dict], M: Dict) -> None:
+    """The runs that produced the records: each record carries the command and start time of its
+    run (``"run"``, stamped by the CLI); records older than the stamp are counted together, with
+    the last run recorded for their group."""
+    runs: Dict[tuple, Counter] = {}
+    for n, r in records.items():
+        stamp = r.get("run") or {}
+        key = (stamp.get("started", ""), stamp.get("command", ""), r.get("fingerprint", "?"))
+        runs.setdefault(key, Counter())[lists.group_of(n)] += 1
+    w("Runs that produced the records (command, start, code fingerprint, records per group):")
+    w("")
+    for (started, command, fp), per_group in sorted(runs.items(), key=lambda kv: (kv[0][0] == "", kv[0])):
+        counts = ", ".join(f"{g} {k}" for g, k in sorted(per_group.items()))
+        if command:
+            w(f"- `{_esc(command)}` ({started}, fingerprint `{fp}`): {counts}")
+        else:
+            w(f"- {counts} records with fingerprint `{fp}` from runs before the records named their run")
+    older = {g: gm for g, gm in M.get("groups", {}).items()
+             if any(not r.get("run") and lists.group_of(n) == g for n, r in records.items())}
+    for command in dict.fromkeys(gm.get("command") for gm in older.values() if gm.get("command")):
+        groups = [g for g, gm in older.items() if gm.get("command") == command]
+        gm = older[groups[0]]
+        w(f"- the last run recorded for the {', '.join(groups)} group{'s' if len(groups) > 1 else ''} before that: "
+          f"`{_esc(command)}` ({gm.get('generated', '?')}"
+          + (f"; load average {gm['load_avg']}" if gm.get("load_avg") else "") + ")")
+        if gm.get("shards"):
+            from .shards import summary_line
+            w(f"  - {summary_line(gm['shards'])}")
+    w("")
+
+
 def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint: str, command: str,
                  meta: Optional[Dict] = None, md_path: Path = REPORT_MD, json_path: Path = REPORT_JSON) -> Dict:
     """Rewrite REPORT.md and report.json over every timm architecture, by group.
@@ -296,18 +327,7 @@ def write_report(names: Sequence[str], records: Dict[str, Dict], *, fingerprint:
     for model, b in sorted(M.get("compile_benchmarks", {}).items()):
         w(_compile_line(model, b))
     w("")
-    w("Runs that produced the records (the latest per group):")
-    w("")
-    for g in lists.GROUPS:
-        gm = M["groups"].get(g)
-        if gm:
-            w(f"Produced by `{_esc(gm.get('command'))}` for the {g} group ({gm.get('generated', '?')}, code "
-              f"fingerprint `{gm.get('fingerprint', '?')}`"
-              + (f"; load average {gm['load_avg']}" if gm.get("load_avg") else "") + ").")
-            if gm.get("shards"):
-                from .shards import summary_line
-                w(f"- {summary_line(gm['shards'])}")
-            w("")
+    _runs_section(w, records, M)
     stale = {g: rows[g]["stale"] for g in lists.GROUPS if rows[g]["stale"]}
     if stale:
         w(f"- Records from an older version of the compiler (fingerprint differs from the current one): "
