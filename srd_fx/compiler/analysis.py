@@ -357,6 +357,14 @@ class GraphInfo:
         return last
 
     def _encoder_output(self, name) -> fx.Node:
+        out = self.logits_node if self.logits_node is not self.output else self.output.args[0]
+        shape = self.shape(out) if isinstance(out, fx.Node) and self.is_tensor(out) else None
+        if shape is not None and len(shape) > 2:
+            raise UnsupportedOpError(
+                f"the model's output has shape {tuple(shape)}, not (batch, classes): srd_fx explains the "
+                "logits of a classifier. Give the model a classification head (for timm, a model with a "
+                "head and num_classes > 0; encoder-only models such as the '*_enc' variants have none) or "
+                "wrap it so that it returns (batch, classes) logits.")
         if name is not None:
             return self.node_for(name)
         tagged = encoder_node(self.gm)

@@ -113,6 +113,15 @@ def test_failures_are_classified_with_the_op():
     assert c["category"] == "exception" and c["reason"] == "explain (batch of 2): ValueError: boom"
 
 
+def test_encoder_only_model_is_refused_by_srd_fx_by_name(one_thread):
+    """A timm model that returns its tokens, not logits (as timm's '*_enc' encoders do): the sweep
+    gives it to srd_fx, which refuses it with a named error that says what to do."""
+    rec = runner.check_model("vit_tiny_patch16_224", runner.Options(threads=1),
+                             dict(img_size=32, num_classes=0, global_pool=""))
+    assert rec["status"] == "fail" and rec["category"] == "unsupported-op", rec
+    assert "(1, 5, 192), not (batch, classes)" in rec["reason"] and "classification head" in rec["reason"]
+
+
 def test_pool_kills_a_model_past_its_time_limit_and_goes_on():
     # 0.1 s is far less than a worker needs to import torch on any machine: both models must
     # time out, be recorded, and leave no worker process behind.
