@@ -211,20 +211,21 @@ def _runs_section(w, records: Dict[str, Dict], M: Dict) -> None:
     for (started, command, fp), per_group in sorted(runs.items(), key=lambda kv: (kv[0][0] == "", kv[0])):
         counts = ", ".join(f"{g} {k}" for g, k in sorted(per_group.items()))
         if command:
-            w(f"- `{_esc(command)}` ({started}, fingerprint `{fp}`): {counts}")
+            w(f"- Run `{_esc(command)}` ({started}, fingerprint `{fp}`): {counts}")
         else:
-            w(f"- {counts} records with fingerprint `{fp}` from runs before the records named their run")
+            w(f"- Run not recorded: {counts} records with fingerprint `{fp}` from runs before the records named their run")
     older = {g: gm for g, gm in M.get("groups", {}).items()
              if any(not r.get("run") and lists.group_of(n) == g for n, r in records.items())}
     for command in dict.fromkeys(gm.get("command") for gm in older.values() if gm.get("command")):
         groups = [g for g, gm in older.items() if gm.get("command") == command]
         gm = older[groups[0]]
-        w(f"- the last run recorded for the {', '.join(groups)} group{'s' if len(groups) > 1 else ''} before that: "
+        w(f"- Run recorded last for the {', '.join(groups)} group{'s' if len(groups) > 1 else ''} before that: "
           f"`{_esc(command)}` ({gm.get('generated', '?')}"
           + (f"; load average {gm['load_avg']}" if gm.get("load_avg") else "") + ")")
+    for g, gm in M.get("groups", {}).items():    # a sharded run: which shards were merged, which are missing
         if gm.get("shards"):
             from .shards import summary_line
-            w(f"  - {summary_line(gm['shards'])}")
+            w(f"- {summary_line(gm['shards'])} ({g} group, its last run)")
     w("")
 
 

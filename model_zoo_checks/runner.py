@@ -155,15 +155,18 @@ def redraw_constant_init(model, seed: int) -> List[str]:
 
 
 def _mem_available() -> Optional[float]:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    """Memory this process can use for the next model, in bytes: MemAvailable from /proc/meminfo
+    plus this process's own resident memory (a worker keeps the heap of the model it checked
+    before, and reuses it for the next one; without it, a worker would wait for memory it holds
+    itself).  None where there is no /proc."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
+            avail = next((float(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:")), None)
+        with open("/proc/self/statm") as f:
+            own = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
         return None
-    return None
+    return None if avail is None else avail + own
 
 
 def build_model(name: str, opts: Options, **model_kwargs):

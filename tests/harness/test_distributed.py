@@ -225,8 +225,8 @@ def _zoo(*argv):
 
 
 def _comparable(md: str) -> str:
-    """REPORT.md without what differs between runs: the command and date line, times, load."""
-    lines = [l for l in md.splitlines() if not l.startswith(("Produced by", "- Load average", "- Merged from"))]
+    """REPORT.md without what differs between runs: the runs' commands and dates, times, load."""
+    lines = [l for l in md.splitlines() if not l.startswith(("Produced by", "- Load average", "- Merged from", "- Run "))]
     return re.sub(r"\d+\.\d+", "#", "\n".join(lines))
 
 

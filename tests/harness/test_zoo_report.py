@@ -39,7 +39,7 @@ def test_runs_section_names_each_run_by_its_records():
     lines = []
     _runs_section(lines.append, records, M)
     text = "\n".join(lines)
-    assert f"`{a['command']}` ({a['started']}, fingerprint `f1`): cnn 1, transformer 1" in text
+    assert f"- Run `{a['command']}` ({a['started']}, fingerprint `f1`): cnn 1, transformer 1" in text
     assert f"`{b['command']}` ({b['started']}, fingerprint `f2`): transformer 1" in text
     assert "transformer 1 records with fingerprint `f0` from runs before" in text
     # the unstamped record is a transformer: only that group's last recorded run is named for it

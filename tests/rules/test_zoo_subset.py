@@ -4,6 +4,7 @@ runner's own machinery (list derivation, failure classification, time limit) doe
 The subset is model_zoo_checks/ci_subset.txt (35 models, one per family, 64 px, float64); the full
 sweep is `python -m model_zoo_checks --all --jobs 2` (see docs/zoo.md)."""
 import math
+import os
 import multiprocessing as mp
 
 import pytest
@@ -145,3 +146,13 @@ def test_cli_lists_the_ci_subset(capsys):
     assert main(["zoo", "--ci-subset", "--list"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert [l.split("\t")[0] for l in out] == CI
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="no /proc on this system")
+def test_memory_wait_counts_the_workers_own_heap():
+    """A worker that checked a big model holds its heap for the next one: the memory it may use is
+    MemAvailable plus its own resident memory (it used to wait for memory it held itself)."""
+    held = torch.ones(64 * 2 ** 20, dtype=torch.float64)   # 512 MiB, touched
+    with open("/proc/meminfo") as f:
+        avail = next(float(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    assert runner._mem_available() - avail > 0.9 * held.numel() * 8
