@@ -943,6 +943,50 @@ class Expand(Rule):
                       fn_name_of(node.target), b.size_of(node.args[0]), b.val(node.args[1:]), b.val(node.kwargs))
 
 
+def repeat_interleave_map(m, repeats, dim, caxes):
+    """Shadow of ``repeat_interleave`` along ``dim``: along a channel axis (grouped-query attention
+    repeats its key/value heads) the map stays; along positions each position's map is copied."""
+    d = dim % m.dim()
+    return m if d in caxes else m.repeat_interleave(repeats, dim=d)
+
+
+class RepeatInterleave(Rule):
+    """``x.repeat_interleave(n, dim)`` / ``torch.repeat_interleave(x, n, dim)`` with an int ``n``:
+    copies along one axis, labels kept; transposed by autograd (linear)."""
+    pointwise = False
+    main_args = (0,)
+
+    def _spec(self, b, node):
+        n, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+        if not isinstance(n, int) or dim is None:
+            b.unsupported(node, "repeat_interleave needs an int count and a dim inside a block")
+        return n, dim
+
+    def layout(self, b, node):
+        return b.caxes(node.args[0])
+
+    def transpose(self, b, node, g):
+        return b.vjp(node, g)
+
+    def shadow(self, b, node, ms):
+        n, dim = self._spec(b, node)
+        return b.call(repeat_interleave_map, ms[0], n, dim, b.caxes(node))
+
+    def shadow_T(self, b, node, m):
+        n, dim = self._spec(b, node)
+        return b.vjp_shadow(repeat_interleave_map, (n, dim, b.caxes(node)), m, node.args[0])
+
+    def bias(self, b, node, zs):
+        if zs[0] is None:
+            return None
+        return b.call(rearranged_bias, zs[0], "method:repeat_interleave", b.size_of(node.args[0]),
+                      b.val(node.args[1:]), b.val(node.kwargs))
+
+
+for t in ("method:repeat_interleave", torch.repeat_interleave):
+    register_rule(t, RepeatInterleave())
+
+
 def fn_name_of(f):
     from ..compiler.runtime import fn_name
     return fn_name(f)
