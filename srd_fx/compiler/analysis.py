@@ -113,6 +113,7 @@ class GraphInfo:
         self.rule: Dict[fx.Node, Optional[R.Rule]] = {n: R.lookup(n, self.modules) for n in self.nodes}
         self.dep = self._depends_on_input()
         self._refuse_recurrent()
+        self._refuse_non_logits()
         self.gates: Dict[fx.Node, fx.Node] = {}
         self._find_gates()
         self.caxes_: Dict[fx.Node, Tuple[int, ...]] = {self.input: (1,)}
@@ -123,6 +124,18 @@ class GraphInfo:
             self._pack_encoder_outputs()
         self.L = self._encoder_output(encoder_output)
         self.layers = self._layers()
+
+    def _refuse_non_logits(self):
+        """A model whose output is not (batch, classes) (an encoder returning its tokens or feature
+        maps) has no logit to explain: refused by name, with what to do."""
+        out = self.logits_node if self.logits_node is not self.output else self.output.args[0]
+        shape = self.shape(out) if isinstance(out, fx.Node) and self.is_tensor(out) else None
+        if shape is not None and len(shape) > 2:
+            raise UnsupportedOpError(
+                f"the model's output has shape {tuple(shape)}, not (batch, classes): srd_fx explains the "
+                "logits of a classifier. Give the model a classification head (for timm, a model with a "
+                "head and num_classes > 0; encoder-only models such as the '*_enc' variants have none) or "
+                "wrap it so that it returns (batch, classes) logits.")
 
     def _refuse_recurrent(self):
         for n in self.nodes:
@@ -357,14 +370,6 @@ class GraphInfo:
         return last
 
     def _encoder_output(self, name) -> fx.Node:
-        out = self.logits_node if self.logits_node is not self.output else self.output.args[0]
-        shape = self.shape(out) if isinstance(out, fx.Node) and self.is_tensor(out) else None
-        if shape is not None and len(shape) > 2:
-            raise UnsupportedOpError(
-                f"the model's output has shape {tuple(shape)}, not (batch, classes): srd_fx explains the "
-                "logits of a classifier. Give the model a classification head (for timm, a model with a "
-                "head and num_classes > 0; encoder-only models such as the '*_enc' variants have none) or "
-                "wrap it so that it returns (batch, classes) logits.")
         if name is not None:
             return self.node_for(name)
         tagged = encoder_node(self.gm)

@@ -939,8 +939,7 @@ class Expand(Rule):
     def bias(self, b, node, zs):
         if zs[0] is None:
             return None
-        return b.call(rearranged_bias, zs[0], "method:" + node.target if node.op == "call_method" else
-                      fn_name_of(node.target), b.size_of(node.args[0]), b.val(node.args[1:]), b.val(node.kwargs))
+        return _copied_bias(b, node, zs[0])
 
 
 def repeat_interleave_map(m, repeats, dim, caxes):
@@ -979,12 +978,18 @@ class RepeatInterleave(Rule):
     def bias(self, b, node, zs):
         if zs[0] is None:
             return None
-        return b.call(rearranged_bias, zs[0], "method:repeat_interleave", b.size_of(node.args[0]),
-                      b.val(node.args[1:]), b.val(node.kwargs))
+        return _copied_bias(b, node, zs[0])
 
 
 for t in ("method:repeat_interleave", torch.repeat_interleave):
     register_rule(t, RepeatInterleave())
+
+
+def _copied_bias(b, node, z):
+    """The bias flowing through an op that only copies (expand, repeat_interleave): the op itself,
+    method or function, applied to the bias broadcast to its input's shape."""
+    fn = "method:" + node.target if node.op == "call_method" else fn_name_of(node.target)
+    return b.call(rearranged_bias, z, fn, b.size_of(node.args[0]), b.val(node.args[1:]), b.val(node.kwargs))
 
 
 def fn_name_of(f):
